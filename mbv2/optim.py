@@ -1,0 +1,57 @@
+"""Optimizer and LR schedule from the `optim` and `sched` configs.
+
+Schedules are expressed in epochs in the config and stepped every iteration, so the LR
+curve does not depend on the batch size.
+"""
+from __future__ import annotations
+
+import paddle
+from omegaconf import DictConfig
+from paddle.optimizer import lr as lr_sched
+
+
+def build_schedule(sched: DictConfig, base_lr: float, epochs: int, steps_per_epoch: int):
+    """An LRScheduler stepped once per training iteration."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(float(sched.warmup_epochs) * steps_per_epoch)))
+    decay_steps = total - warmup
+    if sched.name == "cosine":
+        inner = lr_sched.CosineAnnealingDecay(base_lr, T_max=decay_steps, eta_min=float(sched.eta_min))
+    elif sched.name == "piecewise":
+        # milestones are absolute epochs; the warm-up shifts the inner scheduler's clock
+        bounds = [m * steps_per_epoch - warmup for m in sched.milestones if m * steps_per_epoch > warmup]
+        values = [base_lr * float(sched.gamma) ** i for i in range(len(bounds) + 1)]
+        inner = lr_sched.PiecewiseDecay(bounds, values) if bounds else base_lr
+    elif sched.name == "exponential":
+        inner = lr_sched.ExponentialDecay(base_lr, gamma=float(sched.gamma) ** (1.0 / steps_per_epoch))
+    else:  # constant
+        inner = lr_sched.LambdaDecay(base_lr, lambda step: 1.0)
+    if warmup > 0:
+        return lr_sched.LinearWarmup(inner, warmup_steps=warmup,
+                                     start_lr=float(sched.warmup_start_lr), end_lr=base_lr)
+    if isinstance(inner, float):
+        return lr_sched.LambdaDecay(base_lr, lambda step: 1.0)
+    return inner
+
+
+def build_optimizer(optim: DictConfig, parameters, schedule) -> paddle.optimizer.Optimizer:
+    wd = float(optim.weight_decay)
+    l2 = paddle.regularizer.L2Decay(wd) if wd > 0 else None
+    clip = paddle.nn.ClipGradByGlobalNorm(float(optim.grad_clip)) if optim.grad_clip else None
+    common = dict(learning_rate=schedule, parameters=parameters, grad_clip=clip)
+    name = optim.name
+    if name in ("momentum", "sgd"):
+        momentum = float(optim.momentum) if name == "momentum" else 0.0
+        return paddle.optimizer.Momentum(momentum=momentum, use_nesterov=bool(optim.nesterov),
+                                         weight_decay=l2, **common)
+    if name == "adam":
+        return paddle.optimizer.Adam(beta1=optim.beta1, beta2=optim.beta2, epsilon=optim.epsilon,
+                                     weight_decay=l2, **common)
+    if name == "adamw":
+        return paddle.optimizer.AdamW(beta1=optim.beta1, beta2=optim.beta2, epsilon=optim.epsilon,
+                                      weight_decay=wd, **common)
+    if name == "rmsprop":
+        return paddle.optimizer.RMSProp(rho=optim.rho, momentum=optim.momentum,
+                                        epsilon=optim.epsilon, weight_decay=l2, **common)
+    raise ValueError(f"optim.name={name!r} is not supported")
+

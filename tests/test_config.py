@@ -1,0 +1,85 @@
+"""Every config group composes; invalid values fail with the key named."""
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from mbv2.config import ConfigValueError, check_config, flat_hparams
+from tests.conftest import CONF_DIR
+
+GROUPS = ["model", "data", "optim", "sched", "trainer"]
+
+
+@pytest.mark.parametrize("group,option", [
+    (g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))])
+def test_every_group_option_composes_and_checks(cfg_factory, group, option):
+    extra = ["data.root=/tmp"] if (group, option) == ("data", "folder") else []
+    cfg = cfg_factory([f"{group}={option}", *extra])
+    check_config(cfg)
+    if group in ("optim", "sched", "data"):
+        assert cfg[group].name == option
+
+
+def test_defaults(cfg_factory):
+    cfg = cfg_factory()
+    assert cfg.model.name == "mobilenet_v2"
+    assert [list(r) for r in cfg.model.bottleneck] == [
+        [1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
+        [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    assert cfg.data.name == "digits" and cfg.optim.name == "momentum"
+    assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 4e-5
+    assert cfg.sched.name == "cosine"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.scale=abc", "model.scale"),
+    ("trainer.epochs=two", "trainer.epochs"),
+    ("optim.lrr=0.1", "lrr"),
+    ("model.bottleneck=[[1,x,1,1]]", "model.bottleneck"),
+])
+def test_wrong_types_fail_at_composition(cfg_factory, override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        cfg_factory([override])
+    text = str(e.value) + str(e.value.__cause__ or "")
+    assert key in text
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=-1", "optim.lr"),
+    ("model.scale=0", "model.scale"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("optim.name=lbfgs", "optim.name"),
+    ("data.image_size=4", "data.image_size"),
+    ("data.crop_scale=[0.9,0.1]", "data.crop_scale"),
+    ("trainer.device=tpu", "trainer.device"),
+    ("model.fast_depthwise=maybe", "model.fast_depthwise"),
+])
+def test_out_of_range_values_name_the_key(cfg_factory, override, key):
+    cfg = cfg_factory([override])
+    with pytest.raises(ConfigValueError, match=key.replace(".", r"\.")):
+        check_config(cfg)
+
+
+def test_folder_needs_root(cfg_factory):
+    cfg = cfg_factory(["data=folder"])
+    with pytest.raises(ConfigValueError, match="data.root"):
+        check_config(cfg)
+
+
+def test_hparams_are_flat_scalars(cfg_factory):
+    hp = flat_hparams(cfg_factory(["model.scale=0.75", "optim.lr=0.02"]))
+    for key in ("model.scale", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
+                "trainer.batch_size", "trainer.epochs", "data.name", "data.image_size"):
+        assert key in hp
+        assert type(hp[key]) in (int, float, str), key
+    assert hp["model.scale"] == 0.75 and hp["optim.lr"] == 0.02
+    assert hp["data.hflip"] == "False"  # bools would make VisualDL raise
+
+
+def test_experiments_compose(cfg_factory):
+    from mbv2.config import EXPERIMENTS_DIR
+
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        cfg = cfg_factory([f"experiment={path.stem}"], return_hydra_config=True)
+        assert cfg.model.name == "mobilenet_v2", path

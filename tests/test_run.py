@@ -1,0 +1,141 @@
+"""End to end: `python -m mbv2.run` as a subprocess on tiny data, read back as a user would
+(VisualDL records through visualdl.LogReader, metrics.json, checkpoints, run dirs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from visualdl import LogReader
+
+from mbv2.config import unique_dir
+from tests.conftest import ROOT, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _records(run_dir: Path) -> LogReader:
+    files = sorted(run_dir.glob("vdlrecords.*"))
+    assert len(files) == 1, f"one records file per run dir, found {files}"
+    return LogReader(file_path=str(files[0]))
+
+
+def _hparams(reader: LogReader) -> dict:
+    (record,) = reader.get_data("hyper_parameters", "hparam")
+    out = {}
+    for info in record.hparam.hparamInfos:
+        out[info.name] = getattr(info, info.WhichOneof("type"))
+    metrics = [m.name for m in record.hparam.metricInfos]
+    return {"values": out, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    run_cli([*TINY, "trainer.epochs=2", "optim.lr=0.05", f"hydra.run.dir={run_dir}"], cwd=ROOT)
+    return run_dir
+
+
+def test_run_writes_metrics(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["status"] == "completed"
+    assert m["epochs_completed"] == 2 and m["epochs_planned"] == 2
+    for key in ("best_eval_acc_top1", "final_eval_acc_top1"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["best_eval_acc_top1"] >= m["final_eval_acc_top1"]
+    from mbv2.model import MobileNetV2, count_macs, count_parameters
+
+    net = MobileNetV2(class_num=4, scale=0.25)
+    assert m["params_trainable"] == count_parameters(net)
+    assert m["macs"] == count_macs(net, 32)
+    assert m["train_images_per_sec"] > 0 and m["wall_seconds"] > 0
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+
+
+def test_run_writes_visualdl_records(tiny_run):
+    reader = _records(tiny_run)
+    scalars = set(reader.get_tags()["scalar"])
+    assert {"train/loss", "train/acc_top1", "train/acc_top5", "train/lr",
+            "eval/loss", "eval/acc_top1", "eval/acc_top5"} <= scalars
+    # 48 images / batch 16 = 3 steps per epoch, 2 epochs, log_freq 1
+    assert [r.id for r in reader.get_data("scalar", "train/loss")] == [1, 2, 3, 4, 5, 6]
+    lrs = [r.value for r in reader.get_data("scalar", "train/lr")]
+    # the LR each step trained with: cosine from optim.lr, stepped every iteration
+    assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01
+    assert [r.id for r in reader.get_data("scalar", "eval/acc_top1")] == [1, 2]
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    final = reader.get_data("scalar", "eval/acc_top1")[-1].value
+    assert final == pytest.approx(m["final_eval_acc_top1"], abs=1e-6)
+    hp = _hparams(reader)
+    assert hp["values"]["model.scale"] == pytest.approx(0.25)
+    assert hp["values"]["optim.lr"] == pytest.approx(0.05)
+    assert hp["values"]["optim.name"] == "momentum" and hp["values"]["data.name"] == "fake"
+    assert hp["values"]["trainer.epochs"] == 2 and hp["values"]["data.image_size"] == 32
+    assert hp["metrics"] == ["eval/acc_top1", "eval/loss"]
+
+
+def test_run_dir_contents(tiny_run):
+    for name in ("checkpoints/best.pdparams", "checkpoints/best.pdopt",
+                 "checkpoints/last.pdparams", "checkpoints/last.pdopt", "class_names.txt",
+                 "command.sh", ".hydra/config.yaml", "config_resolved.yaml", "run.log"):
+        assert (tiny_run / name).is_file(), name
+    assert (tiny_run / "class_names.txt").read_text().splitlines() == [f"class_{i}" for i in range(4)]
+    assert "python -m mbv2.run" in (tiny_run / "command.sh").read_text()
+    log = (tiny_run / "run.log").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log
+
+
+def test_same_seed_same_metrics(tiny_run, tmp_path):
+    again = tmp_path / "again"
+    run_cli([*TINY, "trainer.epochs=2", "optim.lr=0.05", f"hydra.run.dir={again}"], cwd=ROOT)
+    a = json.loads((tiny_run / "metrics.json").read_text())
+    b = json.loads((again / "metrics.json").read_text())
+    for key in ("best_eval_acc_top1", "final_eval_acc_top1", "final_eval_loss", "final_train_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_default_run_dir_is_readable_and_unique(tmp_path):
+    run_cli([*TINY, "trainer.epochs=1"], cwd=tmp_path)
+    (day,) = (tmp_path / "outputs" / "runs").iterdir()
+    (run,) = day.iterdir()
+    # Hydra sorts the overrides in the name
+    assert run.name.endswith("_" + ",".join(sorted(TINY + ["trainer.epochs=1"])))
+    assert (run / "metrics.json").is_file()
+
+
+def test_unique_dir_never_shares(tmp_path):
+    base = str(tmp_path / "12-00-00")
+    first = unique_dir(base, "model.scale=0.5")
+    from mbv2 import config
+
+    config._UNIQUE_DIRS.clear()  # a second process starting in the same second
+    second = unique_dir(base, "model.scale=0.5")
+    assert first != second and Path(first).is_dir() and Path(second).is_dir()
+    assert Path(second).name == "12-00-00_model.scale=0.5-2"
+
+
+def test_bad_value_fails_before_training_with_key(tmp_path):
+    proc = run_cli([*TINY, "optim.lr=-1", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert "optim.lr=-1" in proc.stderr and "must be > 0" in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_cfg_job_prints_whole_config():
+    proc = run_cli(["--cfg", "job"], cwd=ROOT)
+    for section in ("model:", "data:", "optim:", "sched:", "trainer:"):
+        assert section in proc.stdout
+    assert "scale:" in proc.stdout
+
+
+def test_multirun_2x2_makes_four_named_runs(tmp_path):
+    run_cli(["-m", *TINY, "trainer.epochs=1", "model.scale=0.25,0.35", "optim.lr=0.1,0.01"], cwd=tmp_path)
+    (day,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    (sweep,) = day.iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
+    assert len(jobs) == 4
+    names = {p.name for p in jobs}
+    assert any("model.scale=0.35" in n and "optim.lr=0.01" in n for n in names)
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+        assert len(list(job.glob("vdlrecords.*"))) == 1
