@@ -126,16 +126,3 @@ def test_cfg_job_prints_whole_config():
     for section in ("model:", "data:", "optim:", "sched:", "trainer:"):
         assert section in proc.stdout
     assert "scale:" in proc.stdout
-
-
-def test_multirun_2x2_makes_four_named_runs(tmp_path):
-    run_cli(["-m", *TINY, "trainer.epochs=1", "model.scale=0.25,0.35", "optim.lr=0.1,0.01"], cwd=tmp_path)
-    (day,) = (tmp_path / "outputs" / "sweeps").iterdir()
-    (sweep,) = day.iterdir()
-    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
-    assert len(jobs) == 4
-    names = {p.name for p in jobs}
-    assert any("model.scale=0.35" in n and "optim.lr=0.01" in n for n in names)
-    for job in jobs:
-        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
-        assert len(list(job.glob("vdlrecords.*"))) == 1

@@ -1,0 +1,237 @@
+"""Sweeps as a user launches them: real Hydra multirun subprocesses on tiny data, the
+summary over them, and the runs as a real VisualDL server shows them."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import ROOT, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+ONE_EPOCH = [*TINY, "trainer.epochs=1"]
+# for studies that search the width themselves: a width fixed on the command line wins
+ONE_EPOCH_ANY_WIDTH = [a for a in ONE_EPOCH if not a.startswith("model.scale=")]
+
+
+def _single_sweep_dir(cwd: Path) -> Path:
+    (day,) = (cwd / "outputs" / "sweeps").iterdir()
+    (sweep,) = day.iterdir()
+    return sweep
+
+
+def _jobs(sweep: Path) -> dict[str, Path]:
+    return {p.name: p for p in sweep.iterdir() if (p / ".hydra").is_dir()}
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory) -> Path:
+    """A 2 widths x 2 LRs grid, launched from a directory outside the project."""
+    cwd = tmp_path_factory.mktemp("grid")
+    run_cli(["-m", *ONE_EPOCH, "model.scale=0.25,0.35", "optim.lr=0.1,0.01"], cwd=cwd)
+    return _single_sweep_dir(cwd)
+
+
+def test_grid_makes_four_jobs_named_by_overrides(grid_sweep):
+    jobs = _jobs(grid_sweep)
+    assert set(jobs) == {
+        f"model.scale={s},optim.lr={lr}" for s in ("0.25", "0.35") for lr in ("0.1", "0.01")}
+    for name, job in jobs.items():
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed", name
+        assert metrics["run_name"] == name  # the name VisualDL shows
+        assert len(list(job.glob("vdlrecords.*"))) == 1
+        # reproducible: the composed config and the command that reruns the job
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert set(name.split(",")) <= set(overrides)
+        command = (job / "command.sh").read_text()
+        assert "python -m mbv2.run" in command and name.split(",")[0] in command
+
+
+def test_summary_over_the_sweep(grid_sweep):
+    proc = run_cli([str(grid_sweep)], cwd=ROOT, module="mbv2.summary")
+    rows = list(csv.DictReader((grid_sweep / "summary.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    best = [float(r["best_top1_pct"]) for r in rows]
+    assert best == sorted(best, reverse=True)
+    by_scale = {r["scale"]: int(r["params"]) for r in rows}
+    assert by_scale["0.25"] < by_scale["0.35"]
+    assert "model.scale=0.35" in proc.stdout  # the table is printed too
+    assert (grid_sweep / "summary.md").read_text().count("model.scale=") >= 4
+    with Image.open(grid_sweep / "summary.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+
+
+def test_rerun_command_reproduces_a_job(grid_sweep, tmp_path):
+    job = _jobs(grid_sweep)["model.scale=0.25,optim.lr=0.1"]
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    run_cli([*overrides, f"hydra.run.dir={tmp_path / 'rerun'}"], cwd=ROOT)
+    a = json.loads((job / "metrics.json").read_text())
+    b = json.loads((tmp_path / "rerun" / "metrics.json").read_text())
+    assert a["final_eval_acc_top1"] == pytest.approx(b["final_eval_acc_top1"], abs=1e-6)
+    assert a["final_eval_loss"] == pytest.approx(b["final_eval_loss"], rel=1e-5)
+
+
+def test_failed_jobs_do_not_stop_the_sweep(tmp_path):
+    # -1 is rejected before training; 1e8 diverges to a NaN loss mid-epoch
+    proc = run_cli(["-m", *ONE_EPOCH, "optim.lr=0.05,-1,100000000.0"], cwd=tmp_path, check=False)
+    sweep = _single_sweep_dir(tmp_path)
+    jobs = _jobs(sweep)
+    status = {n: json.loads((j / "metrics.json").read_text()) for n, j in jobs.items()}
+    assert status["optim.lr=0.05"]["status"] == "completed"
+    assert status["optim.lr=-1"]["status"] == "failed"
+    assert "optim.lr" in status["optim.lr=-1"]["error"]
+    assert status["optim.lr=100000000.0"]["status"] == "failed"
+    assert "loss is nan" in status["optim.lr=100000000.0"]["error"]
+    assert proc.returncode == 0  # the sweep itself finished
+    run_cli([str(sweep)], cwd=ROOT, module="mbv2.summary")
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert rows["optim.lr=0.05"]["status"] == "completed"
+    assert rows["optim.lr=-1"]["status"].startswith("failed")
+    assert rows["optim.lr=100000000.0"]["status"].startswith("failed")
+
+
+def test_experiment_from_another_directory(tmp_path):
+    # the preset lives in <project>/experiments; the sweep is launched from tmp_path
+    run_cli(["experiment=lr_sweep", *ONE_EPOCH, 'hydra.sweeper.params={optim.lr:"0.1,0.02"}'],
+            cwd=tmp_path)
+    jobs = _jobs(_single_sweep_dir(tmp_path))
+    assert len(jobs) == 2 and any("optim.lr=0.02" in n for n in jobs)
+
+
+def test_optuna_study_runs_and_reports_best(tmp_path):
+    run_cli(["experiment=optuna_lr_width", *ONE_EPOCH_ANY_WIDTH, "hydra.sweeper.n_trials=3",
+             'hydra.sweeper.params={model.scale:"choice(0.25,0.35)"}'], cwd=tmp_path)
+    sweep = _single_sweep_dir(tmp_path)
+    assert sorted(n.split("_")[1] for n in _jobs(sweep)) == ["0", "1", "2"]
+    assert all("optim.lr=" in n and "model.scale=" in n for n in _jobs(sweep))
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"optim.lr", "model.scale"}
+    assert 0.001 <= result["best_params"]["optim.lr"] <= 0.5
+    best = max(json.loads((j / "metrics.json").read_text())["best_eval_acc_top1"]
+               for j in _jobs(sweep).values())
+    assert result["best_value"] == pytest.approx(best)
+
+
+def test_optuna_study_survives_a_failed_trial(tmp_path):
+    # every trial with an LR this large diverges; the study must still finish its trials
+    run_cli(["experiment=optuna_lr_width", *ONE_EPOCH_ANY_WIDTH, "hydra.sweeper.n_trials=4",
+             'hydra.sweeper.params={optim.lr:"choice(100000000.0,0.05)",model.scale:"choice(0.25)"}'], cwd=tmp_path)
+    sweep = _single_sweep_dir(tmp_path)
+    statuses = {n: json.loads((j / "metrics.json").read_text())["status"]
+                for n, j in _jobs(sweep).items()}
+    assert len(statuses) == 4  # all trials ran, failures included
+    assert {s for n, s in statuses.items() if "optim.lr=100000000.0" in n} == {"failed"}
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_params"]["optim.lr"] == 0.05
+
+
+def test_submitit_local_launcher(tmp_path):
+    run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+             *ONE_EPOCH, "model.scale=0.25,0.35"], cwd=tmp_path)
+    jobs = _jobs(_single_sweep_dir(tmp_path))
+    assert len(jobs) == 2
+    for job in jobs.values():
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    run_cli(["-m", "hydra/launcher=local_parallel", *ONE_EPOCH, "optim.lr=0.1,0.01"], cwd=tmp_path)
+    jobs = _jobs(_single_sweep_dir(tmp_path))
+    assert len(jobs) == 2
+    assert all(json.loads((j / "metrics.json").read_text())["status"] == "completed"
+               for j in jobs.values())
+
+
+def test_two_sweeps_in_the_same_second_do_not_clobber(tmp_path):
+    args = [sys.executable, "-m", "mbv2.run", "-m", *ONE_EPOCH, "optim.lr=0.1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    sweeps = [s for day in (tmp_path / "outputs" / "sweeps").iterdir() for s in day.iterdir()]
+    assert len(sweeps) == 2
+    for sweep in sweeps:
+        (job,) = _jobs(sweep).values()  # nothing varies: named by all its overrides
+        assert "optim.lr=0.1" in job.name and (job / "metrics.json").is_file()
+
+
+# -- VisualDL server -------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, path: str, **params):
+    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.loads(resp.read())
+    return body.get("data", body) if isinstance(body, dict) else body
+
+
+@pytest.fixture
+def visualdl_server(grid_sweep):
+    port = _free_port()
+    exe = Path(sys.executable).parent / "visualdl"
+    proc = subprocess.Popen([str(exe), "--logdir", str(grid_sweep), "--host", "127.0.0.1",
+                             "--port", str(port), "-L", "en", "--disable-telemetry"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/alive", timeout=2) as resp:
+                if resp.status in (200, 204):
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("visualdl server did not answer /alive within 60 s")
+        time.sleep(0.5)
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_visualdl_server_shows_every_job(visualdl_server, grid_sweep):
+    base = visualdl_server
+    runs = _get(base, "/app/api/runs")
+    expected = set(_jobs(grid_sweep))
+    assert expected <= set(runs), runs  # each job is a run, under its readable name
+    scalar = _get(base, "/app/api/scalar/tags")
+    tags_by_run = dict(zip(scalar["runs"], scalar["tags"]))
+    some_run = sorted(expected)[0]
+    for run in expected:
+        assert {"train/loss", "train/lr", "eval/acc_top1", "eval/loss"} <= set(tags_by_run[run])
+    points = _get(base, "/app/api/scalar/list", run=some_run, tag="eval/acc_top1")
+    assert len(points) == 1  # one epoch -> one evaluation
+    metrics = json.loads((grid_sweep / some_run / "metrics.json").read_text())
+    assert points[0][2] == pytest.approx(metrics["final_eval_acc_top1"], abs=1e-6)
+    indicators = _get(base, "/app/api/hparams/indicators")
+    names = {i["name"] for i in indicators["hparams"]}
+    assert {"model.scale", "optim.lr"} <= names
+    assert {"eval/acc_top1", "eval/loss"} <= {m["name"] for m in indicators["metrics"]}
+    listed = _get(base, "/app/api/hparams/list")
+    assert {Path(r["name"]).name for r in listed} == expected  # every job in the HParams table
+    scales = {r["hparams"]["model.scale"] for r in listed}
+    assert scales == {0.25, 0.35}
