@@ -1,49 +1,326 @@
-"""Checkpoints of a run: `last` after every epoch and `best` by eval/acc_top1.
+"""The weights a run keeps: `last`, `best` and the top-k epochs, each enough to resume.
 
-Each checkpoint is the pair `<name>.pdparams` (model) + `<name>.pdopt` (optimizer and LR
-schedule) that `paddle.Model.save` writes. Writes go to a temporary name first and are
-renamed into place, so a crash mid-save never leaves a broken checkpoint behind.
+Layout of `<run dir>/checkpoints/`:
+
+* `<name>.pdckpt` - the checkpoint: one `paddle.save` file holding model weights, optimizer
+  and LR-schedule state, EMA weights, epoch, global step, metrics, RNG states and the
+  tracker's history. Resume, eval, predict and export read this file. Being one file, it is
+  replaced in one `os.replace`, so a crash mid-save leaves the previous `last` intact
+  (timm's CheckpointSaver does the same with one `.pth.tar`).
+* `<name>.pdparams` + `<name>.pdopt` - the same weights and optimizer state in the layout
+  `paddle.Model.save` writes, for `paddle.Model.load` and `model.pretrained=`.
+
+Names: `last` (every epoch), `best` (highest `eval/acc_top1`), `epoch_NNNN` (the
+`trainer.keep_top_k` epochs with the highest `eval/acc_top1`). `best` and `epoch_NNNN` are
+hard links to the files `last` had at that epoch, so they cost no disk space or time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
+import random
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import paddle
-from paddle.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-SUFFIXES = (".pdparams", ".pdopt")
+CKPT_SUFFIX = ".pdckpt"
+SUFFIXES = (CKPT_SUFFIX, ".pdparams", ".pdopt")
+FORMAT_VERSION = 1
+METRIC = "eval/acc_top1"
 
 
-def save_atomic(model: paddle.Model, path: Path) -> None:
-    """`paddle.Model.save(path)` into a temporary prefix, then rename each file."""
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or read; the message names the path."""
+
+
+# -- files ------------------------------------------------------------------------------
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """`paddle.save` to a temporary name in the same directory, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    model.save(str(tmp))
+    tmp = _tmp_name(path)
+    try:
+        paddle.save(obj, str(tmp))
+        with open(tmp, "rb") as f:  # on disk before the rename makes it `last`
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Make `dst` the same file as `src` (hard link; a copy where links are unsupported)."""
+    tmp = _tmp_name(dst)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _remove(prefix: Path) -> None:
     for suffix in SUFFIXES:
-        written = Path(str(tmp) + suffix)
-        if written.exists():
-            os.replace(written, str(path) + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            Path(str(prefix) + suffix).unlink()
 
 
-class Checkpointer(Callback):
-    """Saves `last` at each epoch end and `best` when eval/acc_top1 improves."""
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
 
-    def __init__(self, run_dir: str | Path):
-        super().__init__()
+
+def resolve_checkpoint(path: str | Path, name: str = "last") -> Path:
+    """The `.pdckpt` file meant by `path`: a run dir (its `checkpoints/<name>`), a
+    checkpoints dir, a `.pdckpt` file, a prefix like `checkpoints/best`, or the
+    `.pdparams`/`.pdopt` beside a `.pdckpt`."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        ckdir = p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR).is_dir() else p
+        candidate = ckdir / f"{name}{CKPT_SUFFIX}"
+        if candidate.is_file():
+            return candidate
+        found = sorted(x.name for x in ckdir.glob(f"*{CKPT_SUFFIX}"))
+        raise CheckpointError(
+            f"{p}: no {candidate.relative_to(p) if ckdir != p else candidate.name} there "
+            f"(checkpoints found: {found or 'none'}); give a run dir whose run saved at least "
+            f"one epoch, or a .pdckpt file")
+    if p.suffix == CKPT_SUFFIX and p.is_file():
+        return p
+    if p.suffix in (".pdparams", ".pdopt"):
+        p = p.with_suffix("")
+    if Path(str(p) + CKPT_SUFFIX).is_file():
+        return Path(str(p) + CKPT_SUFFIX)
+    raise CheckpointError(f"{path}: no such checkpoint; give a run dir, "
+                          f"<run dir>/checkpoints/<last|best|epoch_NNNN>{CKPT_SUFFIX}")
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run dir a checkpoint file belongs to (`<run dir>/checkpoints/x.pdckpt`)."""
+    ckpt = Path(ckpt).resolve()
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a `.pdckpt`; a damaged or truncated file raises CheckpointError naming it."""
+    path = Path(path)
+    try:
+        ckpt = paddle.load(str(path))
+    except Exception as e:  # paddle/pickle raise many types for a damaged file
+        others = sorted(x.name for x in path.parent.glob(f"*{CKPT_SUFFIX}") if x != path)
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint, it is damaged or truncated "
+            f"({type(e).__name__}: {str(e)[:200]}). Use another checkpoint of the run "
+            f"({', '.join(others) or 'none left'}) or retrain") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise CheckpointError(f"{path}: not an mbv2 checkpoint (no model/meta entries); "
+                              f"a plain .pdparams file loads with model.pretrained=")
+    if ckpt.get("format", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer mbv2 (format {ckpt['format']}); "
+                              f"update mbv2 to read it")
+    return ckpt
+
+
+# -- RNG --------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """Every RNG the training loop draws from: augmentation uses python `random`."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            # paddle.save takes no bytes; the generator states pickle, as hex text
+            "paddle": pickle.dumps(paddle.get_rng_state()).hex()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np.random.set_state(_as_tuple(state["numpy"]))
+    paddle.set_rng_state(pickle.loads(bytes.fromhex(state["paddle"])))
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+# -- EMA ----------------------------------------------------------------------------------
+class ModelEma:
+    """Exponential moving average of every weight and batch-norm statistic (as timm's
+    ModelEmaV2): `ema = decay * ema + (1 - decay) * current`, after each optimizer step."""
+
+    def __init__(self, net: paddle.nn.Layer, decay: float):
+        self.net, self.decay = net, float(decay)
+        self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    @paddle.no_grad()
+    def update(self) -> None:
+        for key, value in self.net.state_dict().items():
+            shadow = self.shadow[key]
+            if paddle.is_floating_point(value):
+                shadow.set_value(shadow * self.decay + value.detach() * (1.0 - self.decay))
+            else:  # counters: the EMA copy follows the model
+                shadow.set_value(value.detach())
+
+    def state_dict(self) -> dict[str, paddle.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if key in self.shadow:
+                self.shadow[key].set_value(paddle.to_tensor(value, dtype=self.shadow[key].dtype))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The network runs with the EMA weights inside the block, its own after."""
+        backup = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.net.set_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            self.net.set_state_dict(backup)
+
+
+# -- the run's checkpoints ----------------------------------------------------------------
+class Checkpointer:
+    """Writes `last` every epoch, `best` and `epoch_NNNN` (top-k by eval/acc_top1)."""
+
+    def __init__(self, run_dir: str | Path, keep_top_k: int = 3):
         self.dir = Path(run_dir) / CHECKPOINT_DIR
-        self.best: float | None = None
+        self.keep_top_k = int(keep_top_k)
+        self.top_k: list[tuple[float, int]] = []  # (metric, epoch), best first
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        save_atomic(self.model, self.dir / "last")
+    def state_dict(self) -> dict[str, Any]:
+        return {"top_k": [list(x) for x in self.top_k], "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "keep_top_k": self.keep_top_k}
 
-    def on_eval_end(self, logs=None):
-        acc = float((logs or {}).get("acc_top1", float("nan")))
-        if self.best is None or acc > self.best:
-            self.best = acc
-            save_atomic(self.model, self.dir / "best")
-            log.info("checkpoint: best eval/acc_top1 %.4f -> %s", acc, self.dir / "best.pdparams")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.top_k = [(float(m), int(e)) for m, e in state.get("top_k", [])]
+        self.best_metric, self.best_epoch = state.get("best_metric"), state.get("best_epoch")
+        if len(self.top_k) > self.keep_top_k:  # trainer.keep_top_k lowered on resume
+            self.top_k = self.top_k[: self.keep_top_k]
+
+    def save(self, model: paddle.Model, epoch: int, global_step: int, metric: float | None,
+             extra: dict[str, Any]) -> Path:
+        """Checkpoint the end of 1-based `epoch`; `metric` is its eval/acc_top1 or None
+        when the epoch was not evaluated. `extra` (RNG, tracker, EMA) goes into the file."""
+        is_best = metric is not None and (self.best_metric is None or metric > self.best_metric)
+        if is_best:
+            self.best_metric, self.best_epoch = float(metric), epoch
+        dropped: list[int] = []
+        if metric is not None and self.keep_top_k > 0:
+            # better metric first; on a tie the earlier epoch stays (it got there first)
+            ranked = sorted(self.top_k + [(float(metric), epoch)], key=lambda x: (-x[0], x[1]))
+            dropped = [e for _, e in ranked[self.keep_top_k:]]
+            self.top_k = ranked[: self.keep_top_k]
+        ckpt = {"format": FORMAT_VERSION, "model": model.network.state_dict(),
+                "optimizer": model._optimizer.state_dict(),
+                "meta": {"epoch": epoch, "global_step": global_step, METRIC: metric,
+                         "checkpointer": self.state_dict()},
+                **extra}
+        last = self.dir / "last"
+        # the .pdckpt first: it alone is what resume reads, so it is the commit point
+        save_atomic(ckpt, Path(str(last) + CKPT_SUFFIX))
+        save_atomic(ckpt["model"], Path(str(last) + ".pdparams"))
+        save_atomic(ckpt["optimizer"], Path(str(last) + ".pdopt"))
+        if any(e == epoch for _, e in self.top_k):
+            self._publish_all(last, self.dir / epoch_name(epoch))
+        if is_best:
+            self._publish_all(last, self.dir / "best")
+            log.info("checkpoint: best %s %.4f at epoch %d -> %s", METRIC, metric, epoch,
+                     self.dir / f"best{CKPT_SUFFIX}")
+        for e in dropped:
+            _remove(self.dir / epoch_name(e))
+        return Path(str(last) + CKPT_SUFFIX)
+
+    def reconcile(self, resumed_from: Path, epoch: int) -> None:
+        """After resume: make the files agree with the bookkeeping of the checkpoint
+        resumed from. Files of later epochs (a run resumed from an earlier checkpoint, or
+        killed between saving and pruning) are removed, an epoch file the kill left
+        unwritten is published, and `best` is re-pointed at its epoch."""
+        keep = {e for _, e in self.top_k}
+        own = self.dir / epoch_name(epoch)
+        if epoch in keep and not Path(str(own) + CKPT_SUFFIX).is_file() \
+                and Path(resumed_from).with_suffix("") == self.dir / "last":
+            self._publish_all(self.dir / "last", own)
+        for f in self.dir.glob(f"epoch_*{CKPT_SUFFIX}"):
+            epoch = int(f.name[len("epoch_"):-len(CKPT_SUFFIX)])
+            if epoch not in keep:
+                _remove(f.with_suffix(""))
+        best = self.dir / epoch_name(self.best_epoch) if self.best_epoch else None
+        if best is not None and Path(str(best) + CKPT_SUFFIX).is_file():
+            self._publish_all(best, self.dir / "best")
+
+    @staticmethod
+    def _publish_all(src: Path, dst: Path) -> None:
+        for suffix in SUFFIXES:
+            _publish(Path(str(src) + suffix), Path(str(dst) + suffix))
+
+
+# -- trained networks for eval / predict / export ------------------------------------------
+def load_run_config(run_dir: Path):
+    """The resolved config a run saved (`config_resolved.yaml`, else `.hydra/config.yaml`)."""
+    from omegaconf import OmegaConf
+
+    for name in ("config_resolved.yaml", ".hydra/config.yaml"):
+        if (run_dir / name).is_file():
+            return OmegaConf.load(run_dir / name)
+    raise CheckpointError(f"{run_dir}: no config_resolved.yaml or .hydra/config.yaml; the "
+                          f"checkpoint must sit in the run dir mbv2.run wrote "
+                          f"(<run dir>/{CHECKPOINT_DIR}/)")
+
+
+def read_class_names(run_dir: Path, num_classes: int) -> list[str]:
+    path = run_dir / "class_names.txt"
+    if path.is_file():
+        names = path.read_text().splitlines()
+        if len(names) == num_classes:
+            return names
+        log.warning("%s lists %d names for %d classes; using class ids", path, len(names), num_classes)
+    return [str(i) for i in range(num_classes)]
+
+
+def restore_network(ckpt_path: Path, model_cfg, ema: bool = False, device: str = "cpu"):
+    """The trained network of `ckpt_path` (built from the run's `model` config), in eval
+    mode, and the checkpoint's meta. `ema=True` takes the EMA weights."""
+    from omegaconf import OmegaConf
+
+    from mbv2.model import build_model
+
+    ckpt = load_checkpoint(ckpt_path)
+    weights = ckpt["model"]
+    if ema:
+        if not ckpt.get("ema"):
+            raise CheckpointError(f"{ckpt_path}: has no EMA weights (the run had "
+                                  f"trainer.ema_decay=null); drop ema=true")
+        weights = ckpt["ema"]
+    head = weights.get("out.weight")
+    num_classes = int(head.shape[1]) if head is not None else 1000
+    cfg = OmegaConf.merge(model_cfg, {"pretrained": None, "class_num": num_classes})
+    net = build_model(cfg, num_classes=num_classes, device=device)
+    missing, unexpected = net.set_state_dict(weights)
+    if missing:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the run's model config "
+                              f"(missing {list(missing)[:5]}...); was config_resolved.yaml edited?")
+    net.eval()
+    return net, ckpt["meta"]
+
+
+def restore_run(path: str | Path, ema: bool = False, device: str = "cpu"):
+    """(network, run config, class names, checkpoint file, meta) of a run dir or
+    checkpoint; the network in eval mode."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = run_dir_of(ckpt)
+    cfg = load_run_config(run_dir)
+    net, meta = restore_network(ckpt, cfg.model, ema=ema, device=device)
+    return net, cfg, read_class_names(run_dir, net.class_num), ckpt, meta

@@ -7,6 +7,7 @@ every entry point calls before it builds anything.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +35,41 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # digits, fake, folder, list, seed_list, cifar10; each one's keys are documented in
+    # conf/data/<name>.yaml
     name: str = "digits"
     image_size: int = 32
-    # folder: root/train/<class>/*, root/val/<class>/*
+    # folder: root/train/<class>/* + root/val/<class>/*, or root/<class>/* (split by
+    # val_fraction); list/seed_list: the directory relative image paths start from
     root: Optional[str] = None
-    # digits: share of the data held out for validation (stratified, split_seed)
+    # digits, folder without train/ + val/: share of each class held out for validation
+    # (stratified, seeded by split_seed)
     val_fraction: float = 0.2
     split_seed: int = 0
+    # folder: class folder names to use, in class-id order; None: every folder, sorted
+    classes: Optional[List[str]] = None
+    # list/seed_list: label list files (absolute, under root, or relative to the cwd)
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    # list: between path and label (PaddleClas `delimiter`); "\t" or "tab" for a tab
+    delimiter: str = " "
+    # list: PaddleClas class_id_map_file (`id name` lines); seed_list: one name per line
+    class_names: Optional[str] = None
+    # cifar10: a local cifar-10-python.tar.gz (never downloaded)
+    archive: Optional[str] = None
+    # fake: classes to generate; list/seed_list: labels must be below it
+    # (None: the class_names file's length, else the largest label + 1)
+    num_classes: Optional[int] = None
     # fake: random images whose colour depends on the class, so a model can learn them
     num_samples: int = 256
     num_val_samples: int = 64
-    num_classes: int = 10
+    # image files: the start-up scan (header: open + verify, full: decode every pixel,
+    # off) and what it does with unusable files (error: list them all and stop, skip:
+    # train without them). During training a file that fails is always replaced + counted.
+    scan: str = "header"
+    on_bad_image: str = "error"
+    # decompression-bomb guard (Pillow's default); None: no limit
+    max_image_pixels: Optional[int] = 89_478_485
     # train augmentation: RandomResizedCrop area range, horizontal flip
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
@@ -92,6 +117,14 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     # paddle.Model's progress output: 0 silent, 1 progress bar, 2 a line per log_freq steps
     verbose: int = 2
+    # a run dir or checkpoint to continue from (into the same run dir); None: a new run
+    resume: Optional[str] = None
+    # epoch checkpoints kept besides last and best: the k highest eval/acc_top1
+    keep_top_k: int = 3
+    # decay of an exponential moving average of the weights (e.g. 0.999); None: off
+    ema_decay: Optional[float] = None
+    # automatic mixed precision on GPU: O1 or O2; None: off. Ignored on CPU
+    amp: Optional[str] = None
 
 
 @dataclass
@@ -110,10 +143,13 @@ class ConfigValueError(ValueError):
 _CHOICES = {
     "model.name": ("mobilenet_v2",),
     "model.fast_depthwise": ("auto", "on", "off"),
-    "data.name": ("digits", "folder", "fake"),
+    "data.name": ("digits", "folder", "fake", "list", "seed_list", "cifar10"),
+    "data.scan": ("header", "full", "off"),
+    "data.on_bad_image": ("error", "skip"),
     "optim.name": ("momentum", "sgd", "adam", "adamw", "rmsprop"),
     "sched.name": ("cosine", "piecewise", "exponential", "constant"),
     "trainer.verbose": (0, 1, 2),
+    "trainer.amp": (None, "O1", "O2"),
 }
 
 # key -> (test, what a valid value is)
@@ -123,7 +159,8 @@ _RANGES = {
     "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
     "data.num_samples": (lambda v: v >= 1, ">= 1"),
     "data.num_val_samples": (lambda v: v >= 1, ">= 1"),
-    "data.num_classes": (lambda v: v >= 1, ">= 1"),
+    "data.num_classes": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "data.max_image_pixels": (lambda v: v is None or v >= 1, ">= 1 or null (no limit)"),
     "optim.lr": (lambda v: v > 0, "> 0"),
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -137,6 +174,8 @@ _RANGES = {
     "trainer.eval_freq": (lambda v: v >= 1, ">= 1"),
     "trainer.log_freq": (lambda v: v >= 1, ">= 1"),
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "trainer.keep_top_k": (lambda v: v >= 0, ">= 0"),
+    "trainer.ema_decay": (lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
 }
 
 
@@ -158,11 +197,32 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigValueError(f"{key} must hold 3 values, one per RGB channel")
     if min(cfg.data.std) <= 0:
         raise ConfigValueError(f"data.std={list(cfg.data.std)} must be > 0")
-    if cfg.data.name == "folder" and not cfg.data.root:
-        raise ConfigValueError("data=folder needs data.root=<dir holding train/ and val/>")
+    _check_data_sources(cfg.data)
     device = str(cfg.trainer.device)
     if device not in ("auto", "cpu") and not device.startswith("gpu"):
         raise ConfigValueError(f"trainer.device={device!r}: use auto, cpu, gpu or gpu:N")
+
+
+def _check_data_sources(data: DictConfig) -> None:
+    """Keys one data source needs; their files are checked when the data is built."""
+    if data.name == "folder" and not data.root:
+        raise ConfigValueError("data=folder needs data.root=<dir holding train/ and val/, "
+                               "or one folder per class>")
+    if data.name == "fake" and data.num_classes is None:
+        raise ConfigValueError("data=fake needs data.num_classes=<number of classes>")
+    if data.name in ("list", "seed_list"):
+        for key in ("train_list", "val_list"):
+            if not data[key]:
+                raise ConfigValueError(f"data={data.name} needs data.{key}=<label list file>")
+    if data.name == "list" and not data.delimiter:
+        raise ConfigValueError("data.delimiter is empty; use ' ' (PaddleClas default) or '\\t'")
+    if data.name == "cifar10" and not data.archive:
+        raise ConfigValueError("data=cifar10 needs data.archive=<path of cifar-10-python.tar.gz>")
+    if data.classes is not None:
+        classes = list(data.classes)
+        if not classes or len(set(classes)) != len(classes):
+            raise ConfigValueError(f"data.classes={classes} must be distinct folder names "
+                                   f"(or null for every folder)")
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -184,27 +244,66 @@ _UNIQUE_DIRS: dict[str, str] = {}
 def unique_dir(base: str, suffix: str = "") -> str:
     """`base` + `_suffix`, made unique on disk by creating it (an exclusive mkdir), so
     two runs or sweeps started in the same second never share a directory. Cached per
-    process because Hydra resolves the output dir more than once."""
+    process because Hydra resolves the output dir more than once. Under
+    paddle.distributed.launch rank 0 chooses and every rank gets its choice."""
+    from mbv2.distributed import shared_choice
+
     name = f"{base}_{suffix}" if suffix else base
-    if name in _UNIQUE_DIRS:
-        return _UNIQUE_DIRS[name]
+    if name not in _UNIQUE_DIRS:
+        _UNIQUE_DIRS[name] = shared_choice(lambda: _create_unique(name))
+    return _UNIQUE_DIRS[name]
+
+
+def _create_unique(name: str) -> str:
     Path(name).parent.mkdir(parents=True, exist_ok=True)
     candidate, i = name, 1
     while True:
         try:
             os.mkdir(candidate)
-            break
+            return candidate
         except FileExistsError:
             i += 1
             candidate = f"{name}-{i}"
-    _UNIQUE_DIRS[name] = candidate
-    return candidate
+
+
+# The launching process records its command-line arguments here; sweep jobs, also those a
+# launcher runs in other processes (joblib, submitit), inherit the environment.
+LAUNCH_ARGS_ENV = "MBV2_LAUNCH_ARGS"
+
+
+def _fixed_keys(argv: list[str]) -> set[str]:
+    """Keys the command line sets to one value for every job (not a sweep list/range)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # not Hydra's syntax after all: name jobs by all their overrides
+        return set()
+    single = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return single - swept
+
+
+def job_dir_name(task_overrides: Any, exclude_keys: Any = ()) -> str:
+    """A sweep job's directory name: the overrides that vary across the sweep
+    (`model.scale=0.5,optim.lr=0.1`). Keys the command line fixes for every job are left
+    out; with nothing left, all overrides are used."""
+    excluded = set(exclude_keys or ())
+    items = sorted(str(o) for o in task_overrides
+                   if str(o).split("=", 1)[0].lstrip("+~") not in excluded)
+    try:
+        fixed = _fixed_keys(json.loads(os.environ.get(LAUNCH_ARGS_ENV, "[]")))
+    except ValueError:
+        fixed = set()
+    varying = [o for o in items if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    return ",".join(varying or items) or "default"
 
 
 def register_configs() -> None:
     """Schema and experiment presets into Hydra's ConfigStore; idempotent."""
     if not OmegaConf.has_resolver("mbv2_unique_dir"):
         OmegaConf.register_new_resolver("mbv2_unique_dir", unique_dir, use_cache=True)
+        OmegaConf.register_new_resolver("mbv2_job_dir_name", job_dir_name)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     # experiments/ sits at the project root, outside conf/; registering its files here

@@ -1,12 +1,14 @@
 """`python -m mbv2.run [overrides]`: compose the config, build, `paddle.Model.fit`.
 
 Returns the best eval/acc_top1, the value Hydra sweepers optimise. Inside a sweep a
-failing job is recorded as failed (metrics.json, log) and the sweep moves on; a single
-run re-raises so the shell sees the failure.
+failing job is recorded as failed (metrics.json, log), returns None and the sweep moves
+on; a single run re-raises so the shell sees the failure.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shlex
 import sys
@@ -19,9 +21,10 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from paddle.callbacks import Callback
 
 import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
-from mbv2.config import check_config, flat_hparams, register_configs
+from mbv2.config import LAUNCH_ARGS_ENV, check_config, flat_hparams, register_configs
 
 log = logging.getLogger("mbv2.run")
 
@@ -46,33 +49,94 @@ def seed_everything(seed: int) -> None:
 def write_rerun_command(run_dir: Path) -> None:
     """The command line that reproduces this job, beside its resolved config."""
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    # a resumed run's command line carries trainer.resume; the rerun is a fresh run
+    overrides = [o for o in hc.overrides.task if not o.startswith("trainer.resume=")]
     cmd = ["python", "-m", "mbv2.run", *overrides]
     text = (f"#!/bin/sh\n# reruns this job into a new run dir; started as: "
             f"{shlex.join(sys.argv)}\ncd {shlex.quote(hc.runtime.cwd)} && {shlex.join(cmd)}\n")
     (run_dir / "command.sh").write_text(text)
 
 
+def build_train_loader(dataset, batch_size: int, num_workers: int, place, start_epoch: int):
+    """The loader `paddle.Model.fit` builds from a Dataset, with the sampler's epoch set:
+    it shuffles with RandomState(epoch), so a resumed run sees the order the uninterrupted
+    run would have seen (fit's own loader would restart at epoch 0's order)."""
+    from paddle.io import DataLoader, DistributedBatchSampler
+
+    sampler = DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=True)
+    sampler.set_epoch(start_epoch)
+    return DataLoader(dataset, batch_sampler=sampler, places=place, num_workers=num_workers,
+                      return_list=True)
+
+
+class EpochEnd(Callback):
+    """After each training epoch: evaluate (every eval_freq epochs and after the last),
+    the EMA weights too, then checkpoint. Evaluating here rather than through fit's
+    eval_data keeps eval_freq counted in the run's epochs on resume (fit counts from 0 on
+    every call) and puts the epoch's eval result into its checkpoint."""
+
+    def __init__(self, tracker, checkpointer, val_data, ema, cfg: DictConfig):
+        super().__init__()
+        self.tracker, self.checkpointer, self.val_data, self.ema = tracker, checkpointer, val_data, ema
+        self.t = cfg
+
+    def on_train_batch_end(self, step, logs=None):
+        if self.ema is not None:  # after the optimizer step of this batch
+            self.ema.update()
+
+    def _evaluate(self) -> dict:
+        t = self.t
+        return self.model.evaluate(self.val_data, batch_size=int(t.batch_size), verbose=int(t.verbose),
+                                   num_workers=int(t.num_workers), callbacks=[self.tracker])
+
+    def on_epoch_end(self, epoch, logs=None):
+        from mbv2.checkpoint import capture_rng
+
+        epoch = self.tracker.epoch + 1  # 1-based, counted over the whole run
+        metric = None
+        if (epoch - 1) % int(self.t.eval_freq) == 0 or epoch == int(self.t.epochs):
+            metric = float(self._evaluate()["acc_top1"])
+            if self.ema is not None:
+                self.tracker.eval_tag = "eval_ema"
+                try:
+                    with self.ema.applied():
+                        self._evaluate()
+                finally:
+                    self.tracker.eval_tag = "eval"
+        self.tracker.flush()  # the records up to here belong to this checkpoint
+        extra = {"ema": self.ema.state_dict() if self.ema is not None else None,
+                 "rng": capture_rng(), "tracker": self.tracker.state_dict()}
+        path = self.checkpointer.save(self.model, epoch, self.tracker.global_step, metric, extra)
+        self.tracker.metrics["last_checkpoint"] = {
+            "epoch": epoch, "global_step": self.tracker.global_step, "path": str(path)}
+        self.tracker.save()
+
+
 def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     """Build data, model, optimizer and schedule from `cfg`; fit; return best top-1."""
     import paddle
 
-    from mbv2.checkpoint import Checkpointer
-    from mbv2.data import build_data, write_class_names
+    from mbv2.checkpoint import Checkpointer, ModelEma, load_checkpoint, resolve_checkpoint, restore_rng
+    from mbv2.data import BAD_IMAGES_FILE, build_data, write_class_names
     from mbv2.model import build_model, count_macs, count_parameters
     from mbv2.optim import build_optimizer, build_schedule
     from mbv2.tracking import RunTracker
 
     check_config(cfg)
-    device = paddle.set_device(select_device(str(cfg.trainer.device)))
-    seed_everything(int(cfg.trainer.seed))
+    t = cfg.trainer
+    resumed = None
+    if t.resume:  # read first: a damaged checkpoint should fail before anything is built
+        ckpt_path = resolve_checkpoint(str(t.resume))
+        resumed = load_checkpoint(ckpt_path)
+    device_name = select_device(str(t.device))
+    device = paddle.set_device(device_name)
+    seed_everything(int(t.seed))
     OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
 
-    data = build_data(cfg.data)
+    data = build_data(cfg.data, bad_image_log=run_dir / BAD_IMAGES_FILE)
     write_class_names(data.class_names, run_dir / "class_names.txt")
     net = build_model(cfg.model, num_classes=data.num_classes, device=str(device))
 
-    t = cfg.trainer
     steps_per_epoch = max(1, -(-len(data.train) // int(t.batch_size)))
     schedule = build_schedule(cfg.sched, float(cfg.optim.lr), int(t.epochs), steps_per_epoch)
     optimizer = build_optimizer(cfg.optim, net.parameters(), schedule)
@@ -82,34 +146,72 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     labels = paddle.static.InputSpec([None, 1], "int64", "label")
     model = paddle.Model(net, inputs, labels)
     loss = paddle.nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing))
-    model.prepare(optimizer, loss, paddle.metric.Accuracy(topk=(1, 5)))
+    amp_configs = None
+    if t.amp:
+        if device_name.startswith("gpu"):
+            amp_configs = {"level": str(t.amp)}
+        else:
+            log.warning("trainer.amp=%s is ignored on %s: Paddle's AMP needs a GPU", t.amp, device_name)
+    model.prepare(optimizer, loss, paddle.metric.Accuracy(topk=(1, 5)), amp_configs=amp_configs)
 
     static = {"params_trainable": count_parameters(net), "macs": count_macs(net, size),
-              "image_size": size, "device": select_device(str(cfg.trainer.device)), "num_classes": data.num_classes,
-              "train_images": len(data.train), "val_images": len(data.val)}
+              "image_size": size, "device": device_name, "num_classes": data.num_classes,
+              "train_images": len(data.train), "val_images": len(data.val),
+              **data.bad_image_counts()}
     tracker = RunTracker(run_dir, run_name, flat_hparams(cfg), static,
                          log_freq=int(t.log_freq), epochs=int(t.epochs))
+    checkpointer = Checkpointer(run_dir, keep_top_k=int(t.keep_top_k))
+    ema = ModelEma(net, float(t.ema_decay)) if t.ema_decay else None
+    start_epoch = 0
+    if resumed is not None:
+        net.set_state_dict(resumed["model"])
+        optimizer.set_state_dict(resumed["optimizer"])  # includes the LR schedule's step
+        meta = resumed["meta"]
+        start_epoch = int(meta["epoch"])
+        checkpointer.load_state_dict(meta["checkpointer"])
+        checkpointer.reconcile(ckpt_path, start_epoch)
+        tracker.resume(resumed["tracker"], str(ckpt_path))
+        if ema is not None:
+            if resumed.get("ema"):
+                ema.load_state_dict(resumed["ema"])
+            else:
+                log.warning("resume: %s has no EMA weights; the EMA starts from the current "
+                            "weights", ckpt_path)
+        log.info("resume: %s, epoch %d of %d done, global step %d", ckpt_path, start_epoch,
+                 int(t.epochs), tracker.global_step)
     log.info("run %s: MobileNetV2 x%s, %d params, %.1f M MACs at %d px, %s, dir %s",
              run_name, cfg.model.scale, static["params_trainable"], static["macs"] / 1e6,
              size, device, run_dir)
     try:
-        model.fit(data.train, data.val, batch_size=int(t.batch_size), epochs=int(t.epochs),
-                  eval_freq=int(t.eval_freq), log_freq=int(t.log_freq), save_dir=None,
-                  verbose=int(t.verbose), shuffle=True, num_workers=int(t.num_workers),
-                  callbacks=[tracker, Checkpointer(run_dir)])
-        if tracker.metrics.get("last_eval_epoch") != int(t.epochs):
-            # fit evaluates when epoch % eval_freq == 0; the final weights always get one
-            model.evaluate(data.val, batch_size=int(t.batch_size), verbose=0,
-                           num_workers=int(t.num_workers), callbacks=[tracker, Checkpointer(run_dir)])
+        if start_epoch < int(t.epochs):
+            train_loader = build_train_loader(data.train, int(t.batch_size), int(t.num_workers),
+                                              device, start_epoch)
+            if resumed is not None:  # last: building the model and data drew from the RNGs
+                restore_rng(resumed["rng"])
+            model.fit(train_loader, None, epochs=int(t.epochs) - start_epoch,
+                      log_freq=int(t.log_freq), save_dir=None, verbose=int(t.verbose),
+                      callbacks=[tracker, EpochEnd(tracker, checkpointer, data.val, ema, t)])
+        else:
+            log.info("resume: all %d epochs were already done; nothing to train", int(t.epochs))
     except BaseException as e:
+        _record_bad_images(tracker, data)
         tracker.finish("failed", error=f"{type(e).__name__}: {e}")
         raise
+    _record_bad_images(tracker, data)
     metrics = tracker.finish("completed")
     return float(metrics["best_eval_acc_top1"])
 
 
+def _record_bad_images(tracker, data) -> None:
+    """Images skipped at the start-up scan or replaced during training: metrics.json + log."""
+    tracker.metrics.update(data.bad_image_counts())
+    summary = data.bad_image_summary()
+    if summary:
+        log.warning(summary)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     run_name = run_dir.name if hc.mode != RunMode.MULTIRUN else (hc.sweep.subdir or run_dir.name)
@@ -120,11 +222,13 @@ def main(cfg: DictConfig) -> float:
     except Exception as e:
         if hc.mode != RunMode.MULTIRUN:
             raise
-        # one bad job must not end the sweep: record it, report NaN to the sweeper
+        # One bad job must not end the sweep: record it and return no value. The Optuna
+        # sweeper tells a non-number to the study as a failed trial and carries on; a NaN
+        # would make it raise.
         log.error("job %s failed after %.0f s: %s\n%s", run_name, time.time() - started, e,
                   traceback.format_exc())
         _mark_failed(run_dir, e)
-        return float("nan")
+        return None
 
 
 def _mark_failed(run_dir: Path, error: BaseException) -> None:
@@ -136,7 +240,48 @@ def _mark_failed(run_dir: Path, error: BaseException) -> None:
         write_json_atomic(path, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
+def _quote(value: str) -> str:
+    """A Hydra override value that may hold `,` `=` or spaces (default run dir names do)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`trainer.resume=<run dir or checkpoint>` alone recreates the run: Hydra composes
+    from conf/ and the command line, so the run's own overrides (.hydra/overrides.yaml)
+    go first, then any given now, and hydra.run.dir points back at the run dir."""
+    given = [a for a in argv[1:] if a.startswith("trainer.resume=")]
+    if not given or given[-1] == "trainer.resume=null":
+        return argv
+    from mbv2.checkpoint import CheckpointError, resolve_checkpoint, run_dir_of
+
+    try:
+        ckpt = resolve_checkpoint(given[-1].split("=", 1)[1].strip("'\""))
+    except CheckpointError as e:
+        raise SystemExit(f"trainer.resume: {e}") from None
+    run_dir = run_dir_of(ckpt)
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():
+        raise SystemExit(f"trainer.resume: {recorded} is missing, so the run's settings are "
+                         f"unknown; resume a run dir written by mbv2.run")
+    skip = ("trainer.resume=", "hydra.run.dir=")
+    original = [str(o) for o in OmegaConf.load(recorded) if not str(o).startswith(skip)]
+    now = [a for a in argv[1:] if not a.startswith(skip)]
+    if any(a in ("-m", "--multirun") for a in now):
+        raise SystemExit("trainer.resume continues one run; it cannot be part of a sweep (-m)")
+    return [argv[0], *original, *now, f"trainer.resume={_quote(str(ckpt))}",
+            f"hydra.run.dir={_quote(str(run_dir))}"]
+
+
+def cli() -> None:
+    """Entry point (`python -m mbv2.run`, `mbv2-run`): remembers the command line so sweep
+    jobs can be named by what varies between them (see config.job_dir_name). A resume
+    replays the run's own overrides first (`resume_argv`)."""
+    sys.argv = resume_argv(sys.argv)
+    os.environ[LAUNCH_ARGS_ENV] = json.dumps(sys.argv[1:])
+    main()
+
+
 register_configs()
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -3,6 +3,13 @@
 One `LogWriter` per run dir, with a fixed file name: VisualDL shows only the newest records
 file of a directory, and a fixed name lets a resumed run append to the same records.
 Train scalars use the global step as x-axis; eval scalars use the epoch (1-based).
+
+Resume: the tracker's state (steps, history, timings) travels in the checkpoint, and the
+records file is cut back to the checkpoint (`truncate_records`) before the resumed run
+appends. Cutting back, rather than buffering an epoch's scalars until the checkpoint, is
+what stays right whichever moment the process dies: records flushed after the checkpoint
+(the killed epoch's, or its eval written just before the checkpoint rename) are dropped
+and logged again, so no step is duplicated or missing.
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import json
 import logging
 import math
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 RECORDS_FILE = "vdlrecords.mbv2.log"
 METRICS_FILE = "metrics.json"
 HPARAM_METRICS = ["eval/acc_top1", "eval/loss"]
+# scalar tag prefixes whose x-axis is the global step (train/) or the epoch (the others)
+STEPPED_TAGS = ("train/", "eval/", "eval_ema/")
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
@@ -41,6 +51,36 @@ def _scalar(value) -> float:
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def truncate_records(path: str | Path, max_step: int, max_epoch: int) -> int:
+    """Rewrite a VisualDL records file keeping train scalars up to global step `max_step`
+    and eval scalars (`eval/*`, `eval_ema/*`, x-axis = epoch) up to `max_epoch`; other
+    records (run metadata, hparams) stay. A record cut short by a kill is dropped.
+    Returns how many records were removed. Written to a temporary name, then renamed."""
+    from visualdl.proto import record_pb2
+
+    path = Path(path)
+    raw = path.read_bytes()
+    kept, removed, pos = [], 0, 0
+    while pos + 8 <= len(raw):
+        (size,) = struct.unpack_from("<Q", raw, pos)
+        frame = raw[pos:pos + 8 + size]
+        pos += 8 + size
+        if pos > len(raw):  # a record the killed process only half wrote
+            removed += 1
+            break
+        record = record_pb2.Record()
+        record.ParseFromString(frame[8:])
+        scalars = [v for v in record.values if v.tag.startswith(STEPPED_TAGS)]
+        if all(v.id <= (max_step if v.tag.startswith("train/") else max_epoch) for v in scalars):
+            kept.append(frame)
+        else:
+            removed += 1
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, path)
+    return removed
 
 
 class RunTracker(Callback):
@@ -73,6 +113,44 @@ class RunTracker(Callback):
         self._eval_loss_sum = 0.0
         self._eval_count = 0
         self._last_train: dict[str, float] = {}
+        # fit numbers the epochs it runs from 0; a resumed run adds the epochs already done
+        self.epoch_offset = 0
+        self._resumed = False
+        self._wall_before = 0.0  # wall seconds of the run's earlier processes (resume)
+        # "eval" for the model's own weights, "eval_ema" while the EMA weights are evaluated
+        self.eval_tag = "eval"
+        self.save()
+
+    # -- resume ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry so a resumed run continues this record exactly."""
+        return {"global_step": self.global_step, "epoch": self.epoch + 1,
+                "history": [dict(h) for h in self.history],
+                "metrics": {k: v for k, v in self.metrics.items() if k != "history"},
+                "epoch_seconds": [list(x) for x in self._epoch_seconds],
+                "wall_seconds": self._wall_before + time.perf_counter() - self._start}
+
+    def resume(self, state: dict[str, Any], checkpoint: str) -> None:
+        """Continue from a checkpoint's tracker state: later epochs count on from there and
+        the records file loses whatever was logged after the checkpoint."""
+        self.global_step = int(state["global_step"])
+        self.epoch = self.epoch_offset = int(state["epoch"])
+        self.history = [dict(h) for h in state["history"]]
+        self._epoch_seconds = [tuple(x) for x in state["epoch_seconds"]]
+        self._wall_before = float(state["wall_seconds"])
+        self._start = time.perf_counter()
+        kept = {k: v for k, v in state["metrics"].items()
+                if k not in ("status", "epochs_planned", "error", "wall_seconds")}
+        self.metrics.update(kept)
+        self.metrics.setdefault("resumed", []).append(
+            {"from_checkpoint": checkpoint, "epoch": self.epoch_offset,
+             "global_step": self.global_step})
+        records = self.run_dir / RECORDS_FILE
+        if records.exists():
+            removed = truncate_records(records, self.global_step, self.epoch_offset)
+            log.info("resume: %s cut back to step %d / epoch %d (%d later records dropped)",
+                     records, self.global_step, self.epoch_offset, removed)
+        self._resumed = True
         self.save()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -81,10 +159,11 @@ class RunTracker(Callback):
 
         self.writer = LogWriter(logdir=str(self.run_dir), file_name=RECORDS_FILE,
                                 display_name=self.run_name)
-        self.writer.add_hparams(self.hparams, list(HPARAM_METRICS))
+        if not self._resumed:  # the records file already holds them
+            self.writer.add_hparams(self.hparams, list(HPARAM_METRICS))
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        self.epoch = epoch + self.epoch_offset
         self._epoch_images = 0
         self._epoch_start = time.perf_counter()
 
@@ -106,6 +185,7 @@ class RunTracker(Callback):
             self.writer.add_scalar("train/lr", float(self.model._optimizer.get_lr()), self.global_step)
 
     def on_epoch_end(self, epoch, logs=None):
+        epoch = epoch + self.epoch_offset
         seconds = time.perf_counter() - self._epoch_start
         self._epoch_seconds.append((self._epoch_images, seconds))
         self.metrics["epochs_completed"] = epoch + 1
@@ -131,8 +211,21 @@ class RunTracker(Callback):
         self.record_eval(self.epoch + 1, result)
 
     def record_eval(self, epoch: int, result: dict[str, float]) -> None:
+        tag = self.eval_tag
         for key, value in result.items():
-            self.writer.add_scalar(f"eval/{key}", value, epoch)
+            self.writer.add_scalar(f"{tag}/{key}", value, epoch)
+        if tag != "eval":  # EMA weights: logged and kept apart; best/final stay the model's
+            m = self.metrics
+            best = m.get(f"best_{tag}_acc_top1")
+            if best is None or result["acc_top1"] > best:
+                m[f"best_{tag}_acc_top1"] = result["acc_top1"]
+            for key, value in result.items():
+                m[f"final_{tag}_{key}"] = value
+            if self.history and self.history[-1]["epoch"] == epoch:
+                self.history[-1].update({f"{tag}_{k}": v for k, v in result.items()})
+            self.writer.flush()
+            self.save()
+            return
         m = self.metrics
         if m["best_eval_acc_top1"] is None or result["acc_top1"] > m["best_eval_acc_top1"]:
             m["best_eval_acc_top1"], m["best_epoch"] = result["acc_top1"], epoch
@@ -168,8 +261,13 @@ class RunTracker(Callback):
         seconds = sum(s for _, s in epochs)
         return images / seconds if seconds > 0 else 0.0
 
+    def flush(self) -> None:
+        """Everything logged so far onto disk (before a checkpoint claims it)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def save(self) -> None:
-        self.metrics["wall_seconds"] = round(time.perf_counter() - self._start, 3)
+        self.metrics["wall_seconds"] = round(self._wall_before + time.perf_counter() - self._start, 3)
         self.metrics["history"] = self.history
         write_json_atomic(self.run_dir / METRICS_FILE, self.metrics)
 

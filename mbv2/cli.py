@@ -1,0 +1,47 @@
+"""`key=value` command lines for the tools beside run.py (eval, predict, export).
+
+They read a finished run rather than compose one, so they need no Hydra output dir; the
+arguments still look like Hydra overrides and are checked against a dataclass by
+OmegaConf: a misspelt or mistyped key fails with the key named.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from typing import Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+def parse_args(schema: type[T], argv: Sequence[str], prog: str, usage: str) -> T:
+    """`key=value` arguments into `schema`; `--help` prints `usage` and the keys."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        keys = "\n".join(f"  {f.name}" for f in fields(schema))  # type: ignore[arg-type]
+        print(f"usage: python -m {prog} {usage}\nkeys:\n{keys}")
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"{prog}: arguments are key=value; got {bad}. See --help")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise SystemExit(f"{prog}: {', '.join(missing)} must be given ({usage})")
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise SystemExit(f"{prog}: {str(e).splitlines()[0]} (see --help)") from None
+
+
+def main_guard(fn, argv: Sequence[str] | None = None) -> None:
+    """Run an entry point; errors a user can act on end the process with their message."""
+    from mbv2.checkpoint import CheckpointError
+    from mbv2.data import DataError
+
+    try:
+        fn(sys.argv[1:] if argv is None else argv)
+    except (CheckpointError, DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
