@@ -193,8 +193,9 @@ class ModelEma:
 class Checkpointer:
     """Writes `last` every epoch, `best` and `epoch_NNNN` (top-k by eval/acc_top1)."""
 
-    def __init__(self, run_dir: str | Path, keep_top_k: int = 3):
+    def __init__(self, run_dir: str | Path, keep_top_k: int = 3, write: bool = True):
         self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.write = write  # False on ranks > 0 of a data-parallel run: rank 0 saves
         self.keep_top_k = int(keep_top_k)
         self.top_k: list[tuple[float, int]] = []  # (metric, epoch), best first
         self.best_metric: float | None = None
@@ -223,12 +224,14 @@ class Checkpointer:
             ranked = sorted(self.top_k + [(float(metric), epoch)], key=lambda x: (-x[0], x[1]))
             dropped = [e for _, e in ranked[self.keep_top_k:]]
             self.top_k = ranked[: self.keep_top_k]
+        last = self.dir / "last"
+        if not self.write:
+            return Path(str(last) + CKPT_SUFFIX)
         ckpt = {"format": FORMAT_VERSION, "model": model.network.state_dict(),
                 "optimizer": model._optimizer.state_dict(),
                 "meta": {"epoch": epoch, "global_step": global_step, METRIC: metric,
                          "checkpointer": self.state_dict()},
                 **extra}
-        last = self.dir / "last"
         # the .pdckpt first: it alone is what resume reads, so it is the commit point
         save_atomic(ckpt, Path(str(last) + CKPT_SUFFIX))
         save_atomic(ckpt["model"], Path(str(last) + ".pdparams"))
@@ -248,6 +251,8 @@ class Checkpointer:
         resumed from. Files of later epochs (a run resumed from an earlier checkpoint, or
         killed between saving and pruning) are removed, an epoch file the kill left
         unwritten is published, and `best` is re-pointed at its epoch."""
+        if not self.write:
+            return
         keep = {e for _, e in self.top_k}
         own = self.dir / epoch_name(epoch)
         if epoch in keep and not Path(str(own) + CKPT_SUFFIX).is_file() \

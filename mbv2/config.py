@@ -80,7 +80,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "momentum"
-    lr: float = 0.1
+    lr: float = 0.05
     weight_decay: float = 4e-5
     momentum: float = 0.9
     nesterov: bool = False
@@ -90,6 +90,10 @@ class OptimConfig:
     rho: float = 0.95
     # clip the global gradient norm to this value; None: no clipping
     grad_clip: Optional[float] = None
+    # None: optim.lr is used as given, whatever the number of devices. A batch size (e.g.
+    # 256): optim.lr is the LR for that global batch and is scaled linearly to the run's
+    # global batch (trainer.batch_size x devices), as in Goyal et al. 2017.
+    lr_reference_batch: Optional[int] = None
 
 
 @dataclass
@@ -107,7 +111,7 @@ class SchedConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 64
     num_workers: int = 0
     eval_freq: int = 1
@@ -165,6 +169,7 @@ _RANGES = {
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.grad_clip": (lambda v: v is None or v > 0, "> 0 or null"),
+    "optim.lr_reference_batch": (lambda v: v is None or v >= 1, ">= 1 or null"),
     "sched.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "sched.warmup_start_lr": (lambda v: v >= 0, ">= 0"),
     "sched.gamma": (lambda v: v > 0, "> 0"),

@@ -60,3 +60,47 @@ def shared_choice(choose: Callable[[], str], timeout: float = 120.0) -> str:
                 f"({path}); on several nodes set hydra.run.dir=<a shared path> explicitly")
         time.sleep(0.05)
     return path.read_text()
+
+
+def paddle_env_from_slurm(env: dict[str, str], hostnames: list[str]) -> dict[str, str]:
+    """The variables paddle.distributed.launch would set, derived from a SLURM task's
+    environment: one process per task, `tasks_per_node` tasks (= GPUs) per node.
+
+    Used when a sweep job runs on SLURM with several tasks (Hydra's submitit launcher with
+    `tasks_per_node` > 1): every task runs the job, and Paddle's collective engine finds
+    its peers through these variables."""
+    ntasks = int(env["SLURM_NTASKS"])
+    procid = int(env["SLURM_PROCID"])
+    local = int(env.get("SLURM_LOCALID", "0"))
+    per_node = ntasks // max(1, len(hostnames))
+    # a port range that differs between jobs sharing a node
+    base = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    endpoints = [f"{host}:{base + i}" for host in hostnames for i in range(per_node)]
+    return {
+        "PADDLE_TRAINER_ID": str(procid),
+        "PADDLE_TRAINERS_NUM": str(ntasks),
+        "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
+        "PADDLE_CURRENT_ENDPOINT": endpoints[procid],
+        "PADDLE_MASTER": endpoints[0],
+        "PADDLE_RANK_IN_NODE": str(local),
+        "PADDLE_LOCAL_RANK": str(local),
+        "FLAGS_selected_gpus": str(local),
+    }
+
+
+def adopt_slurm_tasks() -> bool:
+    """Inside a multi-task SLURM job that no Paddle launcher started, set Paddle's
+    variables from SLURM's (see paddle_env_from_slurm). Returns whether it did."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "PADDLE_TRAINERS_NUM" in os.environ:
+        return False
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "localhost")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                             capture_output=True, text=True).stdout
+        hostnames = out.split()
+    except (OSError, subprocess.CalledProcessError):
+        hostnames = [nodelist]  # a single node name needs no expansion
+    os.environ.update(paddle_env_from_slurm(dict(os.environ), hostnames))
+    return True

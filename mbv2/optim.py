@@ -34,6 +34,14 @@ def build_schedule(sched: DictConfig, base_lr: float, epochs: int, steps_per_epo
     return inner
 
 
+def effective_lr(optim: DictConfig, global_batch: int) -> float:
+    """optim.lr, scaled linearly to the global batch when optim.lr_reference_batch is set."""
+    lr = float(optim.lr)
+    if optim.lr_reference_batch:
+        lr *= global_batch / float(optim.lr_reference_batch)
+    return lr
+
+
 def build_optimizer(optim: DictConfig, parameters, schedule) -> paddle.optimizer.Optimizer:
     wd = float(optim.weight_decay)
     l2 = paddle.regularizer.L2Decay(wd) if wd > 0 else None

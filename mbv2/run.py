@@ -16,6 +16,11 @@ import time
 import traceback
 from pathlib import Path
 
+if __package__ in (None, ""):
+    # run as a file (`python -m paddle.distributed.launch mbv2/run.py`): import mbv2 as a
+    # package, not this file's folder as top-level modules
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from paddle.callbacks import Callback
 
 import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
+from mbv2 import distributed
 from mbv2.config import LAUNCH_ARGS_ENV, check_config, flat_hparams, register_configs
 
 log = logging.getLogger("mbv2.run")
@@ -39,10 +45,13 @@ def select_device(requested: str) -> str:
 
 
 def seed_everything(seed: int) -> None:
+    """Paddle's generator (weight init) gets the same seed on every rank; the Python and
+    NumPy generators that drive augmentation get one per rank, so data-parallel ranks do
+    not crop their shards identically."""
     import paddle
 
-    random.seed(seed)
-    np.random.seed(seed)
+    random.seed(seed + distributed.rank())
+    np.random.seed(seed + distributed.rank())
     paddle.seed(seed)
 
 
@@ -119,7 +128,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     from mbv2.checkpoint import Checkpointer, ModelEma, load_checkpoint, resolve_checkpoint, restore_rng
     from mbv2.data import BAD_IMAGES_FILE, build_data, write_class_names
     from mbv2.model import build_model, count_macs, count_parameters
-    from mbv2.optim import build_optimizer, build_schedule
+    from mbv2.optim import build_optimizer, build_schedule, effective_lr
     from mbv2.tracking import RunTracker
 
     check_config(cfg)
@@ -131,14 +140,27 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     device_name = select_device(str(t.device))
     device = paddle.set_device(device_name)
     seed_everything(int(t.seed))
-    OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
+    primary, ranks = distributed.is_primary(), distributed.world_size()
+    if primary:
+        OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
 
     data = build_data(cfg.data, bad_image_log=run_dir / BAD_IMAGES_FILE)
-    write_class_names(data.class_names, run_dir / "class_names.txt")
-    net = build_model(cfg.model, num_classes=data.num_classes, device=str(device))
+    if primary:
+        write_class_names(data.class_names, run_dir / "class_names.txt")
+    net = build_model(cfg.model, num_classes=data.num_classes, device=device_name)
 
-    steps_per_epoch = max(1, -(-len(data.train) // int(t.batch_size)))
-    schedule = build_schedule(cfg.sched, float(cfg.optim.lr), int(t.epochs), steps_per_epoch)
+    # each rank trains on its 1/ranks shard (DistributedBatchSampler), batch_size per device
+    shard = -(-len(data.train) // ranks)
+    steps_per_epoch = max(1, -(-shard // int(t.batch_size)))
+    global_batch = int(t.batch_size) * ranks
+    lr = effective_lr(cfg.optim, global_batch)
+    if ranks > 1 or cfg.optim.lr_reference_batch:
+        rule = (f"scaled linearly from optim.lr={cfg.optim.lr} per batch of "
+                f"{cfg.optim.lr_reference_batch}" if cfg.optim.lr_reference_batch
+                else "optim.lr as given (set optim.lr_reference_batch to scale it)")
+        log.info("data parallel over %d process(es): global batch %d = %d per device x %d; "
+                 "LR %.4g, %s", ranks, global_batch, int(t.batch_size), ranks, lr, rule)
+    schedule = build_schedule(cfg.sched, lr, int(t.epochs), steps_per_epoch)
     optimizer = build_optimizer(cfg.optim, net.parameters(), schedule)
 
     size = int(cfg.data.image_size)
@@ -157,10 +179,11 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     static = {"params_trainable": count_parameters(net), "macs": count_macs(net, size),
               "image_size": size, "device": device_name, "num_classes": data.num_classes,
               "train_images": len(data.train), "val_images": len(data.val),
+              "world_size": ranks, "global_batch_size": global_batch, "lr_effective": lr,
               **data.bad_image_counts()}
     tracker = RunTracker(run_dir, run_name, flat_hparams(cfg), static,
-                         log_freq=int(t.log_freq), epochs=int(t.epochs))
-    checkpointer = Checkpointer(run_dir, keep_top_k=int(t.keep_top_k))
+                         log_freq=int(t.log_freq), epochs=int(t.epochs), write=primary)
+    checkpointer = Checkpointer(run_dir, keep_top_k=int(t.keep_top_k), write=primary)
     ema = ModelEma(net, float(t.ema_decay)) if t.ema_decay else None
     start_epoch = 0
     if resumed is not None:
@@ -212,10 +235,13 @@ def _record_bad_images(tracker, data) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # a multi-GPU sweep job on SLURM: each task becomes one data-parallel rank
+    distributed.adopt_slurm_tasks()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     run_name = run_dir.name if hc.mode != RunMode.MULTIRUN else (hc.sweep.subdir or run_dir.name)
-    write_rerun_command(run_dir)
+    if distributed.is_primary():
+        write_rerun_command(run_dir)
     started = time.time()
     try:
         return train(cfg, run_dir, run_name)
@@ -278,6 +304,10 @@ def cli() -> None:
     replays the run's own overrides first (`resume_argv`)."""
     sys.argv = resume_argv(sys.argv)
     os.environ[LAUNCH_ARGS_ENV] = json.dumps(sys.argv[1:])
+    if not distributed.is_primary():
+        # ranks > 0 share rank 0's run dir (see distributed.shared_choice) but leave its
+        # files alone: no second .hydra/ copy, their log goes to the launcher's workerlog
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     main()
 
 

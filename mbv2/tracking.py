@@ -49,6 +49,14 @@ def _scalar(value) -> float:
     return float(value)
 
 
+class _NullWriter:
+    """Stands in for the LogWriter on ranks that must not write (VisualDL's own
+    write_to_disk=False writer cannot take hparams)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 class NonFiniteLossError(FloatingPointError):
     pass
 
@@ -90,8 +98,12 @@ class RunTracker(Callback):
     an error instead of training on garbage."""
 
     def __init__(self, run_dir: str | Path, run_name: str, hparams: dict[str, Any],
-                 static_metrics: dict[str, Any], log_freq: int, epochs: int):
+                 static_metrics: dict[str, Any], log_freq: int, epochs: int,
+                 write: bool = True):
         super().__init__()
+        # In a data-parallel run every rank tracks (and guards against NaN) but only
+        # rank 0 writes: one records file and one metrics.json per run dir.
+        self.write = write
         self.run_dir = Path(run_dir)
         self.run_name = run_name
         self.hparams = hparams
@@ -146,7 +158,7 @@ class RunTracker(Callback):
             {"from_checkpoint": checkpoint, "epoch": self.epoch_offset,
              "global_step": self.global_step})
         records = self.run_dir / RECORDS_FILE
-        if records.exists():
+        if self.write and records.exists():
             removed = truncate_records(records, self.global_step, self.epoch_offset)
             log.info("resume: %s cut back to step %d / epoch %d (%d later records dropped)",
                      records, self.global_step, self.epoch_offset, removed)
@@ -157,8 +169,8 @@ class RunTracker(Callback):
     def on_train_begin(self, logs=None):
         from visualdl import LogWriter  # imported late: it pulls in matplotlib
 
-        self.writer = LogWriter(logdir=str(self.run_dir), file_name=RECORDS_FILE,
-                                display_name=self.run_name)
+        self.writer = (LogWriter(logdir=str(self.run_dir), file_name=RECORDS_FILE,
+                                 display_name=self.run_name) if self.write else _NullWriter())
         if not self._resumed:  # the records file already holds them
             self.writer.add_hparams(self.hparams, list(HPARAM_METRICS))
 
@@ -269,7 +281,8 @@ class RunTracker(Callback):
     def save(self) -> None:
         self.metrics["wall_seconds"] = round(self._wall_before + time.perf_counter() - self._start, 3)
         self.metrics["history"] = self.history
-        write_json_atomic(self.run_dir / METRICS_FILE, self.metrics)
+        if self.write:
+            write_json_atomic(self.run_dir / METRICS_FILE, self.metrics)
 
     def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
         self.metrics["status"] = status
