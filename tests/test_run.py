@@ -60,8 +60,10 @@ def test_run_writes_visualdl_records(tiny_run):
     # 48 images / batch 16 = 3 steps per epoch, 2 epochs, log_freq 1
     assert [r.id for r in reader.get_data("scalar", "train/loss")] == [1, 2, 3, 4, 5, 6]
     lrs = [r.value for r in reader.get_data("scalar", "train/lr")]
-    # the LR each step trained with: cosine from optim.lr, stepped every iteration
-    assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01
+    # the LR each step trained with: one epoch (3 steps) of linear warm-up from 0, then
+    # cosine from optim.lr down, stepped every iteration
+    assert lrs[:4] == pytest.approx([0.0, 0.05 / 3, 0.1 / 3, 0.05], rel=1e-4)
+    assert lrs[3:] == sorted(lrs[3:], reverse=True) and lrs[-1] < 0.02
     assert [r.id for r in reader.get_data("scalar", "eval/acc_top1")] == [1, 2]
     m = json.loads((tiny_run / "metrics.json").read_text())
     final = reader.get_data("scalar", "eval/acc_top1")[-1].value

@@ -86,7 +86,8 @@ def test_rerun_command_reproduces_a_job(grid_sweep, tmp_path):
 
 def test_failed_jobs_do_not_stop_the_sweep(tmp_path):
     # -1 is rejected before training; 1e8 diverges to a NaN loss mid-epoch
-    proc = run_cli(["-m", *ONE_EPOCH, "optim.lr=0.05,-1,100000000.0"], cwd=tmp_path, check=False)
+    proc = run_cli(["-m", *ONE_EPOCH, "sched.warmup_epochs=0", "optim.lr=0.05,-1,100000000.0"],
+                   cwd=tmp_path, check=False)
     sweep = _single_sweep_dir(tmp_path)
     jobs = _jobs(sweep)
     status = {n: json.loads((j / "metrics.json").read_text()) for n, j in jobs.items()}
@@ -127,7 +128,8 @@ def test_optuna_study_runs_and_reports_best(tmp_path):
 
 def test_optuna_study_survives_a_failed_trial(tmp_path):
     # every trial with an LR this large diverges; the study must still finish its trials
-    run_cli(["experiment=optuna_lr_width", *ONE_EPOCH_ANY_WIDTH, "hydra.sweeper.n_trials=4",
+    run_cli(["experiment=optuna_lr_width", *ONE_EPOCH_ANY_WIDTH, "sched.warmup_epochs=0",
+             "hydra.sweeper.n_trials=4",
              'hydra.sweeper.params={optim.lr:"choice(100000000.0,0.05)",model.scale:"choice(0.25)"}'], cwd=tmp_path)
     sweep = _single_sweep_dir(tmp_path)
     statuses = {n: json.loads((j / "metrics.json").read_text())["status"]
