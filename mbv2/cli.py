@@ -6,9 +6,10 @@ OmegaConf: a misspelt or mistyped key fails with the key named.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import fields
-from typing import Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,12 +37,16 @@ def parse_args(schema: type[T], argv: Sequence[str], prog: str, usage: str) -> T
         raise SystemExit(f"{prog}: {str(e).splitlines()[0]} (see --help)") from None
 
 
-def main_guard(fn, argv: Sequence[str] | None = None) -> None:
-    """Run an entry point; errors a user can act on end the process with their message."""
+def run_entry(schema: type[T], runner: Callable[[T], Any], prog: str, usage: str,
+              argv: Sequence[str] | None = None) -> None:
+    """Parse `key=value` arguments into `schema` and call `runner` with them; errors a
+    user can act on end the process with their message, not a traceback."""
     from mbv2.checkpoint import CheckpointError
     from mbv2.data import DataError
 
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = parse_args(schema, sys.argv[1:] if argv is None else argv, prog, usage)
     try:
-        fn(sys.argv[1:] if argv is None else argv)
+        runner(args)
     except (CheckpointError, DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

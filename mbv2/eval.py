@@ -165,13 +165,10 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from mbv2.cli import main_guard, parse_args
+    from mbv2.cli import run_entry
 
-    def go(a):
-        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        run_eval(parse_args(EvalArgs, a, "mbv2.eval",
-                            "ckpt=<run dir or checkpoint> [split=val|train] [data.key=value ...]"))
-    main_guard(go, argv)
+    run_entry(EvalArgs, run_eval, "mbv2.eval",
+              "ckpt=<run dir or checkpoint> [split=val|train] [data.key=value ...]", argv)
 
 
 if __name__ == "__main__":

@@ -105,13 +105,10 @@ def run_export(args: ExportArgs) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from mbv2.cli import main_guard, parse_args
+    from mbv2.cli import run_entry
 
-    def go(a):
-        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        run_export(parse_args(ExportArgs, a, "mbv2.export",
-                              "ckpt=<run dir or checkpoint> [format=paddle|onnx] [out=<dir>]"))
-    main_guard(go, argv)
+    run_entry(ExportArgs, run_export, "mbv2.export",
+              "ckpt=<run dir or checkpoint> [format=paddle|onnx] [out=<dir>]", argv)
 
 
 if __name__ == "__main__":

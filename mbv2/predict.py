@@ -191,14 +191,11 @@ def run_predict(args: PredictArgs) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from mbv2.cli import main_guard, parse_args
+    from mbv2.cli import run_entry
 
-    def go(a):
-        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        run_predict(parse_args(PredictArgs, a, "mbv2.predict",
-                               "model=<exported dir or checkpoint> inputs=<image, dir or glob> "
-                               "[topk=5] [out=<dir>]"))
-    main_guard(go, argv)
+    run_entry(PredictArgs, run_predict, "mbv2.predict",
+              "model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>]",
+              argv)
 
 
 if __name__ == "__main__":
