@@ -1,0 +1,438 @@
+"""Throughput benchmark: MobileNetV2 on CPU, Paddle native vs Paddle + the C++ depthwise
+op vs an exported Paddle Inference predictor vs PyTorch eager (same architecture).
+
+    python -m mbv2.bench [--quick] [--out bench.json] [--threads N] [--scales 1.0 0.5]
+
+Training img/s = forward + cross-entropy + backward + Momentum step (batch / step time);
+inference img/s = eval-mode forward without gradients. Warm-up steps are excluded, each
+number is the median of several timed steps, interleaved round-robin across backends.
+All frameworks use the same thread count (--threads sets OMP_NUM_THREADS/MKL_NUM_THREADS
+and torch.set_num_threads; note that Paddle alone would default to 1 thread, since it sets
+OMP_NUM_THREADS=1 at import when unset). Classes: 10 at 32 px, 1000 at 224 px.
+The predictor (`paddle.jit.save` + `paddle.inference` with oneDNN) is inference only and
+uses Paddle's own depthwise conv, since a custom op is not part of the exported program.
+The machine may be shared: the 1-minute load average before and after each case goes into
+the JSON so a noisy number can be recognised.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Case:
+    scale: float
+    image_size: int
+    batch: int
+    class_num: int
+    warmup: int
+    reps: int  # timed training steps; inference uses 2x (it is cheaper)
+
+
+def default_cases(quick: bool, scales: list[float]) -> list[Case]:
+    if quick:  # smoke: every code path once or twice, ~1 minute
+        return [Case(s, 32, 32, 10, 1, 2) for s in scales] + \
+               [Case(s, 224, 4, 1000, 1, 2) for s in scales]
+    # 224 px x1.0 native training is ~7 s a step here: few reps keep the run < 10 min.
+    return [Case(s, 32, 128, 10, 2, 5) for s in scales] + \
+           [Case(s, 224, 32, 1000, 1, 3) for s in scales]
+
+
+@dataclass
+class Result:
+    case: Case
+    mode: str  # train | infer
+    backend: str  # paddle_native | paddle_kernel | paddle_predictor | torch
+    seconds: list[float] = field(default_factory=list)
+    load_before: float = 0.0
+    load_after: float = 0.0
+    error: str | None = None
+
+    @property
+    def img_s(self) -> float | None:
+        return self.case.batch / statistics.median(self.seconds) if self.seconds else None
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------- Paddle
+
+def paddle_fns(case: Case, fast: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    import paddle
+    import paddle.nn.functional as F
+
+    from mbv2.model import MobileNetV2
+    from mbv2.ops.depthwise import fast_depthwise_fn
+
+    paddle.seed(0)
+    net = MobileNetV2(class_num=case.class_num, scale=case.scale)
+    if fast:
+        fn = fast_depthwise_fn("on", "cpu")
+        if fn is None:
+            raise RuntimeError("depthwise op unavailable")
+        net.set_fast_depthwise(fn)
+    opt = paddle.optimizer.Momentum(learning_rate=0.01, momentum=0.9, parameters=net.parameters())
+    x = paddle.randn([case.batch, 3, case.image_size, case.image_size], dtype="float32")
+    y = paddle.randint(0, case.class_num, [case.batch], dtype="int64")
+
+    def train() -> None:
+        net.train()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        float(loss)
+
+    def infer() -> None:
+        net.eval()
+        with paddle.no_grad():
+            net(x).numpy()
+
+    return train, infer
+
+
+def predictor_fn(case: Case, threads: int, workdir: Path) -> Callable[[], Any]:
+    import numpy as np
+    import paddle
+    from paddle.static import InputSpec
+
+    from mbv2.model import MobileNetV2
+
+    paddle.seed(0)
+    net = MobileNetV2(class_num=case.class_num, scale=case.scale)
+    net.eval()
+    prefix = str(workdir / f"mbv2_x{case.scale}_{case.image_size}")
+    paddle.jit.save(net, prefix,
+                    input_spec=[InputSpec([None, 3, case.image_size, case.image_size], "float32")])
+    program = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".pdmodel"
+    config = paddle.inference.Config(program, prefix + ".pdiparams")
+    config.disable_gpu()
+    (config.enable_onednn if hasattr(config, "enable_onednn") else config.enable_mkldnn)()
+    config.set_cpu_math_library_num_threads(threads)
+    config.switch_ir_optim(True)
+    config.disable_glog_info()
+    predictor = paddle.inference.create_predictor(config)
+    inp = predictor.get_input_handle(predictor.get_input_names()[0])
+    out = predictor.get_output_handle(predictor.get_output_names()[0])
+    x = np.random.default_rng(0).standard_normal(
+        (case.batch, 3, case.image_size, case.image_size)).astype("float32")
+
+    def infer() -> None:
+        inp.reshape(list(x.shape))
+        inp.copy_from_cpu(x)
+        predictor.run()
+        out.copy_to_cpu()
+
+    return infer
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def torch_model(class_num: int, scale: float):
+    """mbv2.model.MobileNetV2 in PyTorch: same table, channels, BN and ReLU6 placement
+    (including the t=1 unit's expand conv, which PaddleClas keeps)."""
+    import torch.nn as tnn
+
+    from mbv2.model import DEFAULT_BOTTLENECK
+
+    class ConvBN(tnn.Module):
+        def __init__(self, cin: int, cout: int, k: int, s: int, p: int, groups: int = 1):
+            super().__init__()
+            self.conv = tnn.Conv2d(cin, cout, k, s, p, groups=groups, bias=False)
+            self.bn = tnn.BatchNorm2d(cout)
+
+        def forward(self, x, act: bool = True):
+            y = self.bn(self.conv(x))
+            return tnn.functional.relu6(y) if act else y
+
+    class Unit(tnn.Module):
+        def __init__(self, cin: int, expand_from: int, cout: int, s: int, t: int, shortcut: bool):
+            super().__init__()
+            hidden = int(round(expand_from * t))
+            self.expand = ConvBN(cin, hidden, 1, 1, 0)
+            self.dw = ConvBN(hidden, hidden, 3, s, 1, groups=hidden)
+            self.linear = ConvBN(hidden, cout, 1, 1, 0)
+            self.shortcut = shortcut
+
+        def forward(self, x):
+            y = self.linear(self.dw(self.expand(x)), act=False)
+            return x + y if self.shortcut else y
+
+    class Net(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            in_c = int(32 * scale)
+            self.conv1 = ConvBN(3, in_c, 3, 2, 1)
+            units = []
+            for t, c, n, s in DEFAULT_BOTTLENECK:
+                out_c = int(c * scale)
+                units.append(Unit(in_c, in_c, out_c, s, t, False))
+                units += [Unit(out_c, out_c, out_c, 1, t, True) for _ in range(1, n)]
+                in_c = out_c
+            self.units = tnn.Sequential(*units)
+            out_c = int(1280 * scale) if scale > 1.0 else 1280
+            self.last = ConvBN(in_c, out_c, 1, 1, 0)
+            self.pool = tnn.AdaptiveAvgPool2d(1)
+            self.fc = tnn.Linear(out_c, class_num)
+
+        def forward(self, x):
+            y = self.last(self.units(self.conv1(x)))
+            return self.fc(self.pool(y).flatten(1))
+
+    return Net()
+
+
+def torch_fns(case: Case, threads: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch_model(case.class_num, case.scale)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(case.batch, 3, case.image_size, case.image_size)
+    y = torch.randint(0, case.class_num, (case.batch,))
+
+    def train() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return train, infer
+
+
+def torch_worker(case: Case, threads: int) -> dict[str, Any]:
+    """Time PyTorch on `case` in this (separate) process: {'train': [s...], 'infer': [s...]}."""
+    train, infer = torch_fns(case, threads)
+    out: dict[str, Any] = {}
+    for mode, fn, reps in (("train", train, case.reps), ("infer", infer, 2 * case.reps)):
+        for _ in range(case.warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[mode] = times
+    return out
+
+
+def torch_in_subprocess(case: Case, threads: int) -> dict[str, Any]:
+    """PyTorch runs in its own process: with Paddle's Intel OpenMP pool active in the same
+    process, torch's GNU OpenMP threads fought it for the cores (measured: torch 8x slower
+    at 2 threads), which would make the comparison meaningless."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mbv2.bench", "--threads", str(threads),
+         "--torch-worker", json.dumps(asdict(case))],
+        capture_output=True, text=True, env=env, timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"torch worker exited {proc.returncode}: {proc.stderr[-800:]}")
+    return json.loads(lines[-1])
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except Exception:  # broken installs raise more than ImportError
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_case(case: Case, threads: int, workdir: Path, with_torch: bool,
+             log: Callable[[str], None]) -> list[Result]:
+    """Time every backend on `case`. Paddle's timed steps are interleaved round-robin, so
+    a burst of load from another process hits all of them alike instead of skewing one
+    column; PyTorch follows in a separate process (see `torch_in_subprocess`)."""
+    makers: list[tuple[str, Callable[[], tuple[Callable[[], Any] | None, Callable[[], Any]]]]] = [
+        ("paddle_native", lambda: paddle_fns(case, False)),
+        ("paddle_kernel", lambda: paddle_fns(case, True)),
+        ("paddle_predictor", lambda: (None, predictor_fn(case, threads, workdir))),
+    ]
+    results: list[Result] = []
+    runnable: list[tuple[Result, Callable[[], Any], int]] = []
+    for backend, make in makers:
+        try:
+            train, infer = make()
+        except Exception as e:  # one broken backend must not lose the others' numbers
+            train = infer = None
+            error = f"{type(e).__name__}: {e}"
+        for mode, fn in (("train", train), ("infer", infer)):
+            if backend == "paddle_predictor" and mode == "train":
+                continue
+            r = Result(case, mode, backend, load_before=_loadavg())
+            results.append(r)
+            if fn is None:
+                r.error = error
+                continue
+            try:
+                for _ in range(case.warmup):
+                    fn()
+            except Exception as e:
+                r.error = f"{type(e).__name__}: {e}"
+                continue
+            runnable.append((r, fn, case.reps if mode == "train" else 2 * case.reps))
+    for rep in range(max((n for _, _, n in runnable), default=0)):
+        for r, fn, n in runnable:
+            if rep >= n or r.error:
+                continue
+            if threads > 1:
+                # Idle OpenMP workers of the previous backend spin for a while (Intel's
+                # runtime: 200 ms) and would steal a core from this one's first ops.
+                time.sleep(0.25)
+            try:
+                t = time.perf_counter()
+                fn()
+                r.seconds.append(time.perf_counter() - t)
+            except Exception as e:
+                r.error, r.seconds = f"{type(e).__name__}: {e}", []
+    if with_torch:
+        tr = Result(case, "train", "torch", load_before=_loadavg())
+        ti = Result(case, "infer", "torch", load_before=tr.load_before)
+        try:
+            times = torch_in_subprocess(case, threads)
+            tr.seconds, ti.seconds = times["train"], times["infer"]
+        except Exception as e:
+            tr.error = ti.error = f"{type(e).__name__}: {e}"
+        results += [tr, ti]
+    for r in results:
+        r.load_after = _loadavg()
+        shown = f"{r.img_s:8.1f} img/s" if r.img_s else f"failed ({r.error})"
+        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:16s} {shown}")
+    return results
+
+
+def table(results: list[Result]) -> list[dict[str, Any]]:
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        key = (r.case.scale, r.case.image_size, r.case.batch, r.mode)
+        row = rows.setdefault(key, {"scale": r.case.scale, "image_size": r.case.image_size,
+                                    "batch": r.case.batch, "mode": r.mode})
+        row[r.backend] = round(r.img_s, 2) if r.img_s else None
+    for row in rows.values():
+        t = row.get("torch")
+        for b in ("paddle_native", "paddle_kernel", "paddle_predictor"):
+            if t and row.get(b):
+                row[f"{b}_vs_torch"] = round(row[b] / t, 2)
+    return list(rows.values())
+
+
+def format_table(rows: list[dict[str, Any]], threads: int) -> str:
+    head = (f"{'model':6s} {'px':>4s} {'batch':>5s} {'mode':5s} | {'native':>8s} {'kernel':>8s} "
+            f"{'predict':>8s} {'torch':>8s} | {'kern/t':>6s} {'pred/t':>6s}")
+    lines = [f"MobileNetV2 img/s, {threads} threads (median of timed steps; higher is better)",
+             head, "-" * len(head)]
+
+    def f(v: Any, w: int, p: int = 1) -> str:
+        return f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"
+
+    for r in rows:
+        lines.append(f"x{r['scale']:<5} {r['image_size']:4d} {r['batch']:5d} {r['mode']:5s} | "
+                     f"{f(r.get('paddle_native'), 8)} {f(r.get('paddle_kernel'), 8)} "
+                     f"{f(r.get('paddle_predictor'), 8)} {f(r.get('torch'), 8)} | "
+                     f"{f(r.get('paddle_kernel_vs_torch'), 6, 2)} "
+                     f"{f(r.get('paddle_predictor_vs_torch'), 6, 2)}")
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m mbv2.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="~1 minute smoke run (small batches)")
+    ap.add_argument("--out", default="bench.json", help="JSON results file")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads for every framework (default: all CPUs)")
+    ap.add_argument("--scales", type=float, nargs="+", default=None,
+                    help="width multipliers (default 1.0 0.5; --quick: 1.0)")
+    ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    ap.add_argument("--torch-worker", metavar="CASE_JSON", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.torch_worker:  # internal: one case of PyTorch timings, JSON on stdout
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        result = torch_worker(Case(**json.loads(args.torch_worker)), args.threads)
+        print(json.dumps(result), flush=True)
+        return result
+
+    # Before Paddle/torch load their OpenMP/MKL runtimes, which read these once.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import mbv2  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before paddle loads MKL)
+    import paddle
+
+    paddle.set_device("cpu")
+    scales = args.scales or ([1.0] if args.quick else [1.0, 0.5])
+    with_torch = not args.no_torch and torch_available()
+    if not with_torch:
+        print("PyTorch not importable (or --no-torch): torch columns left empty", file=sys.stderr)
+
+    t0 = time.time()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="mbv2_bench_") as tmp:
+        for case in default_cases(args.quick, scales):
+            results += run_case(case, args.threads, Path(tmp), with_torch,
+                                lambda s: print(s, file=sys.stderr, flush=True))
+    rows = table(results)
+    text = format_table(rows, args.threads)
+    print(text)
+
+    versions = {"paddle": paddle.__version__, "python": platform.python_version()}
+    if with_torch:
+        import torch
+        versions["torch"] = torch.__version__
+    report = {
+        "threads": args.threads,
+        "cpu": _cpu_model(),
+        "env": {k: os.environ.get(k) for k in ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS")},
+        "versions": versions,
+        "quick": args.quick,
+        "wall_s": round(time.time() - t0, 1),
+        "table": rows,
+        "runs": [{**asdict(r.case), "mode": r.mode, "backend": r.backend,
+                  "img_s": r.img_s, "seconds": r.seconds, "load_before": r.load_before,
+                  "load_after": r.load_after, "error": r.error} for r in results],
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out} ({report['wall_s']} s)", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Custom CPU operators for mbv2 (JIT-built Paddle C++ extensions), see `depthwise`."""
