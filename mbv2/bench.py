@@ -265,6 +265,52 @@ def torch_available() -> bool:
     return True
 
 
+# ------------------------------------------------------------- end to end and data
+
+def default_run(workdir: Path) -> dict[str, Any]:
+    """`make run`'s experiment (python -m mbv2.run with its defaults), timed from the
+    shell's point of view: interpreter start, data, build, training, evaluation."""
+    import subprocess
+
+    run_dir = workdir / "default_run"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mbv2.run", "trainer.verbose=0",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-800:]}
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"wall_s": round(wall, 1), "best_eval_acc_top1": m["best_eval_acc_top1"],
+            "final_eval_acc_top1": m["final_eval_acc_top1"],
+            "train_images_per_sec": round(m["train_images_per_sec"], 1),
+            "epochs": m["epochs_completed"]}
+
+
+def loader_speed(workdir: Path, image_size: int = 32, workers: tuple[int, ...] = (0, 2)) -> dict[str, Any]:
+    """Data-loader img/s decoding JPEG files from disk (the digits written as 32 px
+    JPEGs in class folders), to hold against training img/s at the same size."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from mbv2.config import DataConfig
+    from mbv2.data import measure_loader
+
+    root = workdir / "digits_jpeg"
+    digits = load_digits()
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        split = "val" if i % 5 == 0 else "train"
+        d = root / split / str(label)
+        d.mkdir(parents=True, exist_ok=True)
+        big = Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((image_size, image_size))
+        big.convert("RGB").save(d / f"{i}.jpg", quality=90)
+    cfg = OmegaConf.structured(DataConfig(name="folder", root=str(root), image_size=image_size,
+                                          hflip=False))
+    return {f"workers_{w}": round(measure_loader(cfg, batch_size=64, num_workers=w, batches=20), 1)
+            for w in workers}
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run_case(case: Case, threads: int, workdir: Path, with_torch: bool,
@@ -397,7 +443,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import mbv2  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before paddle loads MKL)
     import paddle
 
+    from mbv2.runtime import set_cpu_threads
+
     paddle.set_device("cpu")
+    set_cpu_threads(args.threads)  # Paddle's math stays on one thread otherwise
     scales = args.scales or ([1.0] if args.quick else [1.0, 0.5])
     with_torch = not args.no_torch and torch_available()
     if not with_torch:
@@ -409,9 +458,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for case in default_cases(args.quick, scales):
             results += run_case(case, args.threads, Path(tmp), with_torch,
                                 lambda s: print(s, file=sys.stderr, flush=True))
+        extras: dict[str, Any] = {}
+        if not args.quick:
+            print("timing the default experiment (python -m mbv2.run) ...", file=sys.stderr)
+            extras["default_run"] = default_run(Path(tmp))
+            print("timing the data loader on JPEG files ...", file=sys.stderr)
+            extras["loader_32px_img_s"] = loader_speed(Path(tmp))
     rows = table(results)
     text = format_table(rows, args.threads)
     print(text)
+    if "default_run" in extras:
+        d = extras["default_run"]
+        print(f"default experiment (make run): {d.get('wall_s')} s wall, best top-1 "
+              f"{d.get('best_eval_acc_top1')}, training {d.get('train_images_per_sec')} img/s"
+              if "error" not in d else f"default experiment failed: {d['error']}")
+        loader = ", ".join(f"{k.replace('_', ' ')}: {v} img/s"
+                           for k, v in extras["loader_32px_img_s"].items())
+        print(f"data loader, 32 px JPEG files, batch 64: {loader} (training above: "
+              f"{d.get('train_images_per_sec')} img/s)")
 
     versions = {"paddle": paddle.__version__, "python": platform.python_version()}
     if with_torch:
@@ -425,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "wall_s": round(time.time() - t0, 1),
         "table": rows,
+        **extras,
         "runs": [{**asdict(r.case), "mode": r.mode, "backend": r.backend,
                   "img_s": r.img_s, "seconds": r.seconds, "load_before": r.load_before,
                   "load_after": r.load_after, "error": r.error} for r in results],

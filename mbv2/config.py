@@ -118,6 +118,9 @@ class TrainerConfig:
     log_freq: int = 10
     seed: int = 42
     device: str = "auto"
+    # CPU math threads of this process; None: the cores it may use, shared evenly with
+    # the other processes of a data-parallel launch on the node
+    cpu_threads: Optional[int] = None
     label_smoothing: float = 0.0
     # paddle.Model's progress output: 0 silent, 1 progress bar, 2 a line per log_freq steps
     verbose: int = 2
@@ -178,6 +181,7 @@ _RANGES = {
     "trainer.num_workers": (lambda v: v >= 0, ">= 0"),
     "trainer.eval_freq": (lambda v: v >= 1, ">= 1"),
     "trainer.log_freq": (lambda v: v >= 1, ">= 1"),
+    "trainer.cpu_threads": (lambda v: v is None or v >= 1, ">= 1 or null (all cores)"),
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "trainer.keep_top_k": (lambda v: v >= 0, ">= 0"),
     "trainer.ema_decay": (lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),

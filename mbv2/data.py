@@ -695,26 +695,27 @@ def measure_loader(data: DataBundle | DictConfig, batch_size: int = 64, num_work
     """Images per second a paddle DataLoader delivers (decode + transform + collate), the
     number to set beside training img/s: when it is lower, training waits for data.
     Worker start-up and the first batch are left out of the timing."""
-    from paddle.io import DataLoader
+    from paddle.io import DataLoader, Subset
 
     if isinstance(data, DictConfig):  # the `data` config, or a whole run config
         bundle = build_data(data.data if "data" in data else data)
     else:
         bundle = data
     dataset = bundle.train if split == "train" else bundle.val
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=num_workers, return_list=True)
-    if len(loader) < 1:
-        raise DataError(f"measure_loader: {len(dataset)} images do not fill one batch of {batch_size}")
+    # One whole pass over a subset of the right size: a loader abandoned mid-epoch leaves
+    # its workers prefetching files the caller may already be deleting.
+    wanted = (batches + 1) * batch_size
+    if len(dataset) < 2 * batch_size:
+        raise DataError(f"measure_loader: {len(dataset)} images do not fill two batches of {batch_size}")
+    indices = np.random.default_rng(0).permutation(len(dataset))[:wanted].tolist()
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        drop_last=True, num_workers=num_workers, return_list=True)
     images, started = 0, None
-    while started is None or images < batches * batch_size:
-        for x, _ in loader:
-            if started is None:
-                started = time.perf_counter()
-                continue
-            images += int(x.shape[0])
-            if images >= batches * batch_size:
-                break
+    for x, _ in loader:
+        if started is None:  # worker start-up and the first batch are not timed
+            started = time.perf_counter()
+            continue
+        images += int(x.shape[0])
     return images / (time.perf_counter() - started)
 
 

@@ -31,17 +31,9 @@ from paddle.callbacks import Callback
 import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
 from mbv2 import distributed
 from mbv2.config import LAUNCH_ARGS_ENV, check_config, flat_hparams, register_configs
+from mbv2.runtime import default_cpu_threads, select_device, set_cpu_threads
 
 log = logging.getLogger("mbv2.run")
-
-
-def select_device(requested: str) -> str:
-    import paddle
-
-    if requested == "auto":
-        has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-        return "gpu" if has_gpu else "cpu"
-    return requested
 
 
 def seed_everything(seed: int) -> None:
@@ -139,6 +131,9 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
         resumed = load_checkpoint(ckpt_path)
     device_name = select_device(str(t.device))
     device = paddle.set_device(device_name)
+    if device_name == "cpu":
+        local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", distributed.world_size()))
+        set_cpu_threads(t.cpu_threads or default_cpu_threads(local_procs))
     seed_everything(int(t.seed))
     primary, ranks = distributed.is_primary(), distributed.world_size()
     if primary:
