@@ -18,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+# absolute, so the config is found however mbv2.run starts: `python -m`, a file path given
+# to paddle.distributed.launch, or the installed `mbv2-run` script
+CONF_DIR = PROJECT_ROOT / "conf"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from paddle.callbacks import Callback
 
 import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
 from mbv2 import distributed
-from mbv2.config import LAUNCH_ARGS_ENV, check_config, flat_hparams, register_configs
+from mbv2.config import CONF_DIR, LAUNCH_ARGS_ENV, check_config, flat_hparams, register_configs
 from mbv2.runtime import default_cpu_threads, select_device, set_cpu_threads
 
 log = logging.getLogger("mbv2.run")
@@ -228,7 +228,7 @@ def _record_bad_images(tracker, data) -> None:
         log.warning(summary)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     # a multi-GPU sweep job on SLURM: each task becomes one data-parallel rank
     distributed.adopt_slurm_tasks()

@@ -123,6 +123,17 @@ def test_bad_value_fails_before_training_with_key(tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_installed_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "mbv2-run"
+    proc = subprocess.run([str(script), "--cfg", "job", "model.scale=0.75"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "scale: 0.75" in proc.stdout
+
+
 def test_cfg_job_prints_whole_config():
     proc = run_cli(["--cfg", "job"], cwd=ROOT)
     for section in ("model:", "data:", "optim:", "sched:", "trainer:"):
