@@ -40,6 +40,8 @@ class ConvBNLayer(nn.Layer):
         self._batch_norm = nn.BatchNorm2D(out_channels)
         self._depthwise = groups == in_channels == out_channels and groups > 1
         self._fast_depthwise = None  # set by MobileNetV2.set_fast_depthwise
+        # fn(y, batch_norm, act) for training-mode BN (+ ReLU6), or None; same setter.
+        self._fast_batch_norm = None
 
     def forward(self, x, if_act: bool = True):
         if self._fast_depthwise is not None and self._depthwise:
@@ -47,6 +49,8 @@ class ConvBNLayer(nn.Layer):
             y = self._fast_depthwise(x, conv.weight, conv._stride[0], conv._padding)
         else:
             y = self._conv(x)
+        if self._fast_batch_norm is not None and self.training:
+            return self._fast_batch_norm(y, self._batch_norm, if_act)
         y = self._batch_norm(y)
         return F.relu6(y) if if_act else y
 
@@ -161,9 +165,29 @@ class MobileNetV2(nn.Layer):
 
     def set_fast_depthwise(self, fn) -> None:
         """Route every depthwise conv through `fn(x, weight, stride, padding)`, or back to
-        Paddle's own op with None. Parameters and state-dict keys are untouched."""
+        Paddle's own op with None. Parameters and state-dict keys are untouched.
+
+        With a function, every ConvBNLayer also gets the fused training-mode batch norm +
+        ReLU6 op of `mbv2.ops.batch_norm` (when its library is available); None restores
+        Paddle's batch_norm and relu6 as well. Eval mode always uses Paddle's ops."""
         for layer in self.depthwise_layers():
             layer._fast_depthwise = fn
+        bn_fn = None
+        if fn is not None:
+            try:
+                from mbv2.ops.batch_norm import fused_batch_norm_fn
+            except ImportError:  # kernel package absent: Paddle's own ops
+                fused_batch_norm_fn = None
+            if fused_batch_norm_fn is not None:
+                bn_fn = fused_batch_norm_fn()
+        self.set_fast_batch_norm(bn_fn)
+
+    def set_fast_batch_norm(self, fn) -> None:
+        """Training-mode BN (+ ReLU6) of every ConvBNLayer through `fn(y, bn, act)`, or
+        Paddle's batch_norm and relu6 with None."""
+        for layer in self.sublayers():
+            if isinstance(layer, ConvBNLayer):
+                layer._fast_batch_norm = fn
 
 
 def count_parameters(net: nn.Layer, trainable_only: bool = True) -> int:
@@ -202,6 +226,8 @@ def count_macs(net: MobileNetV2, image_size: int) -> int:
     was_training = net.training
     net.eval()
     fast = [l._fast_depthwise for l in net.depthwise_layers()]
+    conv_bn = [m for m in net.sublayers() if isinstance(m, ConvBNLayer)]
+    fast_bn = [l._fast_batch_norm for l in conv_bn]
     net.set_fast_depthwise(None)  # hooks sit on nn.Conv2D, so use Paddle's path here
     try:
         with paddle.no_grad():
@@ -211,6 +237,8 @@ def count_macs(net: MobileNetV2, image_size: int) -> int:
             h.remove()
         for l, fn in zip(net.depthwise_layers(), fast):
             l._fast_depthwise = fn
+        for l, fn in zip(conv_bn, fast_bn):
+            l._fast_batch_norm = fn
         if was_training:
             net.train()
     return macs

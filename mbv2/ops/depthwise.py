@@ -16,7 +16,7 @@ sets OMP_NUM_THREADS=1 at import when it is unset, so by default everything, thi
 included, is single-threaded; export OMP_NUM_THREADS to use more cores.
 
 Cache: `$MBV2_OPS_CACHE`, else `$XDG_CACHE_HOME/mbv2/ops`, else `~/.cache/mbv2/ops`; one
-directory per hash of (source, compiler flags, compiler version, Paddle version and commit,
+directory per hash of (all sources, compiler flags, compiler version, Paddle version and commit,
 Python version, machine). A build runs in a private temp directory under an exclusive file
 lock and is renamed into place when complete, so concurrent processes (distributed ranks,
 sweep jobs) wait for one build instead of corrupting each other's, and a killed build
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 OP_NAME = "mbv2_depthwise_conv2d"
 SOURCE = Path(__file__).with_name("depthwise_conv.cc")
+# Further ops compiled into the same library (and so the same cache entry and lock):
+# the fused training-mode batch norm + ReLU6 of `mbv2.ops.batch_norm`.
+EXTRA_SOURCES = (Path(__file__).with_name("batch_norm_act.cc"),)
 CACHE_ENV = "MBV2_OPS_CACHE"
 # Only these shapes go to the op; they are what MobileNetV2 uses and what tests cover.
 SUPPORTED_KERNEL = 3
@@ -188,7 +191,7 @@ def _captured_output(log_file: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def _build(entry: Path, source: Path, flags: list[str], ldflags: list[str]) -> None:
+def _build(entry: Path, sources: Sequence[Path], flags: list[str], ldflags: list[str]) -> None:
     """Compile into a temp dir next to `entry`, then rename it to `entry` (atomic)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "No ccache found" on import
@@ -198,7 +201,7 @@ def _build(entry: Path, source: Path, flags: list[str], ldflags: list[str]) -> N
         log_file = tmp / "build.log"
         try:
             with _captured_output(log_file):
-                cpp_load(name=OP_NAME, sources=[str(source)], extra_cxx_cflags=list(flags),
+                cpp_load(name=OP_NAME, sources=[str(s) for s in sources], extra_cxx_cflags=list(flags),
                          extra_ldflags=list(ldflags), build_directory=str(tmp), verbose=False)
         except Exception as e:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-15:]
@@ -255,12 +258,15 @@ def _load_uncached(src: Path, root: Path) -> DepthwiseKernel | None:
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set CXX or install g++)")
         flags, ldflags = compile_flags(), link_flags()
-        entry = root / _cache_key(src.read_bytes(), flags + ldflags, compiler)
+        sources = [src, *EXTRA_SOURCES]
+        # Every source's name and bytes are in the key: editing any op rebuilds.
+        blob = b"\x1e".join(s.name.encode() + b"\0" + s.read_bytes() for s in sources)
+        entry = root / _cache_key(blob, flags + ldflags, compiler)
         root.mkdir(parents=True, exist_ok=True)
         built = False
         with _file_lock(root / (entry.name + ".lock")):
             if not _so_path(entry).is_file():
-                _build(entry, src, flags, ldflags)  # registers the op in this process as well
+                _build(entry, sources, flags, ldflags)  # registers the op in this process as well
                 built = True
         if not built:
             _register(_so_path(entry))

@@ -1,0 +1,141 @@
+"""The fused training-mode batch norm + ReLU6 op against Paddle's batch_norm and relu6:
+output, dx, dgamma, dbeta and the running statistics, over odd and tiny shapes, and the
+model switch that turns it on with the depthwise op."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mbv2  # noqa: F401  (environment for Paddle's MKL)
+import paddle
+import paddle.nn.functional as F
+
+from mbv2.model import ConvBNLayer, MobileNetV2
+from mbv2.ops import batch_norm as fbn
+from mbv2.ops import depthwise as dw
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def kernel() -> dw.DepthwiseKernel:
+    if dw._compiler() is None:
+        pytest.skip("no C++ compiler: the op cannot be built here")
+    k = dw.load_kernel()
+    assert k is not None, "the op library failed to build although a compiler is present"
+    return k
+
+
+def _bn(c: int, rng) -> paddle.nn.BatchNorm2D:
+    bn = paddle.nn.BatchNorm2D(c)
+    bn.weight.set_value(rng.uniform(0.5, 2.0, c).astype("float32"))
+    bn.bias.set_value(rng.uniform(-1.0, 3.0, c).astype("float32"))
+    bn._mean.set_value(rng.standard_normal(c).astype("float32"))
+    bn._variance.set_value(rng.uniform(0.5, 2.0, c).astype("float32"))
+    bn.train()
+    return bn
+
+
+def run_both(shape, act, seed=0):
+    """[y, dx, dgamma, dbeta, running mean, running var] of the op and of Paddle."""
+    n, c, h, w = shape
+    results = []
+    for fused in (True, False):
+        rng = np.random.default_rng(seed)
+        xn = (rng.standard_normal(shape) * 2 + 1).astype("float32")
+        up = rng.standard_normal(shape).astype("float32")
+        bn = _bn(c, rng)
+        x = paddle.to_tensor(xn, stop_gradient=False)
+        if fused:
+            y = fbn.batch_norm_act(x, bn, act)
+        else:
+            y = F.relu6(bn(x)) if act else bn(x)
+        (y * paddle.to_tensor(up)).sum().backward()
+        results.append([y.numpy(), x.grad.numpy(), bn.weight.grad.numpy(), bn.bias.grad.numpy(),
+                        bn._mean.numpy(), bn._variance.numpy()])
+    return results
+
+
+SHAPES = [  # (n, c, h, w): HW=1, batch 1 with HW>1, one channel, > 64 channels, odd sizes
+    (8, 70, 1, 1), (4, 6, 2, 2), (1, 5, 7, 9), (3, 1, 4, 4), (2, 130, 3, 5), (5, 3, 11, 13),
+    (2, 9, 16, 16),
+]
+
+
+@pytest.mark.parametrize("act", [True, False], ids=["relu6", "linear"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_paddle_batch_norm(kernel, shape, act):
+    got, ref = run_both(shape, act)
+    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "running_mean", "running_var"), got, ref):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
+
+
+def test_running_stats_use_biased_variance(kernel):
+    """Paddle's CPU kernel: running = 0.9 * running + 0.1 * batch, with the biased
+    variance; check against numpy too, so that both cannot drift together."""
+    rng = np.random.default_rng(3)
+    xn = rng.standard_normal((4, 3, 3, 3)).astype("float32") * 3
+    bn = _bn(3, rng)
+    m0, v0 = bn._mean.numpy().copy(), bn._variance.numpy().copy()
+    fbn.batch_norm_act(paddle.to_tensor(xn), bn, True)
+    np.testing.assert_allclose(bn._mean.numpy(), 0.9 * m0 + 0.1 * xn.mean((0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 * v0 + 0.1 * xn.var((0, 2, 3)), rtol=1e-5)
+
+
+def test_falls_back_outside_training(kernel, monkeypatch):
+    def boom(*a, **kw):
+        raise AssertionError("the custom op must not be used here")
+
+    monkeypatch.setattr(paddle._C_ops, "_run_custom_op", boom)
+    rng = np.random.default_rng(0)
+    bn = _bn(4, rng)
+    x = paddle.to_tensor(rng.standard_normal((2, 4, 3, 3)).astype("float32"))
+    bn.eval()
+    np.testing.assert_allclose(fbn.batch_norm_act(x, bn, True).numpy(), F.relu6(bn(x)).numpy())
+    bn.train()  # one value per channel: Paddle's own op decides what that means
+    x1 = paddle.to_tensor(rng.standard_normal((1, 4, 1, 1)).astype("float32"))
+    assert fbn.batch_norm_act(x1, bn, True).shape == [1, 4, 1, 1]
+
+
+def test_no_grad(kernel):
+    rng = np.random.default_rng(1)
+    bn = _bn(5, rng)
+    x = paddle.to_tensor(rng.standard_normal((3, 5, 4, 4)).astype("float32"))
+    with paddle.no_grad():
+        y = fbn.batch_norm_act(x, bn, True)
+    assert y.stop_gradient
+
+
+def test_model_switch(kernel):
+    """set_fast_depthwise(fn) turns the fused BN on for every ConvBNLayer, None turns it
+    off; eval mode and state-dict keys are unaffected."""
+    net = MobileNetV2(class_num=10, scale=0.25)
+    layers = [m for m in net.sublayers() if isinstance(m, ConvBNLayer)]
+    keys = list(net.state_dict())
+    net.set_fast_depthwise(dw.depthwise_conv2d)
+    assert all(l._fast_batch_norm is fbn.batch_norm_act for l in layers)
+    assert list(net.state_dict()) == keys
+    net.set_fast_depthwise(None)
+    assert all(l._fast_batch_norm is None for l in layers)
+
+
+def test_train_step_running_stats_match_native(kernel):
+    """One train-mode forward of the whole model: every running mean/var as Paddle's."""
+    paddle.seed(7)
+    fast = MobileNetV2(class_num=10, scale=0.25)
+    native = MobileNetV2(class_num=10, scale=0.25)
+    native.set_state_dict(fast.state_dict())
+    fast.set_fast_depthwise(dw.depthwise_conv2d)
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype("float32"))
+    for net in (fast, native):
+        net.train()
+        net(x)
+    sf, sn = fast.state_dict(), native.state_dict()
+    for k in sn:
+        if k.endswith("._mean") or k.endswith("._variance"):
+            # (means behind a linear BN are ~1e-9 on both sides: atol)
+            np.testing.assert_allclose(sf[k].numpy(), sn[k].numpy(), rtol=1e-4, atol=1e-6,
+                                       err_msg=k)
