@@ -39,7 +39,9 @@ class ConvBNLayer(nn.Layer):
                                padding=padding, groups=groups, bias_attr=False)
         self._batch_norm = nn.BatchNorm2D(out_channels)
         self._depthwise = groups == in_channels == out_channels and groups > 1
+        self._pointwise = kernel_size == 1 and stride == 1 and groups == 1
         self._fast_depthwise = None  # set by MobileNetV2.set_fast_depthwise
+        self._fast_pointwise = None  # fn(x, weight) for 1x1 convs; same setter
         # fn(y, batch_norm, act) for training-mode BN (+ ReLU6), or None; same setter.
         self._fast_batch_norm = None
 
@@ -47,6 +49,8 @@ class ConvBNLayer(nn.Layer):
         if self._fast_depthwise is not None and self._depthwise:
             conv = self._conv
             y = self._fast_depthwise(x, conv.weight, conv._stride[0], conv._padding)
+        elif self._fast_pointwise is not None and self._pointwise:
+            y = self._fast_pointwise(x, self._conv.weight)
         else:
             y = self._conv(x)
         if self._fast_batch_norm is not None and self.training:
@@ -167,11 +171,18 @@ class MobileNetV2(nn.Layer):
         """Route every depthwise conv through `fn(x, weight, stride, padding)`, or back to
         Paddle's own op with None. Parameters and state-dict keys are untouched.
 
-        With a function, every ConvBNLayer also gets the fused training-mode batch norm +
-        ReLU6 op of `mbv2.ops.batch_norm` (when its library is available); None restores
-        Paddle's batch_norm and relu6 as well. Eval mode always uses Paddle's ops."""
+        With a function, the 1x1 convs on small maps also become one matrix product
+        (`mbv2.ops.pointwise`) and every ConvBNLayer gets the fused training-mode batch
+        norm + ReLU6 op of `mbv2.ops.batch_norm` (when its library is available); None
+        restores Paddle's conv2d, batch_norm and relu6. Eval mode keeps Paddle's batch norm."""
         for layer in self.depthwise_layers():
             layer._fast_depthwise = fn
+        pointwise = None
+        if fn is not None:
+            from mbv2.ops.pointwise import pointwise_conv2d as pointwise
+        for layer in self.sublayers():
+            if isinstance(layer, ConvBNLayer) and layer._pointwise:
+                layer._fast_pointwise = pointwise
         bn_fn = None
         if fn is not None:
             try:
@@ -225,9 +236,8 @@ def count_macs(net: MobileNetV2, image_size: int) -> int:
             hooks.append(m.register_forward_post_hook(linear_hook))
     was_training = net.training
     net.eval()
-    fast = [l._fast_depthwise for l in net.depthwise_layers()]
     conv_bn = [m for m in net.sublayers() if isinstance(m, ConvBNLayer)]
-    fast_bn = [l._fast_batch_norm for l in conv_bn]
+    saved = [(l._fast_depthwise, l._fast_pointwise, l._fast_batch_norm) for l in conv_bn]
     net.set_fast_depthwise(None)  # hooks sit on nn.Conv2D, so use Paddle's path here
     try:
         with paddle.no_grad():
@@ -235,10 +245,8 @@ def count_macs(net: MobileNetV2, image_size: int) -> int:
     finally:
         for h in hooks:
             h.remove()
-        for l, fn in zip(net.depthwise_layers(), fast):
-            l._fast_depthwise = fn
-        for l, fn in zip(conv_bn, fast_bn):
-            l._fast_batch_norm = fn
+        for l, (dw, pw, bn) in zip(conv_bn, saved):
+            l._fast_depthwise, l._fast_pointwise, l._fast_batch_norm = dw, pw, bn
         if was_training:
             net.train()
     return macs
