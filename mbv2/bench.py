@@ -423,7 +423,7 @@ def _cpu_model() -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m mbv2.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run (small batches)")
-    ap.add_argument("--out", default="bench.json", help="JSON results file")
+    ap.add_argument("--out", default="outputs/bench.json", help="JSON results file")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads for every framework (default: all CPUs)")
     ap.add_argument("--scales", type=float, nargs="+", default=None,
@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "img_s": r.img_s, "seconds": r.seconds, "load_before": r.load_before,
                   "load_after": r.load_after, "error": r.error} for r in results],
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out} ({report['wall_s']} s)", file=sys.stderr)
     return report
