@@ -5,10 +5,11 @@ op vs an exported Paddle Inference predictor vs PyTorch eager (same architecture
 
 Training img/s = forward + cross-entropy + backward + Momentum step (batch / step time);
 inference img/s = eval-mode forward without gradients. Warm-up steps are excluded, each
-number is the median of several timed steps, interleaved round-robin across backends.
-All frameworks use the same thread count (--threads sets OMP_NUM_THREADS/MKL_NUM_THREADS
-and torch.set_num_threads; note that Paddle alone would default to 1 thread, since it sets
-OMP_NUM_THREADS=1 at import when unset). Classes: 10 at 32 px, 1000 at 224 px.
+number is the median of several timed steps; Paddle backends take turns in two rounds,
+each timed in steady state (one untimed step after every switch).
+All frameworks use the same thread count (--threads sets OMP_NUM_THREADS/MKL_NUM_THREADS,
+Paddle's math threads through mbv2.runtime.set_cpu_threads - Paddle alone stays on one - and
+torch.set_num_threads). Classes: 10 at 32 px, 1000 at 224 px.
 The predictor (`paddle.jit.save` + `paddle.inference` with oneDNN) is inference only and
 uses Paddle's own depthwise conv, since a custom op is not part of the exported program.
 The machine may be shared: the 1-minute load average before and after each case goes into
@@ -315,9 +316,9 @@ def loader_speed(workdir: Path, image_size: int = 32, workers: tuple[int, ...] =
 
 def run_case(case: Case, threads: int, workdir: Path, with_torch: bool,
              log: Callable[[str], None]) -> list[Result]:
-    """Time every backend on `case`. Paddle's timed steps are interleaved round-robin, so
-    a burst of load from another process hits all of them alike instead of skewing one
-    column; PyTorch follows in a separate process (see `torch_in_subprocess`)."""
+    """Time every backend on `case`. Paddle's backends take turns (two rounds), so a burst
+    of load from another process is spread over all of them instead of skewing one column;
+    PyTorch follows in a separate process (see `torch_in_subprocess`)."""
     makers: list[tuple[str, Callable[[], tuple[Callable[[], Any] | None, Callable[[], Any]]]]] = [
         ("paddle_native", lambda: paddle_fns(case, False)),
         ("paddle_kernel", lambda: paddle_fns(case, True)),
@@ -346,18 +347,26 @@ def run_case(case: Case, threads: int, workdir: Path, with_torch: bool,
                 r.error = f"{type(e).__name__}: {e}"
                 continue
             runnable.append((r, fn, case.reps if mode == "train" else 2 * case.reps))
-    for rep in range(max((n for _, _, n in runnable), default=0)):
+    # Two rounds, each backend in turn: one untimed step after the switch (the previous
+    # backend's tensors leave the allocator and caches cold, and its idle OpenMP workers
+    # spin for Intel's 200 ms block time), then half its timed steps back to back. Timing
+    # single steps right after a switch measured x1.0 32 px training at 157 ms a step where
+    # a steady run of the same network takes 84 ms; PyTorch, in its own process, is timed
+    # in steady state too.
+    rounds = 2
+    for rnd in range(rounds):
         for r, fn, n in runnable:
-            if rep >= n or r.error:
+            if r.error:
                 continue
+            todo = n // rounds + (1 if rnd < n % rounds else 0)
             if threads > 1:
-                # Idle OpenMP workers of the previous backend spin for a while (Intel's
-                # runtime: 200 ms) and would steal a core from this one's first ops.
                 time.sleep(0.25)
             try:
-                t = time.perf_counter()
                 fn()
-                r.seconds.append(time.perf_counter() - t)
+                for _ in range(todo):
+                    t = time.perf_counter()
+                    fn()
+                    r.seconds.append(time.perf_counter() - t)
             except Exception as e:
                 r.error, r.seconds = f"{type(e).__name__}: {e}", []
     if with_torch:
