@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import paddle
+from paddle.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,47 @@ class Checkpointer:
 
 
 # -- trained networks for eval / predict / export ------------------------------------------
+class EpochEnd(Callback):
+    """After each training epoch: evaluate (every eval_freq epochs and after the last),
+    the EMA weights too, then checkpoint. Evaluating here rather than through fit's
+    eval_data keeps eval_freq counted in the run's epochs on resume (fit counts from 0 on
+    every call) and puts the epoch's eval result into its checkpoint."""
+
+    def __init__(self, tracker, checkpointer, val_data, ema, cfg):
+        super().__init__()
+        self.tracker, self.checkpointer, self.val_data, self.ema = tracker, checkpointer, val_data, ema
+        self.t = cfg
+
+    def on_train_batch_end(self, step, logs=None):
+        if self.ema is not None:  # after the optimizer step of this batch
+            self.ema.update()
+
+    def _evaluate(self) -> dict:
+        t = self.t
+        return self.model.evaluate(self.val_data, batch_size=int(t.batch_size), verbose=int(t.verbose),
+                                   num_workers=int(t.num_workers), callbacks=[self.tracker])
+
+    def on_epoch_end(self, epoch, logs=None):
+        epoch = self.tracker.epoch + 1  # 1-based, counted over the whole run
+        metric = None
+        if (epoch - 1) % int(self.t.eval_freq) == 0 or epoch == int(self.t.epochs):
+            metric = float(self._evaluate()["acc_top1"])
+            if self.ema is not None:
+                self.tracker.eval_tag = "eval_ema"
+                try:
+                    with self.ema.applied():
+                        self._evaluate()
+                finally:
+                    self.tracker.eval_tag = "eval"
+        self.tracker.flush()  # the records up to here belong to this checkpoint
+        extra = {"ema": self.ema.state_dict() if self.ema is not None else None,
+                 "rng": capture_rng(), "tracker": self.tracker.state_dict()}
+        path = self.checkpointer.save(self.model, epoch, self.tracker.global_step, metric, extra)
+        self.tracker.metrics["last_checkpoint"] = {
+            "epoch": epoch, "global_step": self.tracker.global_step, "path": str(path)}
+        self.tracker.save()
+
+
 def load_run_config(run_dir: Path):
     """The resolved config a run saved (`config_resolved.yaml`, else `.hydra/config.yaml`)."""
     from omegaconf import OmegaConf

@@ -31,7 +31,8 @@ class EvalArgs:
     # evaluate the EMA weights (runs with trainer.ema_decay) instead of the model's
     ema: bool = False
     batch_size: int = 64
-    device: str = "cpu"
+    # auto: the GPU when Paddle has one, else the CPU
+    device: str = "auto"
     # default: <run dir>/eval
     out: Optional[str] = None
     # replaces keys of the run's data config, e.g. data.root=/other/data
@@ -117,8 +118,11 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
 
     if args.split not in ("val", "train"):
         raise SystemExit(f"split={args.split!r}: use val or train")
-    paddle.set_device(args.device)
-    net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device=args.device)
+    from mbv2.runtime import select_device
+
+    device = select_device(args.device)
+    paddle.set_device(device)
+    net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device=device)
     data_cfg = cfg.data
     OmegaConf.set_struct(data_cfg, True)  # a misspelt data.* key fails, naming it
     try:

@@ -26,7 +26,6 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from paddle.callbacks import Callback
 
 import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
 from mbv2 import distributed
@@ -70,54 +69,12 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, place, start_
                       return_list=True)
 
 
-class EpochEnd(Callback):
-    """After each training epoch: evaluate (every eval_freq epochs and after the last),
-    the EMA weights too, then checkpoint. Evaluating here rather than through fit's
-    eval_data keeps eval_freq counted in the run's epochs on resume (fit counts from 0 on
-    every call) and puts the epoch's eval result into its checkpoint."""
-
-    def __init__(self, tracker, checkpointer, val_data, ema, cfg: DictConfig):
-        super().__init__()
-        self.tracker, self.checkpointer, self.val_data, self.ema = tracker, checkpointer, val_data, ema
-        self.t = cfg
-
-    def on_train_batch_end(self, step, logs=None):
-        if self.ema is not None:  # after the optimizer step of this batch
-            self.ema.update()
-
-    def _evaluate(self) -> dict:
-        t = self.t
-        return self.model.evaluate(self.val_data, batch_size=int(t.batch_size), verbose=int(t.verbose),
-                                   num_workers=int(t.num_workers), callbacks=[self.tracker])
-
-    def on_epoch_end(self, epoch, logs=None):
-        from mbv2.checkpoint import capture_rng
-
-        epoch = self.tracker.epoch + 1  # 1-based, counted over the whole run
-        metric = None
-        if (epoch - 1) % int(self.t.eval_freq) == 0 or epoch == int(self.t.epochs):
-            metric = float(self._evaluate()["acc_top1"])
-            if self.ema is not None:
-                self.tracker.eval_tag = "eval_ema"
-                try:
-                    with self.ema.applied():
-                        self._evaluate()
-                finally:
-                    self.tracker.eval_tag = "eval"
-        self.tracker.flush()  # the records up to here belong to this checkpoint
-        extra = {"ema": self.ema.state_dict() if self.ema is not None else None,
-                 "rng": capture_rng(), "tracker": self.tracker.state_dict()}
-        path = self.checkpointer.save(self.model, epoch, self.tracker.global_step, metric, extra)
-        self.tracker.metrics["last_checkpoint"] = {
-            "epoch": epoch, "global_step": self.tracker.global_step, "path": str(path)}
-        self.tracker.save()
-
-
 def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     """Build data, model, optimizer and schedule from `cfg`; fit; return best top-1."""
     import paddle
 
-    from mbv2.checkpoint import Checkpointer, ModelEma, load_checkpoint, resolve_checkpoint, restore_rng
+    from mbv2.checkpoint import (Checkpointer, EpochEnd, ModelEma, load_checkpoint,
+                                 resolve_checkpoint, restore_rng)
     from mbv2.data import BAD_IMAGES_FILE, build_data, write_class_names
     from mbv2.model import build_model, count_macs, count_parameters
     from mbv2.optim import build_optimizer, build_schedule, effective_lr

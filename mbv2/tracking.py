@@ -205,7 +205,8 @@ class RunTracker(Callback):
         self.metrics["final_train_loss"] = self._last_train.get("loss")
         self.history.append({"epoch": epoch + 1, "train_loss": self._last_train.get("loss"),
                              "train_acc_top1": self._last_train.get("acc_top1"),
-                             "train_seconds": round(seconds, 3)})
+                             "train_seconds": round(seconds, 3),
+                             "train_images_per_sec": round(self._epoch_images / max(seconds, 1e-9), 1)})
 
     def on_eval_begin(self, logs=None):
         self._eval_loss_sum, self._eval_count = 0.0, 0
@@ -260,9 +261,7 @@ class RunTracker(Callback):
                  h.get("train_acc_top1") or float("nan"), h.get("eval_loss", float("nan")),
                  h.get("eval_acc_top1", float("nan")), h.get("eval_acc_top5", float("nan")),
                  self.metrics["best_eval_acc_top1"], self.metrics["best_epoch"],
-                 h.get("train_seconds", float("nan")),
-                 self._epoch_seconds[-1][0] / max(1e-9, self._epoch_seconds[-1][1]) if self._epoch_seconds else 0.0,
-                 lr)
+                 h.get("train_seconds", float("nan")), h.get("train_images_per_sec", 0.0), lr)
 
     # -- results ---------------------------------------------------------------------
     def train_images_per_sec(self) -> float:
