@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
 from mbv2 import distributed
 from mbv2.config import CONF_DIR, LAUNCH_ARGS_ENV, check_config, flat_hparams, register_configs
-from mbv2.runtime import default_cpu_threads, select_device, set_cpu_threads
+from mbv2.runtime import default_cpu_threads, describe_malloc, select_device, set_cpu_threads
 
 log = logging.getLogger("mbv2.run")
 
@@ -91,6 +91,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     if device_name == "cpu":
         local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", distributed.world_size()))
         set_cpu_threads(t.cpu_threads or default_cpu_threads(local_procs))
+        log.info("CPU allocator: %s", describe_malloc())
     seed_everything(int(t.seed))
     primary, ranks = distributed.is_primary(), distributed.world_size()
     if primary:

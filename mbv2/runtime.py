@@ -1,4 +1,4 @@
-"""Where and with how many CPU threads Paddle computes.
+"""Where and with how many CPU threads Paddle computes, and how the process keeps memory.
 
 Paddle's dygraph runs its CPU math (MKL GEMMs behind the 1x1 convs, OpenMP loops, the
 depthwise custom op, which shares Paddle's OpenMP runtime) on one thread unless told
@@ -7,10 +7,66 @@ forward + backward took 39 ms on one thread and 26 ms on two.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import platform
 
 log = logging.getLogger(__name__)
+
+MALLOC_ENV = "MBV2_MALLOC"
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+# What configure_malloc() did in this process: "kept-heap", "system" (opted out),
+# "unsupported" (not glibc) or "failed"; None before it ran.
+malloc_mode: str | None = None
+
+
+def configure_malloc() -> str:
+    """Keep freed CPU memory in the process heap instead of handing it back to the OS.
+
+    Paddle (and PyTorch) allocate every CPU tensor with malloc and free it when the
+    autograd graph lets go of it. glibc serves blocks over its mmap threshold (128 KiB to
+    32 MiB) with a fresh mmap and unmaps them on free, so the activations of each training
+    step are page-faulted in again, page by page, on every step. Measured on this 2-core
+    machine (page faults cost ~10 us each here): x1.0 at 224 px, batch 32, 1,020-1,120 ms a
+    step with 190k-290k faults, 630 ms and no faults with the heap kept; at 32 px, batch
+    128, system time per step went from 11 ms to 1 ms.
+
+    This turns off mmap for allocations (M_MMAP_MAX=0), never trims the heap top
+    (M_TRIM_THRESHOLD), and grows the heap 64 MiB at a time (M_TOP_PAD). The cost: the
+    process keeps its peak memory until it exits, as a caching allocator does.
+    `MBV2_MALLOC=system` in the environment leaves glibc's defaults alone. Idempotent;
+    a no-op (and "unsupported") off glibc."""
+    global malloc_mode
+    if malloc_mode is not None:
+        return malloc_mode
+    if os.environ.get(MALLOC_ENV, "").strip().lower() in ("system", "0", "off", "default"):
+        malloc_mode = "system"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        malloc_mode = "unsupported"
+    else:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            # -1 as a size_t: never trim. mallopt returns 1 on success.
+            ok = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+                  and mallopt(_M_TOP_PAD, 64 << 20) == 1)
+            malloc_mode = "kept-heap" if ok else "failed"
+        except (OSError, AttributeError):
+            malloc_mode = "failed"
+    return malloc_mode
+
+
+def describe_malloc() -> str:
+    """One line for the run log: what configure_malloc() did."""
+    return {
+        "kept-heap": "glibc heap kept between steps (no mmap, no trim; MBV2_MALLOC=system "
+                     "to turn off)",
+        "system": "glibc defaults (MBV2_MALLOC=system)",
+        "unsupported": "system default (not glibc)",
+        "failed": "system default (mallopt refused the settings)",
+    }.get(str(configure_malloc()), "system default")
 
 
 def select_device(requested: str) -> str:

@@ -1,0 +1,80 @@
+"""The process-level CPU settings of mbv2.runtime: the kept glibc heap and thread counts."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# Allocate, touch and free a 64 MiB Paddle tensor twice; report the minor page faults of
+# each round. With glibc's defaults the block is a fresh mmap every time (the second round
+# faults as much as the first); with mbv2's kept heap the second round reuses the pages.
+PROBE = r"""
+import json, resource, sys
+import mbv2, paddle
+from mbv2 import runtime
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def round_():
+    t = paddle.ones([16 * 1024 * 1024], dtype="float32")
+    float(t.sum())
+    del t
+
+round_()  # first touch of the heap, Paddle's own start-up allocations
+rounds = []
+for _ in range(2):
+    f0 = faults()
+    round_()
+    rounds.append(faults() - f0)
+print(json.dumps({"mode": runtime.malloc_mode, "faults": rounds,
+                  "describe": runtime.describe_malloc()}))
+"""
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="the kept heap is a glibc mallopt setting")
+
+
+def _probe(env_extra: dict[str, str]) -> dict:
+    env = dict(os.environ)
+    env.pop("MBV2_MALLOC", None)
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_kept_heap_reuses_pages_and_system_opt_out_does_not():
+    kept = _probe({})
+    system = _probe({"MBV2_MALLOC": "system"})
+    assert kept["mode"] == "kept-heap"
+    assert system["mode"] == "system"
+    assert "MBV2_MALLOC=system" in kept["describe"]
+    # 64 MiB is 16,384 small pages (or 32 huge ones): with glibc's defaults each round
+    # faults the block in again; the kept heap faults (nearly) nothing after the first.
+    assert min(system["faults"]) >= 30, system
+    assert max(kept["faults"]) < min(system["faults"]) / 4, (kept, system)
+
+
+def test_configure_malloc_is_idempotent():
+    from mbv2 import runtime
+
+    first = runtime.configure_malloc()
+    assert runtime.configure_malloc() == first
+    assert first in ("kept-heap", "system", "unsupported", "failed")
+
+
+def test_default_cpu_threads_shares_cores_between_processes():
+    from mbv2.runtime import default_cpu_threads
+
+    cores = default_cpu_threads(1)
+    assert cores >= 1
+    assert default_cpu_threads(cores * 4) == 1
+    assert default_cpu_threads(2) == max(1, cores // 2)
