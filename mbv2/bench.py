@@ -4,9 +4,12 @@ op vs an exported Paddle Inference predictor vs PyTorch eager (same architecture
     python -m mbv2.bench [--quick] [--out bench.json] [--threads N] [--scales 1.0 0.5]
 
 Training img/s = forward + cross-entropy + backward + Momentum step (batch / step time);
-inference img/s = eval-mode forward without gradients. Warm-up steps are excluded, each
-number is the median of several timed steps; Paddle backends take turns in two rounds,
-each timed in steady state (one untimed step after every switch).
+inference img/s = eval-mode forward without gradients. Every backend runs in a fresh
+process of its own; warm-up steps (3: the heap and caches fill) are excluded, each number
+is the median of several timed steps back to back.
+PyTorch is timed twice: as installed ("torch", glibc's default allocator) and with the
+allocator setting every mbv2 process uses ("torch_kept_heap", mbv2.runtime.configure_malloc),
+so both the user-facing and the like-for-like ratio are in the table.
 All frameworks use the same thread count (--threads sets OMP_NUM_THREADS/MKL_NUM_THREADS,
 Paddle's math threads through mbv2.runtime.set_cpu_threads - Paddle alone stays on one - and
 torch.set_num_threads). Classes: 10 at 32 px, 1000 at 224 px.
@@ -45,9 +48,9 @@ def default_cases(quick: bool, scales: list[float]) -> list[Case]:
     if quick:  # smoke: every code path once or twice, ~1 minute
         return [Case(s, 32, 32, 10, 1, 2) for s in scales] + \
                [Case(s, 224, 4, 1000, 1, 2) for s in scales]
-    # 224 px x1.0 native training is ~7 s a step here: few reps keep the run < 10 min.
-    return [Case(s, 32, 128, 10, 2, 5) for s in scales] + \
-           [Case(s, 224, 32, 1000, 1, 3) for s in scales]
+    # 224 px x1.0 native training is ~3 s a step here: few reps keep the run < 10 min.
+    return [Case(s, 32, 128, 10, 3, 8) for s in scales] + \
+           [Case(s, 224, 32, 1000, 3, 4) for s in scales]
 
 
 @dataclass
@@ -225,36 +228,69 @@ def torch_fns(case: Case, threads: int) -> tuple[Callable[[], Any], Callable[[],
     return train, infer
 
 
-def torch_worker(case: Case, threads: int) -> dict[str, Any]:
-    """Time PyTorch on `case` in this (separate) process: {'train': [s...], 'infer': [s...]}."""
-    train, infer = torch_fns(case, threads)
-    out: dict[str, Any] = {}
-    for mode, fn, reps in (("train", train, case.reps), ("infer", infer, 2 * case.reps)):
-        for _ in range(case.warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[mode] = times
+# Backends, each timed in a process of its own. "torch" is PyTorch as installed (glibc's
+# default allocator); "torch_kept_heap" is PyTorch given the allocator setting every mbv2
+# process runs with (mbv2.runtime.configure_malloc), for a like-for-like ratio.
+PADDLE_BACKENDS = ("paddle_native", "paddle_kernel", "paddle_predictor")
+TORCH_BACKENDS = ("torch", "torch_kept_heap")
+
+
+def backend_worker(backend: str, case: Case, threads: int) -> dict[str, list[float]]:
+    """Time one backend on one case in this process: {'train': [s...], 'infer': [s...]}.
+    Each mode runs `case.warmup` untimed steps first (the heap and caches fill), then its
+    timed steps back to back."""
+    fns: dict[str, Callable[[], Any]]
+    with tempfile.TemporaryDirectory(prefix="mbv2_bench_") as tmp:
+        if backend in ("paddle_native", "paddle_kernel", "paddle_predictor"):
+            import paddle
+
+            from mbv2.runtime import set_cpu_threads
+
+            paddle.set_device("cpu")
+            set_cpu_threads(threads)  # Paddle's math stays on one thread otherwise
+        if backend in ("paddle_native", "paddle_kernel"):
+            train, infer = paddle_fns(case, backend == "paddle_kernel")
+            fns = {"train": train, "infer": infer}
+        elif backend == "paddle_predictor":
+            fns = {"infer": predictor_fn(case, threads, Path(tmp))}
+        elif backend in TORCH_BACKENDS:
+            train, infer = torch_fns(case, threads)
+            fns = {"train": train, "infer": infer}
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        out: dict[str, list[float]] = {}
+        for mode, fn in fns.items():
+            reps = case.reps if mode == "train" else 2 * case.reps
+            for _ in range(case.warmup):
+                fn()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            out[mode] = times
     return out
 
 
-def torch_in_subprocess(case: Case, threads: int) -> dict[str, Any]:
-    """PyTorch runs in its own process: with Paddle's Intel OpenMP pool active in the same
-    process, torch's GNU OpenMP threads fought it for the cores (measured: torch 8x slower
-    at 2 threads), which would make the comparison meaningless."""
+def in_subprocess(backend: str, case: Case, threads: int) -> dict[str, list[float]]:
+    """`backend_worker` in a fresh interpreter. Separate processes keep the backends from
+    disturbing each other: measured here, building the oneDNN predictor in the same process
+    slowed the kernel's training steps from ~90 to ~125 ms, and torch's GNU OpenMP threads
+    next to Paddle's Intel OpenMP pool made torch 8x slower at 2 threads."""
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("MBV2_MALLOC", None)
+    if backend == "torch":  # PyTorch as a user runs it: glibc's default allocator
+        env["MBV2_MALLOC"] = "system"
     proc = subprocess.run(
         [sys.executable, "-m", "mbv2.bench", "--threads", str(threads),
-         "--torch-worker", json.dumps(asdict(case))],
+         "--worker", backend, json.dumps(asdict(case))],
         capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"torch worker exited {proc.returncode}: {proc.stderr[-800:]}")
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"{backend} worker exited {proc.returncode}: {tail[0][-400:]}")
     return json.loads(lines[-1])
 
 
@@ -314,74 +350,27 @@ def loader_speed(workdir: Path, image_size: int = 32, workers: tuple[int, ...] =
 
 # ----------------------------------------------------------------------------- driver
 
-def run_case(case: Case, threads: int, workdir: Path, with_torch: bool,
+def run_case(case: Case, threads: int, with_torch: bool,
              log: Callable[[str], None]) -> list[Result]:
-    """Time every backend on `case`. Paddle's backends take turns (two rounds), so a burst
-    of load from another process is spread over all of them instead of skewing one column;
-    PyTorch follows in a separate process (see `torch_in_subprocess`)."""
-    makers: list[tuple[str, Callable[[], tuple[Callable[[], Any] | None, Callable[[], Any]]]]] = [
-        ("paddle_native", lambda: paddle_fns(case, False)),
-        ("paddle_kernel", lambda: paddle_fns(case, True)),
-        ("paddle_predictor", lambda: (None, predictor_fn(case, threads, workdir))),
-    ]
+    """Time every backend on `case`, each in a fresh process (see `in_subprocess`)."""
+    backends = PADDLE_BACKENDS + (TORCH_BACKENDS if with_torch else ())
     results: list[Result] = []
-    runnable: list[tuple[Result, Callable[[], Any], int]] = []
-    for backend, make in makers:
+    for backend in backends:
+        modes = ("infer",) if backend == "paddle_predictor" else ("train", "infer")
+        rs = {m: Result(case, m, backend, load_before=_loadavg()) for m in modes}
         try:
-            train, infer = make()
+            times = in_subprocess(backend, case, threads)
+            for m, r in rs.items():
+                r.seconds = times[m]
         except Exception as e:  # one broken backend must not lose the others' numbers
-            train = infer = None
-            error = f"{type(e).__name__}: {e}"
-        for mode, fn in (("train", train), ("infer", infer)):
-            if backend == "paddle_predictor" and mode == "train":
-                continue
-            r = Result(case, mode, backend, load_before=_loadavg())
-            results.append(r)
-            if fn is None:
-                r.error = error
-                continue
-            try:
-                for _ in range(case.warmup):
-                    fn()
-            except Exception as e:
+            for r in rs.values():
                 r.error = f"{type(e).__name__}: {e}"
-                continue
-            runnable.append((r, fn, case.reps if mode == "train" else 2 * case.reps))
-    # Two rounds, each backend in turn: one untimed step after the switch (the previous
-    # backend's tensors leave the allocator and caches cold, and its idle OpenMP workers
-    # spin for Intel's 200 ms block time), then half its timed steps back to back. Timing
-    # single steps right after a switch measured x1.0 32 px training at 157 ms a step where
-    # a steady run of the same network takes 84 ms; PyTorch, in its own process, is timed
-    # in steady state too.
-    rounds = 2
-    for rnd in range(rounds):
-        for r, fn, n in runnable:
-            if r.error:
-                continue
-            todo = n // rounds + (1 if rnd < n % rounds else 0)
-            if threads > 1:
-                time.sleep(0.25)
-            try:
-                fn()
-                for _ in range(todo):
-                    t = time.perf_counter()
-                    fn()
-                    r.seconds.append(time.perf_counter() - t)
-            except Exception as e:
-                r.error, r.seconds = f"{type(e).__name__}: {e}", []
-    if with_torch:
-        tr = Result(case, "train", "torch", load_before=_loadavg())
-        ti = Result(case, "infer", "torch", load_before=tr.load_before)
-        try:
-            times = torch_in_subprocess(case, threads)
-            tr.seconds, ti.seconds = times["train"], times["infer"]
-        except Exception as e:
-            tr.error = ti.error = f"{type(e).__name__}: {e}"
-        results += [tr, ti]
-    for r in results:
-        r.load_after = _loadavg()
-        shown = f"{r.img_s:8.1f} img/s" if r.img_s else f"failed ({r.error})"
-        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:16s} {shown}")
+        for r in rs.values():
+            r.load_after = _loadavg()
+            shown = f"{r.img_s:8.1f} img/s" if r.img_s else f"failed ({r.error})"
+            log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} "
+                f"{r.backend:16s} {shown}")
+        results += rs.values()
     return results
 
 
@@ -393,16 +382,18 @@ def table(results: list[Result]) -> list[dict[str, Any]]:
                                     "batch": r.case.batch, "mode": r.mode})
         row[r.backend] = round(r.img_s, 2) if r.img_s else None
     for row in rows.values():
-        t = row.get("torch")
-        for b in ("paddle_native", "paddle_kernel", "paddle_predictor"):
-            if t and row.get(b):
-                row[f"{b}_vs_torch"] = round(row[b] / t, 2)
+        for ref in TORCH_BACKENDS:
+            t = row.get(ref)
+            for b in PADDLE_BACKENDS:
+                if t and row.get(b):
+                    row[f"{b}_vs_{ref}"] = round(row[b] / t, 2)
     return list(rows.values())
 
 
 def format_table(rows: list[dict[str, Any]], threads: int) -> str:
     head = (f"{'model':6s} {'px':>4s} {'batch':>5s} {'mode':5s} | {'native':>8s} {'kernel':>8s} "
-            f"{'predict':>8s} {'torch':>8s} | {'kern/t':>6s} {'pred/t':>6s}")
+            f"{'predict':>8s} {'torch':>8s} {'torch*':>8s} | {'kern/t':>6s} {'kern/t*':>7s} "
+            f"{'pred/t':>6s}")
     lines = [f"MobileNetV2 img/s, {threads} threads (median of timed steps; higher is better)",
              head, "-" * len(head)]
 
@@ -412,9 +403,13 @@ def format_table(rows: list[dict[str, Any]], threads: int) -> str:
     for r in rows:
         lines.append(f"x{r['scale']:<5} {r['image_size']:4d} {r['batch']:5d} {r['mode']:5s} | "
                      f"{f(r.get('paddle_native'), 8)} {f(r.get('paddle_kernel'), 8)} "
-                     f"{f(r.get('paddle_predictor'), 8)} {f(r.get('torch'), 8)} | "
+                     f"{f(r.get('paddle_predictor'), 8)} {f(r.get('torch'), 8)} "
+                     f"{f(r.get('torch_kept_heap'), 8)} | "
                      f"{f(r.get('paddle_kernel_vs_torch'), 6, 2)} "
+                     f"{f(r.get('paddle_kernel_vs_torch_kept_heap'), 7, 2)} "
                      f"{f(r.get('paddle_predictor_vs_torch'), 6, 2)}")
+    lines.append("torch: PyTorch as installed (glibc's default allocator); torch*: PyTorch with "
+                 "the kept heap every mbv2 process uses (MBV2_MALLOC)")
     return "\n".join(lines)
 
 
@@ -438,11 +433,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--scales", type=float, nargs="+", default=None,
                     help="width multipliers (default 1.0 0.5; --quick: 1.0)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
-    ap.add_argument("--torch-worker", metavar="CASE_JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, metavar=("BACKEND", "CASE_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.torch_worker:  # internal: one case of PyTorch timings, JSON on stdout
+    if args.worker:  # internal: one backend on one case, JSON timings on stdout
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-        result = torch_worker(Case(**json.loads(args.torch_worker)), args.threads)
+        import mbv2  # noqa: F401  (MKL_DEBUG_CPU_TYPE and the allocator, before paddle/torch)
+        result = backend_worker(args.worker[0], Case(**json.loads(args.worker[1])), args.threads)
         print(json.dumps(result), flush=True)
         return result
 
@@ -452,10 +448,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import mbv2  # noqa: F401  (sets MKL_DEBUG_CPU_TYPE before paddle loads MKL)
     import paddle
 
-    from mbv2.runtime import set_cpu_threads
-
-    paddle.set_device("cpu")
-    set_cpu_threads(args.threads)  # Paddle's math stays on one thread otherwise
     scales = args.scales or ([1.0] if args.quick else [1.0, 0.5])
     with_torch = not args.no_torch and torch_available()
     if not with_torch:
@@ -465,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="mbv2_bench_") as tmp:
         for case in default_cases(args.quick, scales):
-            results += run_case(case, args.threads, Path(tmp), with_torch,
+            results += run_case(case, args.threads, with_torch,
                                 lambda s: print(s, file=sys.stderr, flush=True))
         extras: dict[str, Any] = {}
         if not args.quick:

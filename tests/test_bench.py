@@ -10,19 +10,18 @@ import pytest
 from mbv2 import bench
 
 
-def test_tiny_case_every_backend(tmp_path):
+def test_tiny_case_every_backend():
     case = bench.Case(scale=0.25, image_size=32, batch=2, class_num=4, warmup=0, reps=1)
     with_torch = bench.torch_available()
-    results = bench.run_case(case, threads=1, workdir=tmp_path, with_torch=with_torch,
-                             log=lambda s: None)
+    results = bench.run_case(case, threads=1, with_torch=with_torch, log=lambda s: None)
     by = {(r.mode, r.backend): r for r in results}
     expected = {("train", "paddle_native"), ("infer", "paddle_native"), ("train", "paddle_kernel"),
                 ("infer", "paddle_kernel"), ("infer", "paddle_predictor")}
     if with_torch:
-        expected |= {("train", "torch"), ("infer", "torch")}
+        expected |= {(m, b) for m in ("train", "infer") for b in bench.TORCH_BACKENDS}
     assert set(by) == expected
     for key, r in by.items():
-        if key[1] == "paddle_kernel" and r.error == "RuntimeError: depthwise op unavailable":
+        if key[1] == "paddle_kernel" and "depthwise op unavailable" in (r.error or ""):
             continue  # no compiler here: the kernel column stays empty, nothing else breaks
         assert r.error is None, (key, r.error)
         assert r.img_s and r.img_s > 0
