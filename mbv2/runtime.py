@@ -22,6 +22,41 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 malloc_mode: str | None = None
 
 
+# CPU flags MKL's AVX-512 (Skylake-SP level) code path uses.
+AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo reports (empty off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def mkl_cpu_type(flags: set[str] | None = None) -> str | None:
+    """The MKL_DEBUG_CPU_TYPE for this CPU, or None to leave MKL alone.
+
+    Paddle's bundled MKL (2019) runs a generic SSE path on AMD CPUs unless this variable
+    names a code path; Intel CPUs ignore it. 5 is the AVX2 path, 7 the AVX-512 one.
+    Measured on this project's 2-core AMD EPYC (AVX-512): single-thread SGEMM 1024^3 at
+    111 GFLOP/s with 5 and 185 with 7; a MobileNetV2 x1.0 training step 10-20 % faster
+    with 7. 8 (a Xeon Phi path) crashes there with SIGILL, so only flags the CPU reports
+    choose a path."""
+    flags = cpu_flags() if flags is None else flags
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if AVX512_FLAGS <= flags:
+        return "7"
+    if {"avx2", "fma"} <= flags:
+        return "5"
+    return None
+
+
 def configure_malloc() -> str:
     """Keep freed CPU memory in the process heap instead of handing it back to the OS.
 

@@ -199,26 +199,50 @@ def _batches(n: int, batch: int = 8) -> list[tuple[paddle.Tensor, paddle.Tensor]
              paddle.to_tensor(rng.integers(0, 10, (batch,)))) for _ in range(n)]
 
 
+def _float64_twin(net: MobileNetV2) -> MobileNetV2:
+    """The same network and weights in float64 (Paddle's own ops): a reference for how
+    far float32 rounding alone moves the gradients."""
+    paddle.set_default_dtype("float64")
+    try:
+        ref = MobileNetV2(class_num=net.class_num, scale=net.scale)
+    finally:
+        paddle.set_default_dtype("float32")
+    ref.set_state_dict({k: paddle.to_tensor(v.numpy().astype("float64"))
+                        for k, v in net.state_dict().items()})
+    return ref
+
+
 def test_train_step_gradients_match_native(kernel):
-    """One train-mode step (batch-statistics BN): loss and every parameter gradient agree."""
+    """One train-mode step (batch-statistics BN): loss and every parameter gradient agree,
+    and the depthwise weight gradients are as close to a float64 computation as Paddle's
+    own float32 path is. (Through ~50 layers of train-mode BN at batch 8, float32 rounding
+    alone moves early gradients by ~1e-3 relative, and by how much depends on the MKL code
+    path: the AVX-512 GEMMs moved Paddle's own path to 1.1e-3 from the float64 result
+    while the kernels stayed at 1.1e-4. A wrong gradient is off by O(1).)"""
     fast, native = _twin_models()
+    ref = _float64_twin(native)
     fast.set_fast_depthwise(dw.depthwise_conv2d)
     (x, y), = _batches(1)
     grads, losses = [], []
-    for net in (fast, native):
+    for net, inp in ((fast, x), (native, x), (ref, x.astype("float64"))):
         net.train()
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(inp), y)
         loss.backward()
         losses.append(float(loss))
-        grads.append({k: p.grad.numpy() for k, p in net.named_parameters() if p.grad is not None})
+        grads.append({k: p.grad.numpy().astype("float64") for k, p in net.named_parameters()
+                      if p.grad is not None})
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    assert grads[0].keys() == grads[1].keys()
+    assert losses[0] == pytest.approx(losses[2], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys()
     for k, g in grads[1].items():
         # BN biases feeding another train-mode BN have a true gradient of 0: pure noise
         if np.linalg.norm(g) > 1e-3:
             assert rel_err(grads[0][k], g) <= 1e-2, k
     dw_keys = [k for k in grads[1] if "_bottleneck_conv._conv.weight" in k]
-    assert dw_keys and all(rel_err(grads[0][k], grads[1][k]) <= 1e-3 for k in dw_keys)
+    assert dw_keys
+    for k in dw_keys:
+        fast_err, native_err = rel_err(grads[0][k], grads[2][k]), rel_err(grads[1][k], grads[2][k])
+        assert fast_err <= 2 * native_err + 2e-4, (k, fast_err, native_err)
 
 
 def test_training_matches_native(kernel):

@@ -78,3 +78,29 @@ def test_default_cpu_threads_shares_cores_between_processes():
     assert cores >= 1
     assert default_cpu_threads(cores * 4) == 1
     assert default_cpu_threads(2) == max(1, cores // 2)
+
+
+def test_mkl_cpu_type_follows_the_cpu_flags(monkeypatch):
+    from mbv2 import runtime
+
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.mkl_cpu_type(set(runtime.AVX512_FLAGS) | {"avx2", "fma"}) == "7"
+    # AVX-512 foundation alone is not the Skylake-SP feature set MKL's path 7 needs
+    assert runtime.mkl_cpu_type({"avx2", "fma", "avx512f"}) == "5"
+    assert runtime.mkl_cpu_type({"avx2", "fma"}) == "5"
+    assert runtime.mkl_cpu_type({"avx", "sse4_2"}) is None
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")
+    assert runtime.mkl_cpu_type(set(runtime.AVX512_FLAGS)) is None
+
+
+def test_import_sets_mkl_path_for_this_cpu_unless_the_user_did():
+    from mbv2 import runtime
+
+    expected = runtime.mkl_cpu_type()
+    code = "import os, mbv2; print(os.environ.get('MKL_DEBUG_CPU_TYPE'))"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == str(expected)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "MKL_DEBUG_CPU_TYPE": "5"})
+    assert out.stdout.strip() == "5"  # a user's own choice stays
