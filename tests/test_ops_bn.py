@@ -73,6 +73,35 @@ def test_matches_paddle_batch_norm(kernel, shape, act):
         assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("act", [True, False], ids=["relu6", "linear"])
+def test_gradients_for_every_kind_of_gamma(kernel, act):
+    """gamma 0, tiny, negative, and a beta that dwarfs gamma all give Paddle's gradients,
+    channel by channel. (A backward pass that reads gamma * xhat off y - beta instead of
+    x - mean, to stream one tensor less, fails this on the gamma=1e-4, beta=2 channel.)"""
+    gammas = np.array([1.0, 0.0, 1e-4, -0.7, 0.01, 2.5, -3e-3, 0.3], "float32")
+    betas = np.array([0.5, 1.0, 2.0, 0.2, 3.0, -1.0, 0.0, 80.0], "float32")
+    c = len(gammas)
+    rng = np.random.default_rng(5)
+    xn = (rng.standard_normal((3, c, 9, 11)) * 2 + 1).astype("float32")
+    up = rng.standard_normal(xn.shape).astype("float32")
+    out = []
+    for fused in (True, False):
+        bn = paddle.nn.BatchNorm2D(c)
+        bn.weight.set_value(gammas)
+        bn.bias.set_value(betas)
+        bn.train()
+        x = paddle.to_tensor(xn, stop_gradient=False)
+        y = fbn.batch_norm_act(x, bn, act) if fused else (F.relu6(bn(x)) if act else bn(x))
+        (y * paddle.to_tensor(up)).sum().backward()
+        out.append([x.grad.numpy(), bn.weight.grad.numpy(), bn.bias.grad.numpy()])
+    for name, a, b in zip(("dx", "dgamma", "dbeta"), *out):
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
+        # per channel too: a channel with a small gradient must not hide in the norm
+        for ch in range(c):
+            ac, bc = (a[:, ch], b[:, ch]) if a.ndim == 4 else (a[ch:ch + 1], b[ch:ch + 1])
+            assert np.abs(ac - bc).max() <= 1e-4 * max(np.abs(bc).max(), 1e-2), (name, ch)
+
+
 def test_running_stats_use_biased_variance(kernel):
     """Paddle's CPU kernel: running = 0.9 * running + 0.1 * batch, with the biased
     variance; check against numpy too, so that both cannot drift together."""
