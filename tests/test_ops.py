@@ -56,6 +56,9 @@ def run_both(fast_fn, n, c, h, w, stride, pad, seed=0):
 SHAPES = [  # (n, c, h, w): odd/even, tiny, batch 1, one channel, > 64 channels, non-square
     (1, 1, 7, 7), (2, 3, 8, 8), (1, 70, 15, 16), (2, 5, 1, 1), (2, 5, 2, 2),
     (3, 9, 16, 15), (2, 4, 33, 34), (1, 2, 1, 5),
+    # full 8-channel groups (the 8x8-transpose interleave) on wide odd planes, with the
+    # scalar tail of a row and a ninth channel's partial group
+    (2, 16, 37, 41), (1, 17, 9, 8),
 ]
 
 
