@@ -42,7 +42,7 @@ class ConvBNLayer(nn.Layer):
         self._pointwise = kernel_size == 1 and stride == 1 and groups == 1
         self._fast_depthwise = None  # set by MobileNetV2.set_fast_depthwise
         self._fast_pointwise = None  # fn(x, weight) for 1x1 convs; same setter
-        # fn(y, batch_norm, act) for training-mode BN (+ ReLU6), or None; same setter.
+        # fn(y, batch_norm, act) for BN (+ ReLU6), or None; same setter.
         self._fast_batch_norm = None
 
     def forward(self, x, if_act: bool = True):
@@ -53,7 +53,7 @@ class ConvBNLayer(nn.Layer):
             y = self._fast_pointwise(x, self._conv.weight)
         else:
             y = self._conv(x)
-        if self._fast_batch_norm is not None and self.training:
+        if self._fast_batch_norm is not None:
             return self._fast_batch_norm(y, self._batch_norm, if_act)
         y = self._batch_norm(y)
         return F.relu6(y) if if_act else y
@@ -174,8 +174,9 @@ class MobileNetV2(nn.Layer):
 
         With a function, the 1x1 convs on small maps also become one matrix product
         (`mbv2.ops.pointwise`) and every ConvBNLayer gets the fused training-mode batch
-        norm + ReLU6 op of `mbv2.ops.batch_norm` (when its library is available); None
-        restores Paddle's conv2d, batch_norm and relu6. Eval mode keeps Paddle's batch norm."""
+        norm + ReLU6 ops of `mbv2.ops.batch_norm` (when its library is available: batch
+        statistics in training, running statistics in eval mode under no_grad); None
+        restores Paddle's conv2d, batch_norm and relu6."""
         for layer in self.depthwise_layers():
             layer._fast_depthwise = fn
         pointwise = None
@@ -195,8 +196,8 @@ class MobileNetV2(nn.Layer):
         self.set_fast_batch_norm(bn_fn)
 
     def set_fast_batch_norm(self, fn) -> None:
-        """Training-mode BN (+ ReLU6) of every ConvBNLayer through `fn(y, bn, act)`, or
-        Paddle's batch_norm and relu6 with None."""
+        """BN (+ ReLU6) of every ConvBNLayer through `fn(y, bn, act)`, or Paddle's
+        batch_norm and relu6 with None."""
         for layer in self.sublayers():
             if isinstance(layer, ConvBNLayer):
                 layer._fast_batch_norm = fn

@@ -114,19 +114,65 @@ def test_running_stats_use_biased_variance(kernel):
     np.testing.assert_allclose(bn._variance.numpy(), 0.9 * v0 + 0.1 * xn.var((0, 2, 3)), rtol=1e-5)
 
 
-def test_falls_back_outside_training(kernel, monkeypatch):
+def test_falls_back_where_no_op_applies(kernel, monkeypatch):
+    """Eval mode with gradients on (the inference op has none) and one value per channel
+    in training go to Paddle's own ops."""
     def boom(*a, **kw):
         raise AssertionError("the custom op must not be used here")
 
     monkeypatch.setattr(paddle._C_ops, "_run_custom_op", boom)
     rng = np.random.default_rng(0)
     bn = _bn(4, rng)
-    x = paddle.to_tensor(rng.standard_normal((2, 4, 3, 3)).astype("float32"))
+    x = paddle.to_tensor(rng.standard_normal((2, 4, 3, 3)).astype("float32"), stop_gradient=False)
     bn.eval()
-    np.testing.assert_allclose(fbn.batch_norm_act(x, bn, True).numpy(), F.relu6(bn(x)).numpy())
+    y = fbn.batch_norm_act(x, bn, True)
+    np.testing.assert_allclose(y.numpy(), F.relu6(bn(x)).numpy())
+    y.sum().backward()  # a gradient reaches x through Paddle's ops
+    assert x.grad is not None
     bn.train()  # one value per channel: Paddle's own op decides what that means
     x1 = paddle.to_tensor(rng.standard_normal((1, 4, 1, 1)).astype("float32"))
     assert fbn.batch_norm_act(x1, bn, True).shape == [1, 4, 1, 1]
+
+
+@pytest.mark.parametrize("act", [True, False], ids=["relu6", "linear"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_eval_no_grad_matches_paddle(kernel, shape, act, monkeypatch):
+    """Eval mode under no_grad: the one-pass inference op, with the running statistics,
+    gives Paddle's batch_norm (+ relu6) and leaves the statistics alone."""
+    rng = np.random.default_rng(2)
+    bn = _bn(shape[1], rng)
+    bn.eval()
+    x = paddle.to_tensor((rng.standard_normal(shape) * 2 + 1).astype("float32"))
+    stats = (bn._mean.numpy().copy(), bn._variance.numpy().copy())
+    calls = []
+    real = paddle._C_ops._run_custom_op
+    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
+                        lambda name, *a: calls.append(name) or real(name, *a))
+    with paddle.no_grad():
+        got = fbn.batch_norm_act(x, bn, act)
+        ref = F.relu6(bn(x)) if act else bn(x)
+    assert calls == [fbn.INFER_OP_NAME]
+    assert got.stop_gradient
+    assert rel_err(got.numpy(), ref.numpy()) <= 1e-5
+    np.testing.assert_array_equal(bn._mean.numpy(), stats[0])
+    np.testing.assert_array_equal(bn._variance.numpy(), stats[1])
+
+
+def test_eval_model_matches_native(kernel):
+    """A whole model in eval mode under no_grad (evaluation, dygraph prediction): the
+    kernels give Paddle's logits."""
+    paddle.seed(3)
+    fast = MobileNetV2(class_num=10, scale=0.5)
+    native = MobileNetV2(class_num=10, scale=0.5)
+    x = paddle.to_tensor(np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype("float32"))
+    fast.train()
+    fast(x)  # non-trivial running statistics
+    native.set_state_dict(fast.state_dict())
+    fast.set_fast_depthwise(dw.depthwise_conv2d)
+    fast.eval()
+    native.eval()
+    with paddle.no_grad():
+        assert rel_err(fast(x).numpy(), native(x).numpy()) <= 1e-4
 
 
 def test_no_grad(kernel):

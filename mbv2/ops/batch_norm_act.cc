@@ -183,6 +183,32 @@ void SmallDxBwd(const float* x, const float* y, const float* dy, int64_t n0, int
                                              \
   }
 
+// y = x * a[c] + b[c], clamped to [0, 6] when act: the normalisation, in training (batch
+// statistics folded into a, b) and in inference (running statistics).
+void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, bool act,
+                float* y) {
+  const int64_t C = d.c, hw = d.hw, planes = d.n * d.c;
+  const float hi = act ? 6.f : INFINITY, lo = act ? 0.f : -INFINITY;
+  if (hw < kSmallPlane) {
+#pragma omp parallel
+    {
+      int64_t n0, n1;
+      MyRange(d.n, &n0, &n1);
+      MBV2_DISPATCH_HW(hw, SmallNormFwd, x, n0, n1, C, a, b, lo, hi, y);
+    }
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < planes; ++p) {
+      const int64_t c = p % C;
+      const float* xp = x + p * hw;
+      float* yp = y + p * hw;
+      const float ac = a[c], bc = b[c];
+#pragma omp simd
+      for (int64_t i = 0; i < hw; ++i) yp[i] = Clamp(xp[i] * ac + bc, lo, hi);
+    }
+  }
+}
+
 void Forward(const Dims& d, const float* x, const float* gamma, const float* beta, float eps,
              float momentum, bool act, float* y, float* saved_mean, float* saved_invstd,
              float* run_mean, float* run_var) {
@@ -245,28 +271,7 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
     av[c] = static_cast<float>(gamma[c] * invstd);
     bv[c] = static_cast<float>(beta[c] - mean * gamma[c] * invstd);
   }
-  const float* a = av.data();
-  const float* b = bv.data();
-  const float hi = act ? 6.f : INFINITY, lo = act ? 0.f : -INFINITY;
-
-  if (hw < kSmallPlane) {
-#pragma omp parallel
-    {
-      int64_t n0, n1;
-      MyRange(d.n, &n0, &n1);
-      MBV2_DISPATCH_HW(hw, SmallNormFwd, x, n0, n1, C, a, b, lo, hi, y);
-    }
-  } else {
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < planes; ++p) {
-      const int64_t c = p % C;
-      const float* xp = x + p * hw;
-      float* yp = y + p * hw;
-      const float ac = a[c], bc = b[c];
-#pragma omp simd
-      for (int64_t i = 0; i < hw; ++i) yp[i] = Clamp(xp[i] * ac + bc, lo, hi);
-    }
-  }
+  ScaleShift(d, x, av.data(), bv.data(), act, y);
 }
 
 template <bool ACT>
@@ -433,3 +438,54 @@ PD_BUILD_GRAD_OP(mbv2_batch_norm_act)
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
     .Attrs({"epsilon: float", "momentum: float", "act: bool"})
     .SetKernelFn(PD_KERNEL(BatchNormActBackward));
+
+// Inference: batch norm with the running statistics (+ ReLU6) in one multi-threaded pass,
+// for eval mode without gradients. No grad op: autograd never records it (the Python side
+// uses it only under no_grad, on inputs detached from the graph).
+std::vector<paddle::Tensor> BatchNormActInferForward(const paddle::Tensor& x,
+                                                     const paddle::Tensor& scale,
+                                                     const paddle::Tensor& bias,
+                                                     const paddle::Tensor& running_mean,
+                                                     const paddle::Tensor& running_var,
+                                                     float epsilon, bool act) {
+  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32,
+           "batch_norm_act_infer: x must be a float32 CPU tensor");
+  const Dims d = GetDims(x);
+  for (auto* t : {&scale, &bias, &running_mean, &running_var})
+    CheckChannelVector(*t, d.c, "scale/bias/running stats");
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *gamma = scale.data<float>(), *beta = bias.data<float>();
+  const float *mean = running_mean.data<float>(), *var = running_var.data<float>();
+  std::vector<float> av(d.c), bv(d.c);
+  for (int64_t c = 0; c < d.c; ++c) {
+    // As Paddle's kernel: invstd from float var + eps.
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(var[c]) + epsilon);
+    av[c] = static_cast<float>(gamma[c] * invstd);
+    bv[c] = static_cast<float>(beta[c] - mean[c] * gamma[c] * invstd);
+  }
+  if (d.n * d.c * d.hw > 0) ScaleShift(d, xc.data<float>(), av.data(), bv.data(), act, y.data<float>());
+  return {y};
+}
+
+std::vector<std::vector<int64_t>> BatchNormActInferInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, float epsilon, bool act) {
+  return {x_shape};
+}
+
+std::vector<paddle::DataType> BatchNormActInferInferDtype(const paddle::DataType& x_dtype,
+                                                          const paddle::DataType&,
+                                                          const paddle::DataType&,
+                                                          const paddle::DataType&,
+                                                          const paddle::DataType&) {
+  return {x_dtype};
+}
+
+PD_BUILD_OP(mbv2_batch_norm_act_infer)
+    .Inputs({"X", "Scale", "Bias", "Mean", "Variance"})
+    .Outputs({"Y"})
+    .Attrs({"epsilon: float", "act: bool"})
+    .SetKernelFn(PD_KERNEL(BatchNormActInferForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(BatchNormActInferInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(BatchNormActInferInferDtype));
