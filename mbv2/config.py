@@ -83,7 +83,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "momentum"
-    lr: float = 0.05
+    lr: float = 0.03
     weight_decay: float = 4e-5
     momentum: float = 0.9
     nesterov: bool = False
