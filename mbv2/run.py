@@ -91,7 +91,8 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     if device_name == "cpu":
         local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", distributed.world_size()))
         set_cpu_threads(t.cpu_threads or default_cpu_threads(local_procs))
-        log.info("CPU allocator: %s", describe_malloc())
+        log.info("CPU allocator: %s; MKL code path: MKL_DEBUG_CPU_TYPE=%s", describe_malloc(),
+                 os.environ.get("MKL_DEBUG_CPU_TYPE", "unset"))
     seed_everything(int(t.seed))
     primary, ranks = distributed.is_primary(), distributed.world_size()
     if primary:
