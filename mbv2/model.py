@@ -173,7 +173,7 @@ class MobileNetV2(nn.Layer):
         Paddle's own op with None. Parameters and state-dict keys are untouched.
 
         With a function, the 1x1 convs on small maps also become one matrix product
-        (`mbv2.ops.pointwise`) and every ConvBNLayer gets the fused training-mode batch
+        (`mbv2.ops.pointwise`) and every ConvBNLayer gets the fused batch
         norm + ReLU6 ops of `mbv2.ops.batch_norm` (when its library is available: batch
         statistics in training, running statistics in eval mode under no_grad); None
         restores Paddle's conv2d, batch_norm and relu6."""

@@ -47,7 +47,7 @@ def _use_op(x: paddle.Tensor, bn: nn.BatchNorm2D) -> bool:
 def _use_infer_op(x: paddle.Tensor, bn: nn.BatchNorm2D) -> bool:
     # The inference op has no gradient: only where autograd records nothing.
     return (not _batch_stats(bn) and not paddle.is_grad_enabled() and paddle.in_dynamic_mode()
-            and _covered(x, bn) and min(x.shape) >= 0)
+            and _covered(x, bn))
 
 
 def _native(x: paddle.Tensor, bn: nn.BatchNorm2D, act: bool) -> paddle.Tensor:
