@@ -1,4 +1,4 @@
-"""1x1 convolutions as one matrix product: same values and gradients as conv2d."""
+"""1x1 convolutions as matrix products: same values and gradients as conv2d."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +10,10 @@ from mbv2.model import MobileNetV2
 from mbv2.ops.pointwise import pointwise_conv2d
 
 
+# 1x1 and 2x2: batch-in-rows product; 3x3 .. 16x16: batched product; 17x17: conv2d
 @pytest.mark.parametrize("n,c_in,c_out,hw", [(8, 16, 24, 1), (3, 32, 7, 2), (1, 5, 9, 2),
-                                              (4, 8, 16, 3), (2, 6, 4, 8)])
+                                              (4, 8, 16, 3), (2, 6, 4, 8), (2, 8, 12, 16),
+                                              (1, 4, 6, 17)])
 def test_matches_conv2d_forward_and_gradients(n, c_in, c_out, hw):
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((n, c_in, hw, hw)).astype("float32")
