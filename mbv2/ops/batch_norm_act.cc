@@ -183,6 +183,42 @@ void SmallDxBwd(const float* x, const float* y, const float* dy, int64_t n0, int
                                              \
   }
 
+// Per-channel sums [s(C), q(C)] in double, over the batch. Large planes: threads split the
+// N*C planes in contiguous static chunks (memory order) and plane(p, c, s, q) gives plane
+// p's two float sums; small planes: threads split the images and small(n0, n1, s, q) adds
+// images [n0, n1) into the thread's rows. Per-thread partials are reduced at the end.
+template <class Plane, class Small>
+std::vector<double> ChannelSums(const Dims& d, Plane plane, Small small) {
+  const int64_t C = d.c, planes = d.n * d.c;
+  const int threads = omp_get_max_threads();
+  std::vector<double> part(static_cast<size_t>(threads) * 2 * C, 0.0);
+  if (d.hw < kSmallPlane) {
+#pragma omp parallel
+    {
+      double* s = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+      int64_t n0, n1;
+      MyRange(d.n, &n0, &n1);
+      small(n0, n1, s, s + C);
+    }
+  } else {
+#pragma omp parallel
+    {
+      double* acc = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < planes; ++p) {
+        const int64_t c = p % C;
+        float s = 0.f, q = 0.f;
+        plane(p, c, s, q);
+        acc[c] += s;
+        acc[C + c] += q;
+      }
+    }
+  }
+  std::vector<double> tot(2 * C);
+  ReducePartials(part, threads, C, tot.data());
+  return tot;
+}
+
 // y = x * a[c] + b[c], clamped to [0, 6] when act: the normalisation, in training (batch
 // statistics folded into a, b) and in inference (running statistics).
 void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, bool act,
@@ -212,47 +248,29 @@ void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, b
 void Forward(const Dims& d, const float* x, const float* gamma, const float* beta, float eps,
              float momentum, bool act, float* y, float* saved_mean, float* saved_invstd,
              float* run_mean, float* run_var) {
-  const int64_t C = d.c, hw = d.hw, planes = d.n * d.c;
+  const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
-  const int threads = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(threads) * 2 * C, 0.0);
   std::vector<float> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = x[c * hw];
   const float* k = shift.data();
-
-  if (hw < kSmallPlane) {
-#pragma omp parallel
-    {
-      double* s = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-      double* q = s + C;
-      int64_t n0, n1;
-      MyRange(d.n, &n0, &n1);
-      MBV2_DISPATCH_HW(hw, SmallStatsFwd, x, n0, n1, C, k, s, q);
-    }
-  } else {
-#pragma omp parallel
-    {
-      double* acc = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < planes; ++p) {
-        const int64_t c = p % C;
+  const std::vector<double> tot = ChannelSums(
+      d,
+      [&](int64_t p, int64_t c, float& s, float& q) {
         const float* xp = x + p * hw;
         const float kc = k[c];
-        float s = 0.f, q = 0.f;
-#pragma omp simd reduction(+ : s, q)
+        float ss = 0.f, qq = 0.f;
+#pragma omp simd reduction(+ : ss, qq)
         for (int64_t i = 0; i < hw; ++i) {
           const float v = xp[i] - kc;
-          s += v;
-          q += v * v;
+          ss += v;
+          qq += v * v;
         }
-        acc[c] += s;
-        acc[C + c] += q;
-      }
-    }
-  }
-
-  std::vector<double> tot(2 * C);
-  ReducePartials(part, threads, C, tot.data());
+        s = ss;
+        q = qq;
+      },
+      [&](int64_t n0, int64_t n1, double* s, double* q) {
+        MBV2_DISPATCH_HW(hw, SmallStatsFwd, x, n0, n1, C, k, s, q);
+      });
   std::vector<float> av(C), bv(C);
   for (int64_t c = 0; c < C; ++c) {
     const double ms = tot[c] / m;  // mean of (x - K)
@@ -280,44 +298,26 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
               float* dgamma, float* dbeta) {
   const int64_t C = d.c, hw = d.hw, planes = d.n * d.c;
   const int64_t m = d.n * d.hw;
-  const int threads = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(threads) * 2 * C, 0.0);
-
-  if (hw < kSmallPlane) {
-#pragma omp parallel
-    {
-      double* s = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-      double* q = s + C;
-      int64_t n0, n1;
-      MyRange(d.n, &n0, &n1);
-      MBV2_DISPATCH_HW_ACT(hw, SmallStatsBwd, x, y, dy, n0, n1, C, mean, s, q);
-    }
-  } else {
-#pragma omp parallel
-    {
-      double* acc = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < planes; ++p) {
-        const int64_t c = p % C;
+  const std::vector<double> tot = ChannelSums(
+      d,
+      [&](int64_t p, int64_t c, float& s, float& q) {
         const float* xp = x + p * hw;
         const float* yp = y + p * hw;
         const float* gp = dy + p * hw;
         const float mu = mean[c];
-        float s = 0.f, q = 0.f;
-#pragma omp simd reduction(+ : s, q)
+        float ss = 0.f, qq = 0.f;
+#pragma omp simd reduction(+ : ss, qq)
         for (int64_t i = 0; i < hw; ++i) {
           const float g = Masked<ACT>(gp[i], yp[i]);
-          s += g;
-          q += g * (xp[i] - mu);
+          ss += g;
+          qq += g * (xp[i] - mu);
         }
-        acc[c] += s;
-        acc[C + c] += q;
-      }
-    }
-  }
-
-  std::vector<double> tot(2 * C);
-  ReducePartials(part, threads, C, tot.data());
+        s = ss;
+        q = qq;
+      },
+      [&](int64_t n0, int64_t n1, double* s, double* q) {
+        MBV2_DISPATCH_HW_ACT(hw, SmallStatsBwd, x, y, dy, n0, n1, C, mean, s, q);
+      });
   // dx = A * g + B * x + C0 per channel.
   std::vector<float> ca(C), cb(C), cc(C);
   for (int64_t c = 0; c < C; ++c) {
