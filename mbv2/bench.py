@@ -244,7 +244,7 @@ def backend_worker(backend: str, case: Case, threads: int) -> dict[str, list[flo
     timed steps back to back."""
     fns: dict[str, Callable[[], Any]]
     with tempfile.TemporaryDirectory(prefix="mbv2_bench_") as tmp:
-        if backend in ("paddle_native", "paddle_kernel", "paddle_predictor"):
+        if backend in PADDLE_BACKENDS:
             import paddle
 
             from mbv2.runtime import set_cpu_threads
