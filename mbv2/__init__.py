@@ -2,7 +2,7 @@
 import os as _os
 import warnings as _warnings
 
-from mbv2 import runtime as _runtime  # noqa: E402  (imports neither paddle nor numpy)
+from mbv2 import runtime as _runtime  # imports neither paddle nor numpy
 
 # Paddle's bundled MKL takes a slow generic code path on AMD CPUs unless this names the
 # AVX2 or AVX-512 path before the library loads (mbv2.runtime.mkl_cpu_type; measured: 1.6-
