@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mbv2.runtime import configure_process
+
 T = TypeVar("T")
 
 
@@ -40,13 +42,26 @@ def parse_args(schema: type[T], argv: Sequence[str], prog: str, usage: str) -> T
 def run_entry(schema: type[T], runner: Callable[[T], Any], prog: str, usage: str,
               argv: Sequence[str] | None = None) -> None:
     """Parse `key=value` arguments into `schema` and call `runner` with them; errors a
-    user can act on end the process with their message, not a traceback."""
-    from mbv2.checkpoint import CheckpointError
-    from mbv2.data import DataError
-
+    user can act on end the process with their message, not a traceback. The process is
+    set up (`runtime.configure_process`) before anything imports paddle."""
+    configure_process()
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(schema, sys.argv[1:] if argv is None else argv, prog, usage)
+    from mbv2.data import DataError
+    from mbv2.train.checkpoint import CheckpointError
+
     try:
         runner(args)
     except (CheckpointError, DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def entry_point(schema: type[T], runner: Callable[[T], Any], prog: str,
+                usage: str) -> Callable[[Sequence[str] | None], None]:
+    """The `main(argv=None)` of a `python -m mbv2.<tool>` module."""
+    def main(argv: Sequence[str] | None = None) -> None:
+        run_entry(schema, runner, prog, usage, argv)
+
+    main.__doc__ = f"python -m {prog} {usage}"
+    return main
+

@@ -1,20 +1,23 @@
-"""The typed schema every YAML file in conf/ and experiments/ is checked against.
+"""The typed schema every YAML file in conf/ and experiments/ is checked against, and
+the one place every default lives.
 
 Hydra merges the YAML groups into these dataclasses, so a wrong type or an unknown key
-(`model.scale=abc`, `optim.lrr=0.1`) fails at composition with the key named. Value
-ranges that a type cannot express (`optim.lr=-1`) are checked by `check_config`, which
-every entry point calls before it builds anything.
+(`model.scale=abc`, `optim.lrr=0.1`) fails at composition with the key named. The
+defaults below are the default run's; a group's YAML file (conf/data/folder.yaml, ...)
+sets only what that option changes. Value ranges that a type cannot express
+(`optim.lr=-1`) are checked by `check_config`, which every entry point calls before it
+builds anything.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from mbv2.data.errors import PILLOW_MAX_IMAGE_PIXELS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
@@ -25,15 +28,21 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 @dataclass
 class ModelConfig:
+    # MobileNetV2 as PaddleClas 2.3 builds it; PaddleClas *_pretrained.pdparams load into it
     name: str = "mobilenet_v2"
-    scale: float = 1.0
-    # rows of [t, c, n, s]; None means the PaddleClas table in mbv2/model.py
+    # width multiplier: channels of every row are int(c * scale); conv9 is 1280 wide,
+    # int(1280 * scale) when scale > 1. PaddleClas's ImageNet model is 1.0
+    scale: float = 0.5
+    # rows of [t expansion, c channels, n units, s stride of the first unit];
+    # None: PaddleClas's table (mbv2.model.PADDLECLAS_BOTTLENECK)
     bottleneck: Optional[List[List[int]]] = None
     # None: the number of classes the data source reports
     class_num: Optional[int] = None
+    # a .pdparams file (PaddleClas or mbv2); keys that do not fit are skipped and logged
     pretrained: Optional[str] = None
-    # auto: the C++ depthwise kernel on CPU, Paddle's own op on GPU
-    fast_depthwise: str = "auto"
+    # mbv2's CPU kernels (depthwise conv, fused batch norm + ReLU6, small-map 1x1 convs):
+    # auto: on CPU, Paddle's own ops on GPU; on; off (Paddle's ops everywhere)
+    cpu_kernels: str = "auto"
 
 
 @dataclass
@@ -71,8 +80,8 @@ class DataConfig:
     # train without them). During training a file that fails is always replaced + counted.
     scan: str = "header"
     on_bad_image: str = "error"
-    # decompression-bomb guard (Pillow's default); None: no limit
-    max_image_pixels: Optional[int] = 89_478_485
+    # decompression-bomb guard (Pillow's default); raise it, or None, for trusted huge images
+    max_image_pixels: Optional[int] = PILLOW_MAX_IMAGE_PIXELS
     # train augmentation: RandomResizedCrop area range, horizontal flip
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
@@ -115,11 +124,16 @@ class SchedConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 15
+    # per device; the global batch is batch_size x devices
     batch_size: int = 64
+    # DataLoader worker processes; 0 decodes in the training process
     num_workers: int = 0
+    # evaluate every eval_freq epochs (and always after the last)
     eval_freq: int = 1
+    # train/* scalars every log_freq steps
     log_freq: int = 10
     seed: int = 42
+    # auto: GPU when Paddle is built with CUDA and sees one, else CPU; or cpu, gpu, gpu:N
     device: str = "auto"
     # CPU math threads of this process; None: the cores it may use, shared evenly with
     # the other processes of a data-parallel launch on the node
@@ -152,7 +166,7 @@ class ConfigValueError(ValueError):
 
 _CHOICES = {
     "model.name": ("mobilenet_v2",),
-    "model.fast_depthwise": ("auto", "on", "off"),
+    "model.cpu_kernels": ("auto", "on", "off"),
     "data.name": ("digits", "folder", "fake", "list", "seed_list", "cifar10"),
     "data.scan": ("header", "full", "off"),
     "data.on_bad_image": ("error", "skip"),
@@ -250,72 +264,8 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-_UNIQUE_DIRS: dict[str, str] = {}
-
-
-def unique_dir(base: str, suffix: str = "") -> str:
-    """`base` + `_suffix`, made unique on disk by creating it (an exclusive mkdir), so
-    two runs or sweeps started in the same second never share a directory. Cached per
-    process because Hydra resolves the output dir more than once. Under
-    paddle.distributed.launch rank 0 chooses and every rank gets its choice."""
-    from mbv2.distributed import shared_choice
-
-    name = f"{base}_{suffix}" if suffix else base
-    if name not in _UNIQUE_DIRS:
-        _UNIQUE_DIRS[name] = shared_choice(lambda: _create_unique(name))
-    return _UNIQUE_DIRS[name]
-
-
-def _create_unique(name: str) -> str:
-    Path(name).parent.mkdir(parents=True, exist_ok=True)
-    candidate, i = name, 1
-    while True:
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            i += 1
-            candidate = f"{name}-{i}"
-
-
-# The launching process records its command-line arguments here; sweep jobs, also those a
-# launcher runs in other processes (joblib, submitit), inherit the environment.
-LAUNCH_ARGS_ENV = "MBV2_LAUNCH_ARGS"
-
-
-def _fixed_keys(argv: list[str]) -> set[str]:
-    """Keys the command line sets to one value for every job (not a sweep list/range)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-    except Exception:  # not Hydra's syntax after all: name jobs by all their overrides
-        return set()
-    single = {o.key_or_group for o in parsed if not o.is_sweep_override()}
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    return single - swept
-
-
-def job_dir_name(task_overrides: Any, exclude_keys: Any = ()) -> str:
-    """A sweep job's directory name: the overrides that vary across the sweep
-    (`model.scale=0.5,optim.lr=0.1`). Keys the command line fixes for every job are left
-    out; with nothing left, all overrides are used."""
-    excluded = set(exclude_keys or ())
-    items = sorted(str(o) for o in task_overrides
-                   if str(o).split("=", 1)[0].lstrip("+~") not in excluded)
-    try:
-        fixed = _fixed_keys(json.loads(os.environ.get(LAUNCH_ARGS_ENV, "[]")))
-    except ValueError:
-        fixed = set()
-    varying = [o for o in items if o.split("=", 1)[0].lstrip("+~") not in fixed]
-    return ",".join(varying or items) or "default"
-
-
 def register_configs() -> None:
     """Schema and experiment presets into Hydra's ConfigStore; idempotent."""
-    if not OmegaConf.has_resolver("mbv2_unique_dir"):
-        OmegaConf.register_new_resolver("mbv2_unique_dir", unique_dir, use_cache=True)
-        OmegaConf.register_new_resolver("mbv2_job_dir_name", job_dir_name)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     # experiments/ sits at the project root, outside conf/; registering its files here

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from mbv2.files import write_text_atomic
+
 _STARTED = time.time()
 
 def rank() -> int:
@@ -47,9 +49,7 @@ def shared_choice(choose: Callable[[], str], timeout: float = 120.0) -> str:
     path = _rendezvous_file()
     if is_primary():
         value = choose()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(value)
-        os.replace(tmp, path)
+        write_text_atomic(path, value)
         return value
     deadline = time.monotonic() + timeout
     # a file left by an earlier launch that happened to get the same master port is stale

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
+from mbv2.cli import entry_point
 
 log = logging.getLogger("mbv2.eval")
 
@@ -39,41 +39,40 @@ class EvalArgs:
     data: Dict[str, Any] = field(default_factory=dict)
 
 
-def evaluate_logits(net, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [N, C], labels [N]) of `net` over `dataset`, in order."""
+def evaluate_logits(net, dataset, batch_size: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C], labels [N]) of `net` over `dataset`, in order (`paddle.Model.predict`)."""
     import paddle
 
-    loader = paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                                  return_list=True)
-    logits, labels = [], []
-    net.eval()
-    with paddle.no_grad():
-        for images, target in loader:
-            logits.append(net(images).numpy())
-            labels.append(np.asarray(target).reshape(-1))
-    return np.concatenate(logits), np.concatenate(labels).astype(np.int64)
+    spec = paddle.static.InputSpec([None, 3, image_size, image_size], "float32", "image")
+    model = paddle.Model(net, inputs=[spec])
+    model.prepare()
+    (logits,) = model.predict(dataset, batch_size=batch_size, stack_outputs=True, verbose=0)
+    labels = np.concatenate([np.asarray(dataset[i][1]).reshape(-1) for i in range(len(dataset))])
+    return logits, labels.astype(np.int64)
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Top-1, top-k (k = min(5, classes)), mean cross-entropy, per-class accuracy and the
-    confusion matrix (rows: true class, columns: predicted)."""
+    confusion matrix (rows: true class, columns: predicted), by scikit-learn's metrics."""
+    from scipy.special import softmax
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
+
     n, c = logits.shape
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    classes = np.arange(c)
     k = min(5, c)
-    top_k = np.argsort(-logits, axis=1)[:, :k]
-    predicted = top_k[:, 0]
-    confusion = np.zeros((c, c), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+    predicted = logits.argmax(axis=1)
+    confusion = confusion_matrix(labels, predicted, labels=classes)
     per_class = []
     for i, name in enumerate(class_names):
         total, correct = int(confusion[i].sum()), int(confusion[i, i])
         per_class.append({"class": name, "images": total, "correct": correct,
                           "acc": correct / total if total else None})
+    top_k = top_k_accuracy_score(labels, logits, k=k, labels=classes) if c > 2 else \
+        float(accuracy_score(labels, predicted) if k == 1 else 1.0)
     return {"num_images": int(n), "num_classes": int(c),
-            "acc_top1": float((predicted == labels).mean()),
-            "acc_top5": float((top_k == labels[:, None]).any(axis=1).mean()), "top5_k": k,
-            "loss": float(-log_probs[np.arange(n), labels].mean()),
+            "acc_top1": float(accuracy_score(labels, predicted)),
+            "acc_top5": float(top_k), "top5_k": k,
+            "loss": float(log_loss(labels, softmax(logits.astype(np.float64), axis=1), labels=classes)),
             "per_class": per_class, "confusion_matrix": confusion.tolist()}
 
 
@@ -108,21 +107,12 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: str
         return np.asarray(img.convert("RGB"))
 
 
-def run_eval(args: EvalArgs) -> dict[str, Any]:
-    import paddle
+def _eval_data(args: EvalArgs, cfg, class_names: Sequence[str], ckpt: Path):
+    """The split to evaluate: the run's data config with `data.*` arguments over it."""
     from omegaconf import OmegaConf
 
-    from mbv2.checkpoint import restore_run, run_dir_of
     from mbv2.data import DataError, build_data, build_transforms
-    from mbv2.tracking import write_json_atomic
 
-    if args.split not in ("val", "train"):
-        raise SystemExit(f"split={args.split!r}: use val or train")
-    from mbv2.runtime import select_device
-
-    device = select_device(args.device)
-    paddle.set_device(device)
-    net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device=device)
     data_cfg = cfg.data
     OmegaConf.set_struct(data_cfg, True)  # a misspelt data.* key fails, naming it
     try:
@@ -137,42 +127,65 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     if args.split == "train":
         # the train split with eval transforms: augmentation would make the numbers noise
         dataset.transform = build_transforms(data_cfg, train=False)
-    logits, labels = evaluate_logits(net, dataset, args.batch_size)
-    report = classification_report(logits, labels, class_names)
-    run_dir = run_dir_of(ckpt)
-    out = Path(args.out) if args.out else run_dir / EVAL_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.split == "val" else f"_{args.split}"
-    epoch = int(meta.get("epoch") or 0)
-    weights = "EMA weights" if args.ema else "weights"
-    title = (f"{run_dir.name}: {args.split}, epoch {epoch} {weights}, "
-             f"top-1 {report['acc_top1']:.4f}")
-    png = out / f"confusion_matrix{suffix}.png"
-    image = plot_confusion(np.asarray(report["confusion_matrix"]), class_names, title, png)
-    result = {"checkpoint": str(ckpt), "epoch": epoch, "split": args.split, "ema": args.ema,
-              "data": OmegaConf.to_container(data_cfg, resolve=True), "class_names": list(class_names),
-              **report}
-    write_json_atomic(out / f"eval{suffix}.json", result)
+    return dataset, data_cfg
 
+
+def _record(out: Path, tag: str, name: str, epoch: int, report: dict[str, Any], image: np.ndarray) -> None:
+    """A VisualDL record of its own in `out` (a second writer in the run dir would hide the
+    training records)."""
     from visualdl import LogWriter
 
-    tag = f"{args.split}{'_ema' if args.ema else ''}"
-    with LogWriter(logdir=str(out), file_name=RECORDS_FILE,
-                   display_name=f"{run_dir.name}/{EVAL_DIR}") as writer:
+    with LogWriter(logdir=str(out), file_name=RECORDS_FILE, display_name=name) as writer:
         writer.add_image(f"confusion_matrix/{tag}", image, step=epoch)
         for key in ("acc_top1", "acc_top5", "loss"):
             writer.add_scalar(f"{tag}/{key}", report[key], step=epoch)
-    print(f"{ckpt} (epoch {epoch}, {weights}) on {args.split}: {report['num_images']} images, "
-          f"top-1 {report['acc_top1']:.4f}, top-{report['top5_k']} {report['acc_top5']:.4f}, "
-          f"loss {report['loss']:.4f}\n-> {out / f'eval{suffix}.json'}, {png}")
+
+
+def run_eval(args: EvalArgs) -> dict[str, Any]:
+    import paddle
+    from omegaconf import OmegaConf
+
+    from mbv2.artifacts import restore_run
+    from mbv2.runtime import select_device
+    from mbv2.train.checkpoint import run_dir_of
+
+    if args.split not in ("val", "train"):
+        raise SystemExit(f"split={args.split!r}: use val or train")
+    device = select_device(args.device)
+    paddle.set_device(device)
+    net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device=device)
+    dataset, data_cfg = _eval_data(args, cfg, class_names, ckpt)
+    logits, labels = evaluate_logits(net, dataset, args.batch_size, int(data_cfg.image_size))
+    report = classification_report(logits, labels, class_names)
+    result = {"checkpoint": str(ckpt), "epoch": int(meta.get("epoch") or 0), "split": args.split,
+              "ema": args.ema, "data": OmegaConf.to_container(data_cfg, resolve=True),
+              "class_names": list(class_names), **report}
+    _write_outputs(args, run_dir_of(ckpt), result)
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from mbv2.cli import run_entry
+def _write_outputs(args: EvalArgs, run_dir: Path, result: dict[str, Any]) -> None:
+    """eval[_train].json, the confusion matrix PNG and a VisualDL record, then one line."""
+    from mbv2.files import write_json_atomic
 
-    run_entry(EvalArgs, run_eval, "mbv2.eval",
-              "ckpt=<run dir or checkpoint> [split=val|train] [data.key=value ...]", argv)
+    out = Path(args.out) if args.out else run_dir / EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.split == "val" else f"_{args.split}"
+    epoch, weights = result["epoch"], "EMA weights" if args.ema else "weights"
+    title = f"{run_dir.name}: {args.split}, epoch {epoch} {weights}, top-1 {result['acc_top1']:.4f}"
+    png = out / f"confusion_matrix{suffix}.png"
+    image = plot_confusion(np.asarray(result["confusion_matrix"]), result["class_names"], title, png)
+    write_json_atomic(out / f"eval{suffix}.json", result)
+    _record(out, f"{args.split}{'_ema' if args.ema else ''}", f"{run_dir.name}/{EVAL_DIR}", epoch,
+            result, image)
+    print(f"{result['checkpoint']} (epoch {epoch}, {weights}) on {args.split}: "
+          f"{result['num_images']} images, top-1 {result['acc_top1']:.4f}, "
+          f"top-{result['top5_k']} {result['acc_top5']:.4f}, loss {result['loss']:.4f}\n"
+          f"-> {out / f'eval{suffix}.json'}, {png}")
+
+
+main = entry_point(EvalArgs, run_eval, "mbv2.eval",
+                   "ckpt=<run dir or checkpoint> [split=val|train] [data.key=value ...]")
 
 
 if __name__ == "__main__":

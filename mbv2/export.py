@@ -11,20 +11,14 @@ Default out: `<run dir>/export`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
-import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
+from mbv2.cli import entry_point
 
 log = logging.getLogger("mbv2.export")
-
-MODEL_PREFIX = "model"
-PREPROCESS_FILE = "preprocess.json"
-CLASS_NAMES_FILE = "class_names.txt"
 
 
 @dataclass
@@ -39,42 +33,11 @@ class ExportArgs:
     opset: int = 11
 
 
-def preprocess_spec(data_cfg) -> dict[str, Any]:
-    """The eval transform of mbv2.data.build_transforms, as data: predict rebuilds it from
-    these keys, and other runtimes can follow them."""
-    from mbv2.data import EVAL_CROP_RATIO
-
-    size = int(data_cfg.image_size)
-    return {"image_size": size, "resize_short": int(round(size / EVAL_CROP_RATIO)),
-            "center_crop": size, "interpolation": "bilinear", "channel_order": "RGB",
-            "layout": "NCHW", "scale": 1 / 255, "mean": [float(v) for v in data_cfg.mean],
-            "std": [float(v) for v in data_cfg.std], "input_name": "image",
-            "output": "softmax probabilities [batch, classes]"}
-
-
-def inference_network(net):
-    """`net` followed by softmax, with Paddle's own depthwise op."""
-    import paddle
-
-    net.set_fast_depthwise(None)  # the exported program must not need the custom op
-
-    class WithSoftmax(paddle.nn.Layer):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, image):
-            return paddle.nn.functional.softmax(self.inner(image), axis=-1)
-
-    wrapped = WithSoftmax(net)
-    wrapped.eval()
-    return wrapped
-
-
 def run_export(args: ExportArgs) -> Path:
     import paddle
 
-    from mbv2.checkpoint import restore_run, run_dir_of
+    from mbv2 import artifacts
+    from mbv2.train.checkpoint import run_dir_of
 
     if args.format not in ("paddle", "onnx"):
         raise SystemExit(f"format={args.format!r}: use paddle or onnx")
@@ -82,33 +45,31 @@ def run_export(args: ExportArgs) -> Path:
         raise SystemExit("format=onnx needs the paddle2onnx package, which is not installed: "
                          "pip install paddle2onnx, then rerun (format=paddle needs nothing)")
     paddle.set_device("cpu")
-    net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device="cpu")
+    net, cfg, class_names, ckpt, meta = artifacts.restore_run(args.ckpt, ema=args.ema, device="cpu")
     out = Path(args.out) if args.out else run_dir_of(ckpt) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    model = inference_network(net)
-    size = int(cfg.data.image_size)
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
-    if args.format == "paddle":
-        paddle.jit.save(model, str(out / MODEL_PREFIX), input_spec=spec)
-        written = [p.name for p in sorted(out.glob(f"{MODEL_PREFIX}.*"))]
-    else:
-        paddle.onnx.export(model, str(out / MODEL_PREFIX), input_spec=spec, opset_version=args.opset)
-        written = [f"{MODEL_PREFIX}.onnx"]
-    (out / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in class_names))
-    info = {**preprocess_spec(cfg.data), "num_classes": len(class_names),
-            "checkpoint": str(ckpt), "epoch": meta.get("epoch"), "ema": args.ema,
-            "model_scale": float(cfg.model.scale), "format": args.format}
-    (out / PREPROCESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    spec = artifacts.preprocess_spec(cfg.data)
+    size = spec["image_size"]
+    inputs = [paddle.static.InputSpec([None, 3, size, size], "float32", spec["input_name"])]
+    prefix = str(out / artifacts.MODEL_PREFIX)
+    with net.reference_ops():  # the exported program must not need mbv2's custom ops
+        model = artifacts.WithSoftmax(net)
+        if args.format == "paddle":
+            paddle.jit.save(model, prefix, input_spec=inputs)
+        else:
+            paddle.onnx.export(model, prefix, input_spec=inputs, opset_version=args.opset)
+    written = [p.name for p in sorted(out.glob(f"{artifacts.MODEL_PREFIX}.*"))]
+    artifacts.write_class_names(class_names, out)
+    artifacts.write_preprocess(out, spec, num_classes=len(class_names), checkpoint=str(ckpt),
+                               epoch=meta.get("epoch"), ema=args.ema,
+                               model_scale=float(net.scale), format=args.format)
     print(f"exported {ckpt} (epoch {meta.get('epoch')}) -> {out}: "
-          f"{', '.join(written + [CLASS_NAMES_FILE, PREPROCESS_FILE])}")
+          f"{', '.join(written + [artifacts.CLASS_NAMES_FILE, artifacts.PREPROCESS_FILE])}")
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from mbv2.cli import run_entry
-
-    run_entry(ExportArgs, run_export, "mbv2.export",
-              "ckpt=<run dir or checkpoint> [format=paddle|onnx] [out=<dir>]", argv)
+main = entry_point(ExportArgs, run_export, "mbv2.export",
+                   "ckpt=<run dir or checkpoint> [format=paddle|onnx] [out=<dir>]")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-import mbv2  # noqa: F401  (sets the MKL code path before paddle loads)
+from mbv2.cli import entry_point
 
 log = logging.getLogger("mbv2.predict")
 
@@ -56,7 +55,7 @@ class ExportedPredictor:
     def __init__(self, model_dir: Path, threads: int):
         from paddle import inference
 
-        from mbv2.export import MODEL_PREFIX
+        from mbv2.artifacts import MODEL_PREFIX
 
         model, params = model_dir / f"{MODEL_PREFIX}.json", model_dir / f"{MODEL_PREFIX}.pdiparams"
         for f in (model, params):
@@ -95,31 +94,23 @@ class DygraphPredictor:
 
 
 def load_predictor(spec: str, threads: int, ema: bool) -> tuple[Callable, Callable, list[str]]:
-    """(predict(batch) -> probabilities, transform(PIL image) -> CHW array, class names)."""
-    from omegaconf import OmegaConf
-
-    from mbv2.data import build_transforms
-    from mbv2.export import CLASS_NAMES_FILE, MODEL_PREFIX, PREPROCESS_FILE
+    """(predict(batch) -> probabilities, transform(PIL image) -> CHW array, class names).
+    Both kinds of model apply the eval transform as `mbv2.artifacts` records it."""
+    from mbv2 import artifacts
 
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / f"{MODEL_PREFIX}.json").is_file():
-        pre_file = path / PREPROCESS_FILE
-        if not pre_file.is_file():
-            raise FileNotFoundError(f"{pre_file} is missing; re-export the model with mbv2.export")
-        pre = json.loads(pre_file.read_text())
-        names = (path / CLASS_NAMES_FILE).read_text().splitlines() if (path / CLASS_NAMES_FILE).is_file() \
-            else [str(i) for i in range(int(pre["num_classes"]))]
-        data_cfg = OmegaConf.create({"image_size": pre["image_size"], "mean": pre["mean"], "std": pre["std"]})
-        return ExportedPredictor(path, threads), build_transforms(data_cfg, train=False), names
+    if path.is_dir() and (path / f"{artifacts.MODEL_PREFIX}.json").is_file():
+        pre = artifacts.read_preprocess(path)
+        names = artifacts.read_class_names(path, int(pre["num_classes"]))
+        return ExportedPredictor(path, threads), artifacts.eval_transform(pre), names
     import paddle
 
-    from mbv2.checkpoint import restore_run
-
     paddle.set_device("cpu")
-    net, cfg, names, ckpt, meta = restore_run(spec, ema=ema)
+    net, cfg, names, ckpt, meta = artifacts.restore_run(spec, ema=ema)
     log.info("dygraph predictions from %s (epoch %s); an exported model is faster "
              "(python -m mbv2.export ckpt=%s)", ckpt, meta.get("epoch"), spec)
-    return DygraphPredictor(net), build_transforms(cfg.data, train=False), names
+    transform = artifacts.eval_transform(artifacts.preprocess_spec(cfg.data))
+    return DygraphPredictor(net), transform, names
 
 
 def predict_files(files: Sequence[Path], predict: Callable, transform: Callable, names: Sequence[str],
@@ -190,12 +181,8 @@ def run_predict(args: PredictArgs) -> list[dict]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from mbv2.cli import run_entry
-
-    run_entry(PredictArgs, run_predict, "mbv2.predict",
-              "model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>]",
-              argv)
+main = entry_point(PredictArgs, run_predict, "mbv2.predict",
+                   "model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>]")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import mbv2  # noqa: F401
 from mbv2.config import register_configs
+from mbv2.rundirs import register_resolvers
+from mbv2.runtime import configure_process
+
+configure_process()  # as every entry point does, before a test imports paddle
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -33,6 +36,7 @@ TINY = [
 
 def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False):
     register_configs()
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)

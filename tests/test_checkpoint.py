@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import paddle
 import pytest
 from visualdl import LogReader, LogWriter
 
-from mbv2.checkpoint import CKPT_SUFFIX, Checkpointer, CheckpointError, load_checkpoint
-from mbv2.tracking import RECORDS_FILE, truncate_records
+from mbv2.train.checkpoint import CKPT_SUFFIX, Checkpointer, CheckpointError, load_checkpoint
+from mbv2.train.tracking import RECORDS_FILE, truncate_records
 from tests.conftest import ROOT, TINY, run_cli
 
 # 160 images / batch 16 = 10 steps an epoch (~1 s here): room to kill inside epoch 3

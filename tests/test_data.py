@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mbv2.data import DataError, build_data, load_image, write_class_names
+from mbv2.artifacts import read_class_names, write_class_names
+from mbv2.data import DataError, build_data, load_image
 from tests.image_files import write_image as _write
 
 
@@ -99,5 +100,6 @@ def test_fake_data_shapes(cfg_factory):
 
 
 def test_class_names_file(tmp_path):
-    write_class_names(["cat", "dog"], tmp_path / "class_names.txt")
+    write_class_names(["cat", "dog"], tmp_path)
     assert (tmp_path / "class_names.txt").read_text() == "cat\ndog\n"
+    assert read_class_names(tmp_path, 2) == ["cat", "dog"]

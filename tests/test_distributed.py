@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mbv2.optim import effective_lr
+from mbv2.train.optim import effective_lr
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow

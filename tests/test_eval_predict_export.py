@@ -115,7 +115,7 @@ def test_predict_exported_and_checkpoint_agree(exported, trained, images, tmp_pa
 def test_predictor_and_dygraph_outputs_within_1e4(exported, trained, images):
     import paddle
 
-    from mbv2.checkpoint import restore_run
+    from mbv2.artifacts import restore_run
     from mbv2.data import build_transforms, load_image
     from mbv2.predict import DygraphPredictor, ExportedPredictor
 

@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-from mbv2.model import (DEFAULT_BOTTLENECK, MobileNetV2, ModelConfigError, count_macs,
+from mbv2.model import (PADDLECLAS_BOTTLENECK, MobileNetV2, ModelConfigError, count_macs,
                         count_parameters, load_pretrained)
 
 
@@ -132,5 +132,5 @@ def test_macs_of_x1_at_224():
 
 
 def test_default_table_is_paddleclas():
-    assert DEFAULT_BOTTLENECK == ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+    assert PADDLECLAS_BOTTLENECK == ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                                   (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))

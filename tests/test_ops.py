@@ -123,13 +123,15 @@ def test_no_grad(kernel):
 
 
 def test_mode_selection(kernel):
-    assert dw.fast_depthwise_fn("off", "cpu") is None
-    assert dw.fast_depthwise_fn("auto", "gpu:0") is None
-    assert dw.fast_depthwise_fn("on", "gpu") is None
-    assert dw.fast_depthwise_fn("auto", "cpu") is dw.depthwise_conv2d
-    assert dw.fast_depthwise_fn("on", "cpu") is dw.depthwise_conv2d
+    from mbv2.ops import CPU_KERNELS, PADDLE_OPS, select_ops
+
+    assert select_ops("off", "cpu") is PADDLE_OPS
+    assert select_ops("auto", "gpu:0") is PADDLE_OPS
+    assert select_ops("on", "gpu") is PADDLE_OPS
+    assert select_ops("auto", "cpu") is CPU_KERNELS
+    assert select_ops("on", "cpu") is CPU_KERNELS
     with pytest.raises(ValueError, match="auto, on or off"):
-        dw.fast_depthwise_fn("yes", "cpu")
+        select_ops("yes", "cpu")
 
 
 @pytest.fixture
@@ -156,9 +158,11 @@ def test_build_failure_warns_and_returns_none(fresh_loader, caplog):
 
 def test_no_compiler_warns_and_gives_none(fresh_loader, monkeypatch):
     monkeypatch.setattr(dw, "_compiler", lambda: None)
+    from mbv2.ops import PADDLE_OPS, select_ops
+
     with pytest.warns(RuntimeWarning, match="no C.. compiler"):
-        assert dw.fast_depthwise_fn("on", "cpu") is None
-    assert dw.fast_depthwise_fn("off", "cpu") is None
+        assert select_ops("on", "cpu") is PADDLE_OPS
+    assert select_ops("off", "cpu") is PADDLE_OPS
 
 
 def test_cache_reused_across_processes(kernel):
@@ -224,7 +228,7 @@ def test_train_step_gradients_match_native(kernel):
     while the kernels stayed at 1.1e-4. A wrong gradient is off by O(1).)"""
     fast, native = _twin_models()
     ref = _float64_twin(native)
-    fast.set_fast_depthwise(dw.depthwise_conv2d)
+    assert fast.use_cpu_kernels(True)
     (x, y), = _batches(1)
     grads, losses = [], []
     for net, inp in ((fast, x), (native, x), (ref, x.astype("float64"))):
@@ -255,7 +259,7 @@ def test_training_matches_native(kernel):
     train-mode BN normalises over 8 numbers, and the trajectory is chaotic (Paddle's own
     conv with a 1e-6 input change drifts 10 % in 3 steps), which would test nothing."""
     fast, native = _twin_models()
-    fast.set_fast_depthwise(dw.depthwise_conv2d)
+    assert fast.use_cpu_kernels(True)
     batches = _batches(4)
     curves = []
     for net in (fast, native):
@@ -295,8 +299,8 @@ def test_works_in_model_fit(kernel):
     """paddle.Model.fit (hapi, dygraph): the depthwise weights get gradients and move."""
     paddle.seed(3)
     net = MobileNetV2(class_num=4, scale=0.25)
-    net.set_fast_depthwise(dw.depthwise_conv2d)
-    layer = net.depthwise_layers()[0]
+    assert net.use_cpu_kernels(True)
+    layer = next(l for l in net.conv_bn_layers() if l._conv._groups > 1)
     before = layer._conv.weight.numpy().copy()
     data = _Images(16, 4)
     model = paddle.Model(net)

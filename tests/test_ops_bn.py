@@ -168,7 +168,7 @@ def test_eval_model_matches_native(kernel):
     fast.train()
     fast(x)  # non-trivial running statistics
     native.set_state_dict(fast.state_dict())
-    fast.set_fast_depthwise(dw.depthwise_conv2d)
+    assert fast.use_cpu_kernels(True)
     fast.eval()
     native.eval()
     with paddle.no_grad():
@@ -185,16 +185,22 @@ def test_no_grad(kernel):
 
 
 def test_model_switch(kernel):
-    """set_fast_depthwise(fn) turns the fused BN on for every ConvBNLayer, None turns it
-    off; eval mode and state-dict keys are unaffected."""
+    """use_cpu_kernels(True) puts every ConvBNLayer on the kernels, False back on Paddle's
+    ops, reference_ops() for a block only; state-dict keys are unaffected."""
+    from mbv2.ops import CPU_KERNELS, PADDLE_OPS
+
     net = MobileNetV2(class_num=10, scale=0.25)
     layers = [m for m in net.sublayers() if isinstance(m, ConvBNLayer)]
     keys = list(net.state_dict())
-    net.set_fast_depthwise(dw.depthwise_conv2d)
-    assert all(l._fast_batch_norm is fbn.batch_norm_act for l in layers)
+    assert all(l._ops is PADDLE_OPS for l in layers)  # a new network: Paddle's ops
+    assert net.use_cpu_kernels(True)
+    assert all(l._ops is CPU_KERNELS for l in layers)
     assert list(net.state_dict()) == keys
-    net.set_fast_depthwise(None)
-    assert all(l._fast_batch_norm is None for l in layers)
+    with net.reference_ops():
+        assert all(l._ops is PADDLE_OPS for l in layers)
+    assert all(l._ops is CPU_KERNELS for l in layers)
+    assert not net.use_cpu_kernels(False)
+    assert all(l._ops is PADDLE_OPS for l in layers)
 
 
 def test_train_step_running_stats_match_native(kernel):
@@ -203,7 +209,7 @@ def test_train_step_running_stats_match_native(kernel):
     fast = MobileNetV2(class_num=10, scale=0.25)
     native = MobileNetV2(class_num=10, scale=0.25)
     native.set_state_dict(fast.state_dict())
-    fast.set_fast_depthwise(dw.depthwise_conv2d)
+    assert fast.use_cpu_kernels(True)
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype("float32"))
     for net in (fast, native):
         net.train()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from visualdl import LogReader
 
-from mbv2.config import unique_dir
+from mbv2.rundirs import unique_dir
 from tests.conftest import ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.slow
@@ -108,9 +108,9 @@ def test_default_run_dir_is_readable_and_unique(tmp_path):
 def test_unique_dir_never_shares(tmp_path):
     base = str(tmp_path / "12-00-00")
     first = unique_dir(base, "model.scale=0.5")
-    from mbv2 import config
+    from mbv2 import rundirs
 
-    config._UNIQUE_DIRS.clear()  # a second process starting in the same second
+    rundirs._UNIQUE_DIRS.clear()  # a second process starting in the same second
     second = unique_dir(base, "model.scale=0.5")
     assert first != second and Path(first).is_dir() and Path(second).is_dir()
     assert Path(second).name == "12-00-00_model.scale=0.5-2"

@@ -14,8 +14,9 @@ import pytest
 # faults as much as the first); with mbv2's kept heap the second round reuses the pages.
 PROBE = r"""
 import json, resource, sys
-import mbv2, paddle
 from mbv2 import runtime
+runtime.configure_process()
+import paddle
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -93,14 +94,24 @@ def test_mkl_cpu_type_follows_the_cpu_flags(monkeypatch):
     assert runtime.mkl_cpu_type(set(runtime.AVX512_FLAGS)) is None
 
 
-def test_import_sets_mkl_path_for_this_cpu_unless_the_user_did():
+def test_import_changes_nothing_and_configure_process_sets_mkl_path():
+    """Importing mbv2 (even the network) leaves the process alone; configure_process()
+    names MKL's code path for this CPU unless the user already did, and keeps the heap."""
     from mbv2 import runtime
 
     expected = runtime.mkl_cpu_type()
-    code = "import os, mbv2; print(os.environ.get('MKL_DEBUG_CPU_TYPE'))"
-    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.strip() == str(expected)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    probe = ("import os, mbv2.model, mbv2.run, mbv2.eval, mbv2.export, mbv2.predict\n"
+             "from mbv2 import runtime\n"
+             "print(os.environ.get('MKL_DEBUG_CPU_TYPE'), runtime.malloc_mode)\n"
+             "runtime.configure_process()\n"
+             "print(os.environ.get('MKL_DEBUG_CPU_TYPE'), runtime.malloc_mode)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "MBV2_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = out.stdout.strip().splitlines()[-2:]
+    assert before == "None None"
+    kept = "kept-heap" if platform.libc_ver()[0] == "glibc" else "unsupported"
+    assert after == f"{expected} {kept}"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env={**env, "MKL_DEBUG_CPU_TYPE": "5"})
-    assert out.stdout.strip() == "5"  # a user's own choice stays
+    assert out.stdout.strip().splitlines()[-1].split()[0] == "5"  # a user's own choice stays

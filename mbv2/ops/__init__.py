@@ -1,1 +1,79 @@
-"""Custom CPU operators for mbv2 (JIT-built Paddle C++ extensions), see `depthwise`."""
+"""CPU kernels for MobileNetV2's conv + batch-norm layers, behind one switch.
+
+A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
+
+* `PADDLE_OPS`: Paddle's own conv2d, batch_norm and relu6 - the reference every kernel is
+  tested against, and what GPUs, exported models and MAC counting use;
+* `CPU_KERNELS`: mbv2's JIT-built C++ ops (`depthwise`: 3x3 depthwise conv, `batch_norm`:
+  fused batch norm + ReLU6 in training and eval) and 1x1 convs on small maps as one matrix
+  product (`pointwise`). Each wrapper sends a shape it does not cover to Paddle's op.
+
+The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
+`select_ops(mode, device)` turns the `model.cpu_kernels` setting into an `Ops`.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from mbv2.ops.batch_norm import batch_norm_act
+from mbv2.ops.depthwise import depthwise_conv2d, load_kernel
+from mbv2.ops.pointwise import pointwise_conv2d
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+
+
+class Ops:
+    """Paddle's own ops: conv2d, batch_norm, relu6."""
+
+    name = "paddle"
+
+    def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
+        y = bn(conv(x))
+        return F.relu6(y) if act else y
+
+
+class CpuKernels(Ops):
+    """mbv2's CPU kernels; the wrappers fall back to Paddle's ops for what they do not cover."""
+
+    name = "cpu_kernels"
+
+    def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
+        groups, c_in, c_out = conv._groups, conv._in_channels, conv._out_channels
+        if groups == c_in == c_out and groups > 1:
+            y = depthwise_conv2d(x, conv.weight, conv._stride[0], conv._padding)
+        elif groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
+            y = pointwise_conv2d(x, conv.weight)
+        else:
+            y = conv(x)
+        return batch_norm_act(y, bn, act)
+
+
+PADDLE_OPS = Ops()
+CPU_KERNELS = CpuKernels()
+
+
+def select_ops(mode: str, device: str) -> Ops:
+    """`model.cpu_kernels` -> the ops a network on `device` runs with.
+
+    auto and on use the kernels on CPU; on GPU both give Paddle's ops (cuDNN is fast
+    there). A failed kernel build gives a warning (from `load_kernel`) and Paddle's ops."""
+    if mode not in MODES:
+        raise ValueError(f"model.cpu_kernels must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return PADDLE_OPS
+    if not str(device).lower().startswith("cpu"):
+        if mode == "on":
+            log.info("mbv2's kernels are CPU-only; %s uses Paddle's ops", device)
+        return PADDLE_OPS
+    if load_kernel() is None:
+        if mode == "on":
+            warnings.warn("model.cpu_kernels=on but the kernels are unavailable; using "
+                          "Paddle's ops", RuntimeWarning, stacklevel=2)
+        return PADDLE_OPS
+    return CPU_KERNELS

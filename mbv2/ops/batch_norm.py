@@ -72,8 +72,3 @@ def batch_norm_act(x: paddle.Tensor, bn: nn.BatchNorm2D, act: bool) -> paddle.Te
     outs = paddle._C_ops._run_custom_op(OP_NAME, x, scale, bias, bn._mean, bn._variance,
                                         float(bn._epsilon), float(bn._momentum), bool(act))
     return outs[0]
-
-
-def fused_batch_norm_fn():
-    """`batch_norm_act` when the op library is available, else None (Paddle's ops)."""
-    return batch_norm_act if _dw.load_kernel() is not None else None

@@ -9,7 +9,7 @@ library across processes, and routes the shapes it supports to it:
   no compiler or the build fails, so callers fall back to Paddle's conv instead of crashing.
 * `depthwise_conv2d(x, weight, stride, padding)` uses the op for float32 NCHW CPU tensors
   with a 3x3 kernel, stride 1 or 2 and padding 0 or 1, and Paddle's conv otherwise.
-* `fast_depthwise_fn(mode, device)` picks the function for `MobileNetV2.set_fast_depthwise`.
+* `mbv2.ops.select_ops` puts it, with the other kernels, behind the network's one switch.
 
 Threads: the op runs on Paddle's own OpenMP runtime and thread count. Note that Paddle
 sets OMP_NUM_THREADS=1 at import when it is unset, so by default everything, this op
@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -335,24 +335,3 @@ def depthwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, stride: int | Sequ
         if kernel is not None:
             return kernel(x, weight, strides, pads)
     return F.conv2d(x, weight, stride=stride, padding=padding, groups=x.shape[1])
-
-
-def fast_depthwise_fn(mode: str, device: str) -> Callable[..., paddle.Tensor] | None:
-    """The `fn` for `MobileNetV2.set_fast_depthwise`, or None for Paddle's own conv.
-
-    mode `auto`/`on` use the op on CPU; on GPU both give None, cuDNN being fast there.
-    A failed build gives a warning (from `load_kernel`) and None in either mode."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"fast depthwise mode must be auto, on or off, got {mode!r}")
-    if mode == "off":
-        return None
-    if not str(device).lower().startswith("cpu"):
-        if mode == "on":
-            log.info("fast depthwise conv is CPU-only; %s uses Paddle's conv", device)
-        return None
-    if load_kernel() is None:
-        if mode == "on":
-            warnings.warn("fast depthwise conv requested (on) but unavailable; "
-                          "using Paddle's conv", RuntimeWarning, stacklevel=2)
-        return None
-    return depthwise_conv2d

@@ -5,9 +5,47 @@ curve does not depend on the batch size.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import paddle
 from omegaconf import DictConfig
 from paddle.optimizer import lr as lr_sched
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one epoch is cut: each of `ranks` processes trains on its 1/ranks shard
+    (DistributedBatchSampler), `batch_size` images per device and step."""
+
+    train_images: int
+    batch_size: int
+    ranks: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.ranks
+
+    @property
+    def steps_per_epoch(self) -> int:
+        shard = -(-self.train_images // self.ranks)
+        return max(1, -(-shard // self.batch_size))
+
+
+def build_optimization(optim: DictConfig, sched: DictConfig, parameters, epochs: int,
+                       plan: BatchPlan) -> tuple[paddle.optimizer.Optimizer, float]:
+    """The optimizer with its per-step LR schedule, and the base LR it uses."""
+    lr = effective_lr(optim, plan.global_batch)
+    if plan.ranks > 1 or optim.lr_reference_batch:
+        rule = (f"scaled linearly from optim.lr={optim.lr} per batch of "
+                f"{optim.lr_reference_batch}" if optim.lr_reference_batch
+                else "optim.lr as given (set optim.lr_reference_batch to scale it)")
+        log.info("data parallel over %d process(es): global batch %d = %d per device x %d; "
+                 "LR %.4g, %s", plan.ranks, plan.global_batch, plan.batch_size, plan.ranks, lr, rule)
+    schedule = build_schedule(sched, lr, epochs, plan.steps_per_epoch)
+    return build_optimizer(optim, parameters, schedule), lr
 
 
 def build_schedule(sched: DictConfig, base_lr: float, epochs: int, steps_per_epoch: int):

@@ -13,10 +13,7 @@ and logged again, so no step is duplicated or missing.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import struct
 import time
 from pathlib import Path
@@ -24,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from paddle.callbacks import Callback
+
+from mbv2.files import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +33,7 @@ HPARAM_METRICS = ["eval/acc_top1", "eval/loss"]
 STEPPED_TAGS = ("train/", "eval/", "eval_ema/")
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _scalar(value) -> float:
+def scalar_value(value) -> float:
     """paddle.Model logs the loss as a one-element list; metrics as floats."""
     if isinstance(value, (list, tuple, np.ndarray)):
         value = np.asarray(value).reshape(-1)[0]
@@ -55,10 +46,6 @@ class _NullWriter:
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 def truncate_records(path: str | Path, max_step: int, max_epoch: int) -> int:
@@ -85,23 +72,21 @@ def truncate_records(path: str | Path, max_step: int, max_epoch: int) -> int:
             kept.append(frame)
         else:
             removed += 1
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(b"".join(kept))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, b"".join(kept))
     return removed
 
 
 class RunTracker(Callback):
     """Logs to VisualDL, keeps metrics.json current and prints one line per epoch.
 
-    Also the run's guard against divergence: a NaN/inf training loss stops the run with
-    an error instead of training on garbage."""
+    As a fit callback it sees the training batches and epochs; evaluation results come in
+    through `record_eval`, checkpoints through `record_checkpoint`."""
 
     def __init__(self, run_dir: str | Path, run_name: str, hparams: dict[str, Any],
                  static_metrics: dict[str, Any], log_freq: int, epochs: int,
                  write: bool = True):
         super().__init__()
-        # In a data-parallel run every rank tracks (and guards against NaN) but only
+        # In a data-parallel run every rank tracks but only
         # rank 0 writes: one records file and one metrics.json per run dir.
         self.write = write
         self.run_dir = Path(run_dir)
@@ -122,15 +107,11 @@ class RunTracker(Callback):
         self._epoch_start = 0.0
         self._epoch_images = 0
         self._epoch_seconds: list[tuple[int, float]] = []  # (images, seconds) per epoch
-        self._eval_loss_sum = 0.0
-        self._eval_count = 0
         self._last_train: dict[str, float] = {}
         # fit numbers the epochs it runs from 0; a resumed run adds the epochs already done
         self.epoch_offset = 0
         self._resumed = False
         self._wall_before = 0.0  # wall seconds of the run's earlier processes (resume)
-        # "eval" for the model's own weights, "eval_ema" while the EMA weights are evaluated
-        self.eval_tag = "eval"
         self.save()
 
     # -- resume ----------------------------------------------------------------------
@@ -181,16 +162,11 @@ class RunTracker(Callback):
 
     def on_train_batch_end(self, step, logs=None):
         logs = logs or {}
-        loss = _scalar(logs["loss"])
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss} at epoch {self.epoch + 1}, step {step + 1} "
-                f"(global step {self.global_step + 1}); the run stopped. Lower optim.lr, add "
-                f"sched.warmup_epochs or optim.grad_clip")
+        loss = scalar_value(logs["loss"])
         self.global_step += 1
         self._epoch_images += int(logs.get("batch_size", 0))
-        self._last_train = {"loss": loss, "acc_top1": _scalar(logs["acc_top1"]),
-                            "acc_top5": _scalar(logs["acc_top5"])}
+        self._last_train = {"loss": loss, "acc_top1": scalar_value(logs["acc_top1"]),
+                            "acc_top5": scalar_value(logs["acc_top5"])}
         if self.global_step % self.log_freq == 0:
             for key, value in self._last_train.items():
                 self.writer.add_scalar(f"train/{key}", value, self.global_step)
@@ -208,48 +184,30 @@ class RunTracker(Callback):
                              "train_seconds": round(seconds, 3),
                              "train_images_per_sec": round(self._epoch_images / max(seconds, 1e-9), 1)})
 
-    def on_eval_begin(self, logs=None):
-        self._eval_loss_sum, self._eval_count = 0.0, 0
-
-    def on_eval_batch_end(self, step, logs=None):
-        n = int((logs or {}).get("batch_size", 1))
-        self._eval_loss_sum += _scalar(logs["loss"]) * n
-        self._eval_count += n
-
-    def on_eval_end(self, logs=None):
-        logs = logs or {}
-        # paddle.Model reports the last eval batch's loss; VisualDL gets the mean
-        result = {"loss": self._eval_loss_sum / max(1, self._eval_count),
-                  "acc_top1": _scalar(logs["acc_top1"]), "acc_top5": _scalar(logs["acc_top5"])}
-        self.record_eval(self.epoch + 1, result)
-
-    def record_eval(self, epoch: int, result: dict[str, float]) -> None:
-        tag = self.eval_tag
+    def record_eval(self, tag: str, epoch: int, result: dict[str, float]) -> None:
+        """An evaluation of 1-based `epoch`: `tag` eval (the model's weights) or eval_ema
+        (kept apart: best_epoch and the epoch line follow the model's own weights)."""
         for key, value in result.items():
             self.writer.add_scalar(f"{tag}/{key}", value, epoch)
-        if tag != "eval":  # EMA weights: logged and kept apart; best/final stay the model's
-            m = self.metrics
-            best = m.get(f"best_{tag}_acc_top1")
-            if best is None or result["acc_top1"] > best:
-                m[f"best_{tag}_acc_top1"] = result["acc_top1"]
-            for key, value in result.items():
-                m[f"final_{tag}_{key}"] = value
-            if self.history and self.history[-1]["epoch"] == epoch:
-                self.history[-1].update({f"{tag}_{k}": v for k, v in result.items()})
-            self.writer.flush()
-            self.save()
-            return
         m = self.metrics
-        if m["best_eval_acc_top1"] is None or result["acc_top1"] > m["best_eval_acc_top1"]:
-            m["best_eval_acc_top1"], m["best_epoch"] = result["acc_top1"], epoch
-        m["final_eval_acc_top1"] = result["acc_top1"]
-        m["final_eval_acc_top5"] = result["acc_top5"]
-        m["final_eval_loss"] = result["loss"]
-        m["last_eval_epoch"] = epoch
+        best = m.get(f"best_{tag}_acc_top1")
+        if best is None or result["acc_top1"] > best:
+            m[f"best_{tag}_acc_top1"] = result["acc_top1"]
+            if tag == "eval":
+                m["best_epoch"] = epoch
+        for key, value in result.items():
+            m[f"final_{tag}_{key}"] = value
         if self.history and self.history[-1]["epoch"] == epoch:
-            self.history[-1].update({f"eval_{k}": v for k, v in result.items()})
+            self.history[-1].update({f"{tag}_{k}": v for k, v in result.items()})
         self.writer.flush()
-        self.log_epoch(epoch)
+        if tag == "eval":
+            m["last_eval_epoch"] = epoch
+            self.log_epoch(epoch)
+        self.save()
+
+    def record_checkpoint(self, epoch: int, path: Path) -> None:
+        self.metrics["last_checkpoint"] = {"epoch": epoch, "global_step": self.global_step,
+                                           "path": str(path)}
         self.save()
 
     def log_epoch(self, epoch: int) -> None:

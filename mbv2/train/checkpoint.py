@@ -22,13 +22,13 @@ import os
 import pickle
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paddle
-from paddle.callbacks import Callback
+
+from mbv2.files import replace_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +44,22 @@ class CheckpointError(RuntimeError):
 
 
 # -- files ------------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_atomic(obj: Any, path: Path) -> None:
-    """`paddle.save` to a temporary name in the same directory, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    """`paddle.save` to a temporary name, fsync (on disk before the rename makes it
+    `last`), then rename."""
+    replace_atomic(path, lambda tmp: paddle.save(obj, str(tmp)), fsync=True)
+
+
+def _link_or_copy(src: Path, tmp: Path) -> None:
     try:
-        paddle.save(obj, str(tmp))
-        with open(tmp, "rb") as f:  # on disk before the rename makes it `last`
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        os.link(src, tmp)
+    except OSError:  # no hard links on this file system
+        shutil.copy2(src, tmp)
 
 
 def _publish(src: Path, dst: Path) -> None:
     """Make `dst` the same file as `src` (hard link; a copy where links are unsupported)."""
-    tmp = _tmp_name(dst)
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    replace_atomic(dst, lambda tmp: _link_or_copy(src, tmp))
 
 
 def _remove(prefix: Path) -> None:
@@ -151,43 +139,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list) else x
-
-
-# -- EMA ----------------------------------------------------------------------------------
-class ModelEma:
-    """Exponential moving average of every weight and batch-norm statistic (as timm's
-    ModelEmaV2): `ema = decay * ema + (1 - decay) * current`, after each optimizer step."""
-
-    def __init__(self, net: paddle.nn.Layer, decay: float):
-        self.net, self.decay = net, float(decay)
-        self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-    @paddle.no_grad()
-    def update(self) -> None:
-        for key, value in self.net.state_dict().items():
-            shadow = self.shadow[key]
-            if paddle.is_floating_point(value):
-                shadow.set_value(shadow * self.decay + value.detach() * (1.0 - self.decay))
-            else:  # counters: the EMA copy follows the model
-                shadow.set_value(value.detach())
-
-    def state_dict(self) -> dict[str, paddle.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if key in self.shadow:
-                self.shadow[key].set_value(paddle.to_tensor(value, dtype=self.shadow[key].dtype))
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """The network runs with the EMA weights inside the block, its own after."""
-        backup = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.net.set_state_dict(self.shadow)
-        try:
-            yield
-        finally:
-            self.net.set_state_dict(backup)
 
 
 # -- the run's checkpoints ----------------------------------------------------------------
@@ -271,103 +222,3 @@ class Checkpointer:
     def _publish_all(src: Path, dst: Path) -> None:
         for suffix in SUFFIXES:
             _publish(Path(str(src) + suffix), Path(str(dst) + suffix))
-
-
-# -- trained networks for eval / predict / export ------------------------------------------
-class EpochEnd(Callback):
-    """After each training epoch: evaluate (every eval_freq epochs and after the last),
-    the EMA weights too, then checkpoint. Evaluating here rather than through fit's
-    eval_data keeps eval_freq counted in the run's epochs on resume (fit counts from 0 on
-    every call) and puts the epoch's eval result into its checkpoint."""
-
-    def __init__(self, tracker, checkpointer, val_data, ema, cfg):
-        super().__init__()
-        self.tracker, self.checkpointer, self.val_data, self.ema = tracker, checkpointer, val_data, ema
-        self.t = cfg
-
-    def on_train_batch_end(self, step, logs=None):
-        if self.ema is not None:  # after the optimizer step of this batch
-            self.ema.update()
-
-    def _evaluate(self) -> dict:
-        t = self.t
-        return self.model.evaluate(self.val_data, batch_size=int(t.batch_size), verbose=int(t.verbose),
-                                   num_workers=int(t.num_workers), callbacks=[self.tracker])
-
-    def on_epoch_end(self, epoch, logs=None):
-        epoch = self.tracker.epoch + 1  # 1-based, counted over the whole run
-        metric = None
-        if (epoch - 1) % int(self.t.eval_freq) == 0 or epoch == int(self.t.epochs):
-            metric = float(self._evaluate()["acc_top1"])
-            if self.ema is not None:
-                self.tracker.eval_tag = "eval_ema"
-                try:
-                    with self.ema.applied():
-                        self._evaluate()
-                finally:
-                    self.tracker.eval_tag = "eval"
-        self.tracker.flush()  # the records up to here belong to this checkpoint
-        extra = {"ema": self.ema.state_dict() if self.ema is not None else None,
-                 "rng": capture_rng(), "tracker": self.tracker.state_dict()}
-        path = self.checkpointer.save(self.model, epoch, self.tracker.global_step, metric, extra)
-        self.tracker.metrics["last_checkpoint"] = {
-            "epoch": epoch, "global_step": self.tracker.global_step, "path": str(path)}
-        self.tracker.save()
-
-
-def load_run_config(run_dir: Path):
-    """The resolved config a run saved (`config_resolved.yaml`, else `.hydra/config.yaml`)."""
-    from omegaconf import OmegaConf
-
-    for name in ("config_resolved.yaml", ".hydra/config.yaml"):
-        if (run_dir / name).is_file():
-            return OmegaConf.load(run_dir / name)
-    raise CheckpointError(f"{run_dir}: no config_resolved.yaml or .hydra/config.yaml; the "
-                          f"checkpoint must sit in the run dir mbv2.run wrote "
-                          f"(<run dir>/{CHECKPOINT_DIR}/)")
-
-
-def read_class_names(run_dir: Path, num_classes: int) -> list[str]:
-    path = run_dir / "class_names.txt"
-    if path.is_file():
-        names = path.read_text().splitlines()
-        if len(names) == num_classes:
-            return names
-        log.warning("%s lists %d names for %d classes; using class ids", path, len(names), num_classes)
-    return [str(i) for i in range(num_classes)]
-
-
-def restore_network(ckpt_path: Path, model_cfg, ema: bool = False, device: str = "cpu"):
-    """The trained network of `ckpt_path` (built from the run's `model` config), in eval
-    mode, and the checkpoint's meta. `ema=True` takes the EMA weights."""
-    from omegaconf import OmegaConf
-
-    from mbv2.model import build_model
-
-    ckpt = load_checkpoint(ckpt_path)
-    weights = ckpt["model"]
-    if ema:
-        if not ckpt.get("ema"):
-            raise CheckpointError(f"{ckpt_path}: has no EMA weights (the run had "
-                                  f"trainer.ema_decay=null); drop ema=true")
-        weights = ckpt["ema"]
-    head = weights.get("out.weight")
-    num_classes = int(head.shape[1]) if head is not None else 1000
-    cfg = OmegaConf.merge(model_cfg, {"pretrained": None, "class_num": num_classes})
-    net = build_model(cfg, num_classes=num_classes, device=device)
-    missing, unexpected = net.set_state_dict(weights)
-    if missing:
-        raise CheckpointError(f"{ckpt_path}: weights do not fit the run's model config "
-                              f"(missing {list(missing)[:5]}...); was config_resolved.yaml edited?")
-    net.eval()
-    return net, ckpt["meta"]
-
-
-def restore_run(path: str | Path, ema: bool = False, device: str = "cpu"):
-    """(network, run config, class names, checkpoint file, meta) of a run dir or
-    checkpoint; the network in eval mode."""
-    ckpt = resolve_checkpoint(path)
-    run_dir = run_dir_of(ckpt)
-    cfg = load_run_config(run_dir)
-    net, meta = restore_network(ckpt, cfg.model, ema=ema, device=device)
-    return net, cfg, read_class_names(run_dir, net.class_num), ckpt, meta

@@ -1,0 +1,30 @@
+"""Throughput benchmark: MobileNetV2 on CPU, Paddle native vs Paddle + the C++ depthwise
+op vs an exported Paddle Inference predictor vs PyTorch eager (same architecture).
+
+    python -m mbv2.bench [--quick] [--out bench.json] [--threads N] [--scales 1.0 0.5]
+
+Training img/s = forward + cross-entropy + backward + Momentum step (batch / step time);
+inference img/s = eval-mode forward without gradients. Every backend runs in fresh
+processes of its own, in two rounds that take turns; warm-up steps (3-5 per process: the
+heap and caches fill) are excluded, each number is the median of the timed steps of both
+rounds (each round's median is in the JSON).
+All frameworks use the same thread count (--threads sets OMP_NUM_THREADS/MKL_NUM_THREADS,
+Paddle's math threads through mbv2.runtime.configure_process - Paddle alone stays on one -
+and torch.set_num_threads). Classes: 10 at 32 px, 1000 at 224 px.
+
+Modules: cases (Case, Result, the table); paddle_side (the Paddle backends, the exported
+predictor); torch_side (the PyTorch reference, timed twice); workers (timing in fresh
+processes, the default experiment, the data loader); driver (run_case, the command line,
+the JSON report).
+"""
+from mbv2.bench.cases import (PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result, default_cases,
+                              format_table, table)
+from mbv2.bench.driver import main, run_case
+from mbv2.bench.paddle_side import paddle_fns, predictor_fn
+from mbv2.bench.torch_side import torch_available, torch_fns, torch_model
+from mbv2.bench.workers import backend_worker, default_run, in_subprocess, loader_speed
+
+__all__ = ["PADDLE_BACKENDS", "TORCH_BACKENDS", "Case", "Result", "backend_worker",
+           "default_cases", "default_run", "format_table", "in_subprocess", "loader_speed",
+           "main", "paddle_fns", "predictor_fn", "run_case", "table", "torch_available",
+           "torch_fns", "torch_model"]

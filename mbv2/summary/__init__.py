@@ -1,0 +1,70 @@
+"""One table and one plot for a sweep: `python -m mbv2.summary <dir> [--sort KEY] [--no-plot]`.
+
+A width x LR sweep leaves one Hydra job directory per run; opening metrics.json files one
+at a time shows neither which width/LR wins, nor which jobs failed, nor the trade-off of
+accuracy against compute. This package reads every job directory below a sweep or outputs
+dir (finished, running, failed or never started) and writes into that dir:
+
+- summary.csv: one row per job, plain numbers, for pandas or a spreadsheet;
+- summary.md: the same table aligned (also printed), with counts and shared settings;
+- summary.png: best top-1 against MACs per completed job, with its Pareto front.
+
+It runs while a sweep is still training, so it tolerates half-written metrics.json files,
+configs with interpolations it cannot resolve (Hydra's or mbv2's own resolvers), and jobs
+that never wrote anything. It imports no paddle, and matplotlib only when it plots, so it
+answers in well under a second.
+
+Modules: jobs (reading job dirs into JobRows, sorting them), table (summary.csv and the
+aligned table), plot (summary.png, the Pareto front), report (summary.md, write_summary,
+the command line).
+"""
+from mbv2.summary.jobs import (
+    COMPLETED,
+    CONFIG_FILE,
+    FAILED,
+    METRICS_FILE,
+    NO_METRICS,
+    OPTUNA_FILE,
+    OVERRIDES_FILE,
+    RUNNING,
+    SETTING_KEYS,
+    SORT_CHOICES,
+    SORT_KEYS,
+    UNREADABLE,
+    JobRow,
+    NoJobsError,
+    collect,
+    sort_rows,
+)
+from mbv2.summary.plot import pareto_front, plot_summary
+from mbv2.summary.report import CSV_NAME, MD_NAME, PNG_NAME, main, write_summary
+from mbv2.summary.table import CSV_COLUMNS, TABLE_COLUMNS, format_table
+
+__all__ = [
+    "COMPLETED",
+    "CONFIG_FILE",
+    "CSV_COLUMNS",
+    "CSV_NAME",
+    "FAILED",
+    "MD_NAME",
+    "METRICS_FILE",
+    "NO_METRICS",
+    "OPTUNA_FILE",
+    "OVERRIDES_FILE",
+    "PNG_NAME",
+    "RUNNING",
+    "SETTING_KEYS",
+    "SORT_CHOICES",
+    "SORT_KEYS",
+    "TABLE_COLUMNS",
+    "UNREADABLE",
+    "JobRow",
+    "NoJobsError",
+    "collect",
+    "format_table",
+    "main",
+    "pareto_front",
+    "plot_summary",
+    "sort_rows",
+    "write_summary",
+]
