@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -251,16 +251,43 @@ def _check_data_sources(data: DictConfig) -> None:
                                    f"(or null for every folder)")
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The run's hyper-parameters as `section.key -> int|float|str`, the value types
-    VisualDL's HParams panel accepts (bools become strings, lists their text)."""
+# The short, undotted names of the hyper-parameters every run shows in VisualDL's HParams
+# views (a dotted name such as `model.scale` is read there as a nested path and its cells
+# stay empty), in column order.
+CORE_HPARAMS = {
+    "scale": "model.scale", "lr": "optim.lr", "optimizer": "optim.name",
+    "schedule": "sched.name", "batch_size": "trainer.batch_size", "epochs": "trainer.epochs",
+    "image_size": "data.image_size", "data": "data.name", "weight_decay": "optim.weight_decay",
+    "label_smoothing": "trainer.label_smoothing", "ema_decay": "trainer.ema_decay",
+}
+# VisualDL's parallel-coordinates view pins the tab at 100 % CPU with ~20 hyper-parameters
+MAX_HPARAMS = 16
+
+
+_ABSENT = object()
+
+
+def hparam_name(key: str) -> str:
+    """The HParams name of a config key: its core short name, else the key with `_` for `.`."""
+    short = {v: k for k, v in CORE_HPARAMS.items()}
+    return short.get(key, key.replace(".", "_"))
+
+
+def run_hparams(cfg: DictConfig, varying: Sequence[str] = ()) -> dict[str, Any]:
+    """The hyper-parameters a run shows in VisualDL: the core set, then the config keys that
+    vary in the sweep (or were set on the command line), at most MAX_HPARAMS, as
+    int|float|str (bools, lists and null become text). The full config stays in the run dir."""
+    keys = list(CORE_HPARAMS.values())
+    keys += [k for k in varying if k not in keys and OmegaConf.select(cfg, k, default=_ABSENT)
+             is not _ABSENT]
     out: dict[str, Any] = {}
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for section in ("model", "data", "optim", "sched", "trainer"):
-        for key, value in (plain.get(section) or {}).items():
-            if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
-                value = str(value)
-            out[f"{section}.{key}"] = value
+    for key in keys[:MAX_HPARAMS]:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            value = str(OmegaConf.to_container(value, resolve=True))
+        elif isinstance(value, bool) or value is None:
+            value = str(value).lower() if isinstance(value, bool) else "null"
+        out[hparam_name(key)] = value
     return out
 
 

@@ -4,8 +4,9 @@ Top-1/top-5 and mean loss of a checkpoint on one split, per-class accuracy and a
 matrix. The run's saved config gives the model and data; `data.*` arguments replace its
 data settings (another root, image size, ...). Written to `<run dir>/eval/` (or `out=`):
 `eval.json` + `confusion_matrix.png` for split=val, `eval_train.json` +
-`confusion_matrix_train.png` for split=train, and a VisualDL record of its own in that
-folder (a second writer in the run dir would hide the training records).
+`confusion_matrix_train.png` for split=train. In VisualDL the matrix appears as an image
+of the run itself (`eval/confusion_matrix`, appended to the run's own records), beside the
+eval/* scalars training logged: no second run, no second name for one metric.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from mbv2.cli import entry_point
 log = logging.getLogger("mbv2.eval")
 
 EVAL_DIR = "eval"
-RECORDS_FILE = "vdlrecords.eval.log"
 
 
 @dataclass
@@ -130,15 +130,27 @@ def _eval_data(args: EvalArgs, cfg, class_names: Sequence[str], ckpt: Path):
     return dataset, data_cfg
 
 
-def _record(out: Path, tag: str, name: str, epoch: int, report: dict[str, Any], image: np.ndarray) -> None:
-    """A VisualDL record of its own in `out` (a second writer in the run dir would hide the
-    training records)."""
+def _record(run_dir: Path, tag: str, epoch: int, image: np.ndarray) -> str | None:
+    """The confusion matrix as an image of the run itself in VisualDL: appended to the
+    run's own records (same file, same run name), so eval adds neither a second run nor a
+    second name for a metric the run already logs (eval/*). Skipped, with the reason
+    returned, while the run is still training (its writer owns the file)."""
+    import json
+
     from visualdl import LogWriter
 
-    with LogWriter(logdir=str(out), file_name=RECORDS_FILE, display_name=name) as writer:
-        writer.add_image(f"confusion_matrix/{tag}", image, step=epoch)
-        for key in ("acc_top1", "acc_top5", "loss"):
-            writer.add_scalar(f"{tag}/{key}", report[key], step=epoch)
+    from mbv2.train.tracking import METRICS_FILE, RECORDS_FILE
+
+    try:
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    if metrics.get("status") == "running":
+        return f"{run_dir} is still training; its VisualDL records were left alone"
+    name = metrics.get("run_name") or run_dir.name
+    with LogWriter(logdir=str(run_dir), file_name=RECORDS_FILE, display_name=name) as writer:
+        writer.add_image(tag, image, step=epoch)
+    return None
 
 
 def run_eval(args: EvalArgs) -> dict[str, Any]:
@@ -176,8 +188,10 @@ def _write_outputs(args: EvalArgs, run_dir: Path, result: dict[str, Any]) -> Non
     png = out / f"confusion_matrix{suffix}.png"
     image = plot_confusion(np.asarray(result["confusion_matrix"]), result["class_names"], title, png)
     write_json_atomic(out / f"eval{suffix}.json", result)
-    _record(out, f"{args.split}{'_ema' if args.ema else ''}", f"{run_dir.name}/{EVAL_DIR}", epoch,
-            result, image)
+    tag = f"eval/confusion_matrix{suffix}{'_ema' if args.ema else ''}{'_other_data' if args.data else ''}"
+    skipped = _record(run_dir, tag, epoch, image)
+    if skipped:
+        log.warning(skipped)
     print(f"{result['checkpoint']} (epoch {epoch}, {weights}) on {args.split}: "
           f"{result['num_images']} images, top-1 {result['acc_top1']:.4f}, "
           f"top-{result['top5_k']} {result['acc_top5']:.4f}, loss {result['loss']:.4f}\n"

@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):
     # run as a file (`python -m paddle.distributed.launch mbv2/run.py`): import mbv2 as a
@@ -25,13 +26,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mbv2 import distributed, rundirs, runtime
-from mbv2.config import CONF_DIR, check_config, flat_hparams, register_configs
+from mbv2.config import CONF_DIR, check_config, register_configs, run_hparams
 
 log = logging.getLogger("mbv2.run")
 
 
-def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
-    """The recipe: data, model, optimizer and schedule from `cfg`; fit; best top-1."""
+def train(cfg: DictConfig, run_dir: Path, run_name: str, varying: Sequence[str] = ()) -> float:
+    """The recipe: data, model, optimizer and schedule from `cfg`; fit; best top-1.
+    `varying`: the config keys shown in VisualDL beside the core set (what the sweep varies)."""
     # paddle loads here, after cli() configured the process
     from mbv2.artifacts import write_class_names
     from mbv2.data import BAD_IMAGES_FILE, build_data
@@ -58,7 +60,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
     model = setup.prepare_model(net, optimizer, t, size, device)
 
     facts = setup.run_facts(net, data, size, device, plan, lr)
-    tracker = RunTracker(run_dir, run_name, flat_hparams(cfg), facts, log_freq=int(t.log_freq),
+    tracker = RunTracker(run_dir, run_name, run_hparams(cfg, varying), facts, log_freq=int(t.log_freq),
                          epochs=int(t.epochs), write=primary)
     checkpointer = Checkpointer(run_dir, keep_top_k=int(t.keep_top_k), write=primary)
     ema = ModelEma(net, float(t.ema_decay)) if t.ema_decay else None
@@ -68,8 +70,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str) -> float:
              net.ops.name, run_dir)
     callbacks = [cb.NanGuard(), tracker, *([cb.EmaUpdate(ema)] if ema else []),
                  cb.EvalAndCheckpoint(tracker, checkpointer, data.val, ema, int(t.epochs),
-                                      int(t.eval_freq), int(t.batch_size), int(t.num_workers),
-                                      int(t.verbose))]
+                                      int(t.eval_freq), int(t.batch_size), int(t.num_workers))]
     with setup.recorded_outcome(tracker, data):
         setup.fit(model, data.train, t, start_epoch, callbacks, resumed)
     return float(tracker.metrics["best_eval_acc_top1"])
@@ -81,12 +82,13 @@ def main(cfg: DictConfig) -> float | None:
     distributed.adopt_slurm_tasks()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    run_name = run_dir.name if hc.mode != RunMode.MULTIRUN else (hc.sweep.subdir or run_dir.name)
+    sweep = hc.mode == RunMode.MULTIRUN
+    run_name = rundirs.run_name(run_dir, (hc.sweep.subdir or run_dir.name) if sweep else None)
     if distributed.is_primary():
         rundirs.write_rerun_command(run_dir)
     started = time.time()
     try:
-        return train(cfg, run_dir, run_name)
+        return train(cfg, run_dir, run_name, rundirs.varying_keys(hc.overrides.task, sweep))
     except Exception as e:
         if hc.mode != RunMode.MULTIRUN:
             raise

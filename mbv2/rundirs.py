@@ -69,20 +69,49 @@ def _fixed_keys(argv: list[str]) -> set[str]:
     return single - swept
 
 
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _launch_fixed_keys() -> set[str]:
+    try:
+        launch = os.environ.get(LAUNCH_ARGS_ENV)
+        return _fixed_keys(json.loads(launch) if launch else sys.argv[1:])
+    except ValueError:
+        return set()
+
+
 def job_dir_name(task_overrides: Any, exclude_keys: Any = ()) -> str:
     """A sweep job's directory name: the overrides that vary across the sweep
     (`model.scale=0.5,optim.lr=0.1`). Keys the command line fixes for every job are left
     out; with nothing left, all overrides are used."""
     excluded = set(exclude_keys or ())
-    items = sorted(str(o) for o in task_overrides
-                   if str(o).split("=", 1)[0].lstrip("+~") not in excluded)
-    try:
-        launch = os.environ.get(LAUNCH_ARGS_ENV)
-        fixed = _fixed_keys(json.loads(launch) if launch else sys.argv[1:])
-    except ValueError:
-        fixed = set()
-    varying = [o for o in items if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    items = sorted(str(o) for o in task_overrides if _override_key(str(o)) not in excluded)
+    fixed = _launch_fixed_keys()
+    varying = [o for o in items if _override_key(o) not in fixed]
     return ",".join(varying or items) or "default"
+
+
+def varying_keys(task_overrides: Any, sweep: bool) -> list[str]:
+    """The config keys this job was given that its siblings differ in (a sweep), or every
+    key the command line set (a single run); Hydra's own and the resume keys left out."""
+    keys = [_override_key(str(o)) for o in task_overrides]
+    keys = [k for k in keys if not k.startswith("hydra.") and k != "trainer.resume"
+            and "." in k]
+    if sweep:
+        fixed = _launch_fixed_keys()
+        keys = [k for k in keys if k not in fixed]
+    return list(dict.fromkeys(keys))
+
+
+def run_name(run_dir: Path, sweep_subdir: str | None) -> str:
+    """The name VisualDL shows for a run, unique under outputs/ and still readable: the
+    sweep's date/time plus what varies (`2026-12-01/09-30-00/model.scale=0.5,optim.lr=0.1`),
+    or a single run's date/time_overrides. Two sweeps with the same grid no longer share
+    names, so neither hides the other."""
+    if sweep_subdir:
+        return "/".join([*run_dir.parent.parts[-2:], sweep_subdir])
+    return "/".join(run_dir.parts[-2:])
 
 
 def write_rerun_command(run_dir: Path) -> None:

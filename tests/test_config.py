@@ -5,7 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from mbv2.config import ConfigValueError, check_config, flat_hparams
+from mbv2.config import ConfigValueError, check_config
 from tests.conftest import CONF_DIR
 
 GROUPS = ["model", "data", "optim", "sched", "trainer"]
@@ -71,14 +71,21 @@ def test_folder_needs_root(cfg_factory):
         check_config(cfg)
 
 
-def test_hparams_are_flat_scalars(cfg_factory):
-    hp = flat_hparams(cfg_factory(["model.scale=0.75", "optim.lr=0.02"]))
-    for key in ("model.scale", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
-                "trainer.batch_size", "trainer.epochs", "data.name", "data.image_size"):
-        assert key in hp
-        assert type(hp[key]) in (int, float, str), key
-    assert hp["model.scale"] == 0.75 and hp["optim.lr"] == 0.02
-    assert hp["data.hflip"] == "False"  # bools would make VisualDL raise
+def test_hparams_are_undotted_scalars_core_plus_what_varies(cfg_factory):
+    from mbv2.config import CORE_HPARAMS, MAX_HPARAMS, run_hparams
+
+    cfg = cfg_factory(["model.scale=0.75", "optim.lr=0.02", "data.hflip=true"])
+    hp = run_hparams(cfg, varying=["model.scale", "data.hflip", "sched.warmup_epochs", "nope.key"])
+    assert list(hp)[:len(CORE_HPARAMS)] == list(CORE_HPARAMS)
+    assert not any("." in name for name in hp)  # VisualDL reads dots as nested paths
+    for name, value in hp.items():
+        assert type(value) in (int, float, str), name
+    assert hp["scale"] == 0.75 and hp["lr"] == 0.02 and hp["optimizer"] == "momentum"
+    assert hp["data_hflip"] == "true" and hp["sched_warmup_epochs"] == 1.0
+    assert hp["ema_decay"] == "null" and "nope_key" not in hp
+    many = [f"optim.{k}" for k in ("momentum", "beta1", "beta2", "epsilon", "rho", "nesterov",
+                                   "grad_clip", "lr_reference_batch")]
+    assert len(run_hparams(cfg, varying=many)) == MAX_HPARAMS
 
 
 def test_experiments_compose(cfg_factory):

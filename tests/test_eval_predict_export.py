@@ -53,7 +53,7 @@ def test_amp_is_ignored_on_cpu_and_ema_is_logged(trained):
     assert 0 <= m["final_eval_ema_acc_top1"] <= 1 and m["best_eval_acc_top1"] is not None
 
 
-def test_eval_writes_json_png_and_its_own_visualdl_run(trained):
+def test_eval_writes_json_png_and_an_image_of_the_run(trained):
     proc = run_cli([f"ckpt={trained}"], cwd=ROOT, module="mbv2.eval")
     assert "top-1" in proc.stdout
     out = trained / "eval"
@@ -68,10 +68,15 @@ def test_eval_writes_json_png_and_its_own_visualdl_run(trained):
     assert result["loss"] == pytest.approx(m["final_eval_loss"], rel=1e-4)
     with Image.open(out / "confusion_matrix.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
-    reader = LogReader(file_path=str(out / "vdlrecords.eval.log"))
-    assert "confusion_matrix/val" in reader.get_tags()["image"]
-    # the training records stay the only ones in the run dir
+    # the matrix is an image of the run itself: no records file of eval's own, the
+    # training records stay the only ones, their scalars untouched
+    assert not list(out.glob("vdlrecords.*"))
     assert [p.name for p in trained.glob("vdlrecords.*")] == ["vdlrecords.mbv2.log"]
+    reader = LogReader(file_path=str(trained / "vdlrecords.mbv2.log"))
+    tags = reader.get_tags()
+    assert "eval/confusion_matrix" in tags["image"]
+    assert not [t for t in tags["scalar"] if t.startswith("val/")]
+    assert [r.id for r in reader.get_data("scalar", "eval/acc_top1")] == [1, 2]
 
 
 def test_eval_train_split_with_data_override_and_ema(trained):

@@ -69,11 +69,18 @@ def test_run_writes_visualdl_records(tiny_run):
     final = reader.get_data("scalar", "eval/acc_top1")[-1].value
     assert final == pytest.approx(m["final_eval_acc_top1"], abs=1e-6)
     hp = _hparams(reader)
-    assert hp["values"]["model.scale"] == pytest.approx(0.25)
-    assert hp["values"]["optim.lr"] == pytest.approx(0.05)
-    assert hp["values"]["optim.name"] == "momentum" and hp["values"]["data.name"] == "fake"
-    assert hp["values"]["trainer.epochs"] == 2 and hp["values"]["data.image_size"] == 32
-    assert hp["metrics"] == ["eval/acc_top1", "eval/loss"]
+    # undotted names (VisualDL reads dots as nested paths and leaves such cells empty)
+    assert hp["values"]["scale"] == pytest.approx(0.25)
+    assert hp["values"]["lr"] == pytest.approx(0.05)
+    assert hp["values"]["optimizer"] == "momentum" and hp["values"]["data"] == "fake"
+    assert hp["values"]["epochs"] == 2 and hp["values"]["image_size"] == 32
+    # a single run shows what its command line set beside the core set; at most 16 in all
+    assert hp["values"]["data_num_classes"] == 4 and hp["values"]["trainer_log_freq"] == 1
+    assert not any("." in k for k in hp["values"]) and len(hp["values"]) <= 16
+    assert hp["metrics"] == ["eval/best_acc_top1", "eval/acc_top1", "eval/loss"]
+    best = [r.value for r in reader.get_data("scalar", "eval/best_acc_top1")]
+    assert best[-1] == pytest.approx(m["best_eval_acc_top1"], abs=1e-6)
+    assert best == sorted(best)  # the running best: its last value is the best
 
 
 def test_run_dir_contents(tiny_run):
@@ -85,6 +92,21 @@ def test_run_dir_contents(tiny_run):
     assert "python -m mbv2.run" in (tiny_run / "command.sh").read_text()
     log = (tiny_run / "run.log").read_text()
     assert "epoch 1/2" in log and "epoch 2/2" in log
+    # one eval loss per epoch line (the mean over the split), the
+    # epoch's mean train loss, and the LR the epoch's last step used (not the 0 after it)
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    line = next(x for x in log.splitlines() if "epoch 2/2" in x)
+    assert line.count("loss") == 2 and f"eval loss {m['final_eval_loss']:.4f}" in line
+    assert f"train loss {m['history'][-1]['train_loss']:.4f}" in line
+    assert "lr 0 " not in line + " " and m["history"][-1]["lr"] > 0
+    closing = log.strip().splitlines()[-1]
+    assert f"best top-1 {m['best_eval_acc_top1']:.4f}" in closing
+    assert str(tiny_run / "metrics.json") in closing
+    # curves.png: loss, top-1 and LR per epoch
+    from PIL import Image
+
+    with Image.open(tiny_run / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > 600
 
 
 def test_same_seed_same_metrics(tiny_run, tmp_path):

@@ -51,7 +51,8 @@ def test_grid_makes_four_jobs_named_by_overrides(grid_sweep):
     for name, job in jobs.items():
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["status"] == "completed", name
-        assert metrics["run_name"] == name  # the name VisualDL shows
+        # the name VisualDL shows: the sweep's date/time, then what varies
+        assert metrics["run_name"] == "/".join([*grid_sweep.parts[-2:], name])
         assert len(list(job.glob("vdlrecords.*"))) == 1
         # reproducible: the composed config and the command that reruns the job
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
@@ -218,22 +219,26 @@ def visualdl_server(grid_sweep):
 def test_visualdl_server_shows_every_job(visualdl_server, grid_sweep):
     base = visualdl_server
     runs = _get(base, "/app/api/runs")
-    expected = set(_jobs(grid_sweep))
-    assert expected <= set(runs), runs  # each job is a run, under its readable name
+    expected = {"/".join([*grid_sweep.parts[-2:], name]): name for name in _jobs(grid_sweep)}
+    assert set(expected) <= set(runs), runs  # each job is a run, under its readable name
     scalar = _get(base, "/app/api/scalar/tags")
     tags_by_run = dict(zip(scalar["runs"], scalar["tags"]))
     some_run = sorted(expected)[0]
     for run in expected:
-        assert {"train/loss", "train/lr", "eval/acc_top1", "eval/loss"} <= set(tags_by_run[run])
+        assert {"train/loss", "train/lr", "eval/acc_top1", "eval/loss",
+                "eval/best_acc_top1"} <= set(tags_by_run[run])
     points = _get(base, "/app/api/scalar/list", run=some_run, tag="eval/acc_top1")
     assert len(points) == 1  # one epoch -> one evaluation
-    metrics = json.loads((grid_sweep / some_run / "metrics.json").read_text())
+    metrics = json.loads((grid_sweep / expected[some_run] / "metrics.json").read_text())
     assert points[0][2] == pytest.approx(metrics["final_eval_acc_top1"], abs=1e-6)
     indicators = _get(base, "/app/api/hparams/indicators")
     names = {i["name"] for i in indicators["hparams"]}
-    assert {"model.scale", "optim.lr"} <= names
-    assert {"eval/acc_top1", "eval/loss"} <= {m["name"] for m in indicators["metrics"]}
+    assert {"scale", "lr", "optimizer", "data", "epochs"} <= names and len(names) <= 16
+    assert {"eval/best_acc_top1", "eval/acc_top1", "eval/loss"} <= {m["name"] for m in indicators["metrics"]}
     listed = _get(base, "/app/api/hparams/list")
-    assert {Path(r["name"]).name for r in listed} == expected  # every job in the HParams table
-    scales = {r["hparams"]["model.scale"] for r in listed}
-    assert scales == {0.25, 0.35}
+    assert {Path(r["name"]).name for r in listed} == set(expected.values())  # every job
+    assert {r["hparams"]["scale"] for r in listed} == {0.25, 0.35}
+    assert {r["hparams"]["lr"] for r in listed} == {0.1, 0.01}
+    for r in listed:
+        best = json.loads((grid_sweep / Path(r["name"]).name / "metrics.json").read_text())
+        assert r["metrics"]["eval/best_acc_top1"] == pytest.approx(best["best_eval_acc_top1"], abs=1e-6)

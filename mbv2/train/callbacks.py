@@ -75,15 +75,16 @@ class EvalAndCheckpoint(Callback):
 
     def __init__(self, tracker: RunTracker, checkpointer: Checkpointer, val_data,
                  ema: ModelEma | None, epochs: int, eval_freq: int, batch_size: int,
-                 num_workers: int, verbose: int):
+                 num_workers: int):
         super().__init__()
         self.tracker, self.checkpointer, self.val_data, self.ema = tracker, checkpointer, val_data, ema
         self.epochs, self.eval_freq = epochs, eval_freq
-        self.loader_args = {"batch_size": batch_size, "num_workers": num_workers, "verbose": verbose}
+        # verbose 0: the epoch line gives the (mean) eval loss; Paddle would print its last batch's
+        self.loader_args = {"batch_size": batch_size, "num_workers": num_workers}
 
     def evaluate(self) -> dict[str, float]:
         mean_loss = _MeanEvalLoss()
-        logs = self.model.evaluate(self.val_data, callbacks=[mean_loss], **self.loader_args)
+        logs = self.model.evaluate(self.val_data, callbacks=[mean_loss], verbose=0, **self.loader_args)
         return {"loss": mean_loss.mean, "acc_top1": scalar_value(logs["acc_top1"]),
                 "acc_top5": scalar_value(logs["acc_top5"])}
 

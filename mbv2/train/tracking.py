@@ -23,12 +23,16 @@ import numpy as np
 from paddle.callbacks import Callback
 
 from mbv2.files import write_bytes_atomic, write_json_atomic
+from mbv2.train.curves import CurvesPlotter
 
 log = logging.getLogger(__name__)
 
 RECORDS_FILE = "vdlrecords.mbv2.log"
 METRICS_FILE = "metrics.json"
-HPARAM_METRICS = ["eval/acc_top1", "eval/loss"]
+# VisualDL's HParams views show each metric's last value: the running best is a tag of its
+# own, so the table gives best and final top-1 side by side
+HPARAM_METRICS = ["eval/best_acc_top1", "eval/acc_top1", "eval/loss"]
+CURVES_FILE = "curves.png"
 # scalar tag prefixes whose x-axis is the global step (train/) or the epoch (the others)
 STEPPED_TAGS = ("train/", "eval/", "eval_ema/")
 
@@ -38,6 +42,10 @@ def scalar_value(value) -> float:
     if isinstance(value, (list, tuple, np.ndarray)):
         value = np.asarray(value).reshape(-1)[0]
     return float(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 class _NullWriter:
@@ -108,10 +116,13 @@ class RunTracker(Callback):
         self._epoch_images = 0
         self._epoch_seconds: list[tuple[int, float]] = []  # (images, seconds) per epoch
         self._last_train: dict[str, float] = {}
+        self._epoch_loss = [0.0, 0]  # sum of batch loss x batch size, images
+        self._epoch_lr = float("nan")  # the LR of the epoch's last step
         # fit numbers the epochs it runs from 0; a resumed run adds the epochs already done
         self.epoch_offset = 0
         self._resumed = False
         self._wall_before = 0.0  # wall seconds of the run's earlier processes (resume)
+        self.curves = CurvesPlotter(self.run_dir / CURVES_FILE, run_name)
         self.save()
 
     # -- resume ----------------------------------------------------------------------
@@ -158,19 +169,25 @@ class RunTracker(Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + self.epoch_offset
         self._epoch_images = 0
+        self._epoch_loss = [0.0, 0]
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, step, logs=None):
         logs = logs or {}
         loss = scalar_value(logs["loss"])
         self.global_step += 1
-        self._epoch_images += int(logs.get("batch_size", 0))
+        batch = int(logs.get("batch_size", 0))
+        self._epoch_images += batch
+        self._epoch_loss[0] += loss * max(batch, 1)
+        self._epoch_loss[1] += max(batch, 1)
+        # fit's LRScheduler callback steps after this one: this is the LR the step used
+        self._epoch_lr = float(self.model._optimizer.get_lr())
         self._last_train = {"loss": loss, "acc_top1": scalar_value(logs["acc_top1"]),
                             "acc_top5": scalar_value(logs["acc_top5"])}
         if self.global_step % self.log_freq == 0:
             for key, value in self._last_train.items():
                 self.writer.add_scalar(f"train/{key}", value, self.global_step)
-            self.writer.add_scalar("train/lr", float(self.model._optimizer.get_lr()), self.global_step)
+            self.writer.add_scalar("train/lr", self._epoch_lr, self.global_step)
 
     def on_epoch_end(self, epoch, logs=None):
         epoch = epoch + self.epoch_offset
@@ -178,10 +195,12 @@ class RunTracker(Callback):
         self._epoch_seconds.append((self._epoch_images, seconds))
         self.metrics["epochs_completed"] = epoch + 1
         self.metrics["train_images_per_sec"] = self.train_images_per_sec()
-        self.metrics["final_train_loss"] = self._last_train.get("loss")
-        self.history.append({"epoch": epoch + 1, "train_loss": self._last_train.get("loss"),
+        # the epoch's mean over its images (paddle.Model's logs hold the last step's)
+        loss = self._epoch_loss[0] / self._epoch_loss[1] if self._epoch_loss[1] else None
+        self.metrics["final_train_loss"] = loss
+        self.history.append({"epoch": epoch + 1, "train_loss": loss,
                              "train_acc_top1": self._last_train.get("acc_top1"),
-                             "train_seconds": round(seconds, 3),
+                             "lr": self._epoch_lr, "train_seconds": round(seconds, 3),
                              "train_images_per_sec": round(self._epoch_images / max(seconds, 1e-9), 1)})
 
     def record_eval(self, tag: str, epoch: int, result: dict[str, float]) -> None:
@@ -192,9 +211,10 @@ class RunTracker(Callback):
         m = self.metrics
         best = m.get(f"best_{tag}_acc_top1")
         if best is None or result["acc_top1"] > best:
-            m[f"best_{tag}_acc_top1"] = result["acc_top1"]
+            m[f"best_{tag}_acc_top1"] = best = result["acc_top1"]
             if tag == "eval":
                 m["best_epoch"] = epoch
+        self.writer.add_scalar(f"{tag}/best_acc_top1", best, epoch)
         for key, value in result.items():
             m[f"final_{tag}_{key}"] = value
         if self.history and self.history[-1]["epoch"] == epoch:
@@ -206,20 +226,24 @@ class RunTracker(Callback):
         self.save()
 
     def record_checkpoint(self, epoch: int, path: Path) -> None:
+        """The end of an epoch: its checkpoint is written; curves.png is redrawn."""
         self.metrics["last_checkpoint"] = {"epoch": epoch, "global_step": self.global_step,
                                            "path": str(path)}
         self.save()
+        if self.write:
+            self.curves.update(self.history, final=epoch == self.epochs)
 
     def log_epoch(self, epoch: int) -> None:
+        """One line: the epoch's mean train loss, the eval (mean) loss and top-1/top-5, the
+        best so far, time, speed and the LR the epoch ended on."""
         h = self.history[-1] if self.history else {}
-        lr = float(self.model._optimizer.get_lr()) if self.model else float("nan")
+        nan = float("nan")
         log.info("epoch %d/%d  train loss %.4f acc %.4f | eval loss %.4f top1 %.4f top5 %.4f "
                  "(best %.4f @%d) | %.1f s, %.0f img/s, lr %.3g",
-                 epoch, self.epochs, h.get("train_loss") or float("nan"),
-                 h.get("train_acc_top1") or float("nan"), h.get("eval_loss", float("nan")),
-                 h.get("eval_acc_top1", float("nan")), h.get("eval_acc_top5", float("nan")),
+                 epoch, self.epochs, h.get("train_loss") or nan, h.get("train_acc_top1") or nan,
+                 h.get("eval_loss", nan), h.get("eval_acc_top1", nan), h.get("eval_acc_top5", nan),
                  self.metrics["best_eval_acc_top1"], self.metrics["best_epoch"],
-                 h.get("train_seconds", float("nan")), h.get("train_images_per_sec", 0.0), lr)
+                 h.get("train_seconds", nan), h.get("train_images_per_sec", 0.0), h.get("lr", nan))
 
     # -- results ---------------------------------------------------------------------
     def train_images_per_sec(self) -> float:
@@ -249,4 +273,11 @@ class RunTracker(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.write:
+            self.curves.update(self.history, final=True)
+            m = self.metrics
+            log.info("run %s %s: best top-1 %s at epoch %s, final top-1 %s, %d of %d epochs; "
+                     "%s", self.run_name, status, _fmt(m["best_eval_acc_top1"]), m["best_epoch"],
+                     _fmt(m["final_eval_acc_top1"]), m["epochs_completed"], self.epochs,
+                     self.run_dir / METRICS_FILE)
         return self.metrics
