@@ -5,17 +5,21 @@ at a time shows neither which width/LR wins, nor which jobs failed, nor the trad
 accuracy against compute. This package reads every job directory below a sweep or outputs
 dir (finished, running, failed or never started) and writes into that dir:
 
-- summary.csv: one row per job, plain numbers, for pandas or a spreadsheet;
-- summary.md: the same table aligned (also printed), with counts and shared settings;
-- summary.png: best top-1 against MACs per completed job, with its Pareto front.
+- summary.csv: one row per job, every setting and result, plain numbers, for pandas;
+- summary.md: a heading naming the dir, the data and what varies; the settings all jobs
+  share, once; an aligned table (also printed) with a column only for the settings that
+  vary; job counts; a warning when the jobs trained on different data (also on stderr);
+- summary.png: best top-1 against MACs per completed job, with its Pareto front, ties
+  spread apart, one marker shape per data group when the data differ.
 
 It runs while a sweep is still training, so it tolerates half-written metrics.json files,
 configs with interpolations it cannot resolve (Hydra's or mbv2's own resolvers), and jobs
 that never wrote anything. It imports no paddle, and matplotlib only when it plots, so it
 answers in well under a second.
 
-Modules: jobs (reading job dirs into JobRows, sorting them), table (summary.csv and the
-aligned table), plot (summary.png, the Pareto front), report (summary.md, write_summary,
+Modules: jobs (reading job dirs into JobRows, sorting them), study (what the jobs share,
+what varies, whether their data differ; the headline), table (summary.csv and the aligned
+table), plot (summary.png, the Pareto front, ties), report (summary.md, write_summary,
 the command line).
 """
 from mbv2.summary.jobs import (
@@ -36,8 +40,15 @@ from mbv2.summary.jobs import (
     collect,
     sort_rows,
 )
-from mbv2.summary.plot import pareto_front, plot_summary
+from mbv2.summary.plot import (
+    TIE_STEP,
+    marker_positions,
+    pareto_front,
+    plot_summary,
+    tie_offsets,
+)
 from mbv2.summary.report import CSV_NAME, MD_NAME, PNG_NAME, main, write_summary
+from mbv2.summary.study import DATA_KEYS, SETTING_LABELS, Study, describe, where_name
 from mbv2.summary.table import CSV_COLUMNS, TABLE_COLUMNS, format_table
 
 __all__ = [
@@ -45,6 +56,7 @@ __all__ = [
     "CONFIG_FILE",
     "CSV_COLUMNS",
     "CSV_NAME",
+    "DATA_KEYS",
     "FAILED",
     "MD_NAME",
     "METRICS_FILE",
@@ -54,17 +66,24 @@ __all__ = [
     "PNG_NAME",
     "RUNNING",
     "SETTING_KEYS",
+    "SETTING_LABELS",
     "SORT_CHOICES",
     "SORT_KEYS",
     "TABLE_COLUMNS",
+    "TIE_STEP",
     "UNREADABLE",
     "JobRow",
     "NoJobsError",
+    "Study",
     "collect",
+    "describe",
     "format_table",
     "main",
+    "marker_positions",
     "pareto_front",
     "plot_summary",
     "sort_rows",
+    "tie_offsets",
+    "where_name",
     "write_summary",
 ]

@@ -29,7 +29,9 @@ OPTUNA_FILE = "optimization_results.yaml"
 COMPLETED, RUNNING, FAILED = "completed", "running", "failed"
 UNREADABLE, NO_METRICS = "unreadable", "no metrics"
 
-# Config keys worth knowing when comparing jobs; those equal in all jobs are listed once.
+# Config keys worth knowing when comparing jobs; those equal in all jobs are listed once,
+# the others get a column (mbv2.summary.study). The data keys say whether accuracies
+# compare at all; image size and classes fall back to what the run reported.
 SETTING_KEYS = (
     "model.scale",
     "model.bottleneck",
@@ -41,7 +43,11 @@ SETTING_KEYS = (
     "trainer.batch_size",
     "data.name",
     "data.image_size",
+    "data.num_classes",
 )
+# setting -> the metrics.json key a run reports it under, for configs that leave it None
+# (digits and list data derive their number of classes)
+_REPORTED_SETTINGS = {"data.image_size": "image_size", "data.num_classes": "num_classes"}
 
 # Rows group by how much their numbers mean before any value sorts them: results
 # (final or partial) first, then statuses that carry no trustworthy numbers.
@@ -71,6 +77,7 @@ class JobRow:
     params: int | None = None
     macs: int | None = None
     best_top1: float | None = None
+    best_epoch: int | None = None  # the epoch best_top1 was measured after
     final_top1: float | None = None
     epochs_completed: int | None = None
     epochs_planned: int | None = None
@@ -258,6 +265,10 @@ def read_job(root: Path, job_dir: Path) -> JobRow:
     row.epochs_planned = _as_int(metrics.get("epochs_planned")) or row.epochs_planned
     row.wall_seconds = _as_float(metrics.get("wall_seconds"))
     row.images_per_sec = _as_float(metrics.get("train_images_per_sec"))
+    row.best_epoch = _as_int(metrics.get("best_epoch"))
+    for key, reported in _REPORTED_SETTINGS.items():
+        if settings.get(key) is None:
+            settings[key] = _as_int(metrics.get(reported))
     return row
 
 

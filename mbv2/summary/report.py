@@ -1,14 +1,16 @@
 """Writing a sweep's summary into its dir, and the `python -m mbv2.summary` command.
 
 Besides the table, summary.md (and the terminal) get the notes that put it in context:
-how many jobs are in which state, the settings all jobs share, and what an Optuna sweeper
-reported as its best parameters.
+a heading naming the dir, the data and what varies (the plot's title too), a warning when
+the jobs trained on different data (also on stderr), how many jobs are in which state,
+the settings all jobs share (listed once; the table has no column for them), and what an
+Optuna sweeper reported as its best parameters.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +20,6 @@ import yaml
 
 from mbv2.summary.jobs import (
     CONFIG_FILE,
-    SETTING_KEYS,
     SORT_CHOICES,
     JobRow,
     NoJobsError,
@@ -27,6 +28,7 @@ from mbv2.summary.jobs import (
     sort_rows,
 )
 from mbv2.summary.plot import plot_summary
+from mbv2.summary.study import Study, describe, where_name
 from mbv2.summary.table import format_table, write_csv
 
 CSV_NAME, MD_NAME, PNG_NAME = "summary.csv", "summary.md", "summary.png"
@@ -55,38 +57,24 @@ def _optuna_lines(root: Path, files: Iterable[Path]) -> list[str]:
     return lines
 
 
-def _format_setting(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _shared_settings(rows: Sequence[JobRow]) -> list[str]:
-    """`key=value` for each setting every job has, with one value: the sweep's context."""
-    shared: list[str] = []
-    for key in SETTING_KEYS:
-        values = [row.settings.get(key) for row in rows]
-        if values and all(v is not None and v == values[0] for v in values):
-            shared.append(f"{key}={_format_setting(values[0])}")
-    return shared
-
-
 def _counts(rows: Sequence[JobRow]) -> str:
     counts = Counter(row.status for row in rows)
     parts = ", ".join(f"{n} {status}" for status, n in counts.items())
     return f"{len(rows)} job{'s' if len(rows) != 1 else ''}: {parts}"
 
 
-def _markdown(
-    title: str, notes: Sequence[str], shared: Sequence[str], rows: Sequence[JobRow], png: bool
-) -> str:
-    """summary.md: title, notes, shared settings, the table and (if drawn) the plot."""
-    md = [f"# Summary of {title}", "", *(f"{note}  " for note in notes), ""]
+def _markdown(study: Study, notes: Sequence[str], png: bool) -> str:
+    """summary.md: heading, warning, notes, shared settings, the table and the plot."""
+    md = [f"# {study.headline()}", ""]
+    warning = study.warning()
+    if warning:
+        md += [f"> **{warning}**", ""]
+    md += [*(f"{note}  " for note in notes), ""]
+    shared = study.shared_lines()
     if shared:
-        md += ["Shared settings:", "", *(f"- `{item}`" for item in shared), ""]
-    md += [format_table(rows), ""]
+        md += [f"Shared settings (all {len(study.rows)} jobs; no column below):", ""]
+        md += [*(f"- `{item}`" for item in shared), ""]
+    md += [format_table(study.rows, study), ""]
     if png:
         md += [f"![best top-1 vs MACs]({PNG_NAME})", ""]
     return "\n".join(md)
@@ -95,7 +83,8 @@ def _markdown(
 def write_summary(root: Path, plot: bool = True, sort: str = "best") -> dict[str, Any]:
     """Write summary.csv, summary.md and (if plot and a job completed) summary.png into root.
 
-    Returns {"csv": Path, "md": Path, "png": Path | None, "rows": [JobRow], "notes": [str]}.
+    Returns {"csv": Path, "md": Path, "png": Path | None, "rows": [JobRow], "notes": [str],
+    "study": Study, "warnings": [str]}; warnings (mixed data) are also atop summary.md.
     Raises FileNotFoundError when root is not a directory, NoJobsError (a subclass) when
     no job dir is at or below it.
     """
@@ -106,9 +95,9 @@ def write_summary(root: Path, plot: bool = True, sort: str = "best") -> dict[str
     if not job_dirs:
         raise NoJobsError(f"no job directories (containing {CONFIG_FILE.as_posix()}) in {root}")
     rows = sort_rows((read_job(root, d) for d in job_dirs), sort)
-    title = root.resolve().name or str(root.resolve())
+    study = describe(rows, where_name(root))
 
-    png = root / PNG_NAME if plot and plot_summary(rows, root / PNG_NAME, title) else None
+    png = root / PNG_NAME if plot and plot_summary(rows, root / PNG_NAME, study) else None
     notes = [_counts(rows), *_optuna_lines(root, optuna_files)]
     if plot and png is None:
         notes.append("No completed job reports both MACs and accuracy yet: no plot written.")
@@ -116,10 +105,26 @@ def write_summary(root: Path, plot: bool = True, sort: str = "best") -> dict[str
     csv_path = root / CSV_NAME
     write_csv(rows, csv_path)
     md_path = root / MD_NAME
-    md_path.write_text(
-        _markdown(title, notes, _shared_settings(rows), rows, png is not None), encoding="utf-8"
-    )
-    return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "notes": notes}
+    md_path.write_text(_markdown(study, notes, png is not None), encoding="utf-8")
+    warnings = [w for w in (study.warning(),) if w]
+    return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "notes": notes,
+            "study": study, "warnings": warnings}
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    """The terminal's summary: warnings on stderr; heading, notes, shared settings, table."""
+    study: Study = result["study"]
+    for warning in result["warnings"]:
+        print(warning, file=sys.stderr)
+    print(study.headline())
+    print("\n".join(result["notes"]))
+    shared = study.shared_lines()
+    if shared:
+        print(textwrap.fill("Shared settings: " + ", ".join(shared), 100,
+                            subsequent_indent="  ", break_long_words=False))
+    print(format_table(study.rows, study))
+    written = [result["csv"], result["md"]] + ([result["png"]] if result["png"] else [])
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,8 +150,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot write the summary into {args.dir}: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(result["notes"]))
-    print(format_table(result["rows"]))
-    written = [result["csv"], result["md"]] + ([result["png"]] if result["png"] else [])
-    print("wrote " + ", ".join(str(p) for p in written))
+    _print_summary(result)
     return 0

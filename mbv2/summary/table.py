@@ -1,19 +1,35 @@
 """The summary's two tables: summary.csv (plain numbers) and the aligned Markdown table.
 
-The CSV is for pandas or a spreadsheet: percent and millions of MACs as numbers, empty
-cells where a job does not say. The Markdown table is padded so the same text reads
-aligned on a terminal; long error messages are cut there, never in the CSV.
+The CSV is for pandas or a spreadsheet: every setting and result of every job, percent
+and millions of MACs as numbers, empty cells where a job does not say. The Markdown table
+is for reading: a column for each setting that varies between the jobs (the shared ones
+are listed once above it, see mbv2.summary.study), the job's dir name without the shared
+overrides, and the results. It is padded so the same text reads aligned on a terminal;
+long error messages and values are cut there, never in the CSV.
 """
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mbv2.summary.jobs import JobRow
+from mbv2.summary.study import SETTING_LABELS, Study, describe, format_setting
 
 _STATUS_WIDTH = 60  # error messages beyond this are cut in the aligned table, not the CSV
+_SETTING_WIDTH = 40  # likewise a long setting (a bottleneck list) in its column
+
+# CSV columns after the original ones: the other settings, by the config key they hold
+_CSV_SETTINGS = (
+    ("weight_decay", "optim.weight_decay"),
+    ("schedule", "sched.name"),
+    ("batch_size", "trainer.batch_size"),
+    ("bottleneck", "model.bottleneck"),
+    ("data_name", "data.name"),
+    ("image_size", "data.image_size"),
+    ("num_classes", "data.num_classes"),
+)
 
 CSV_COLUMNS = (
     "job",
@@ -30,25 +46,9 @@ CSV_COLUMNS = (
     "epochs_planned",
     "wall_s",
     "img_per_s",
+    "best_epoch",
+    *(name for name, _ in _CSV_SETTINGS),
 )
-
-# (header, right-aligned); cells come from _table_cells in this order
-TABLE_COLUMNS = (
-    ("job", False),
-    ("overrides", False),
-    ("status", False),
-    ("scale", True),
-    ("lr", True),
-    ("optimizer", False),
-    ("params", True),
-    ("MACs (M)", True),
-    ("best top-1 (%)", True),
-    ("final top-1 (%)", True),
-    ("epochs", True),
-    ("wall time (s)", True),
-    ("img/s", True),
-)
-
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
@@ -56,6 +56,11 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else fraction * 100
+
+
+def _csv_setting(value: Any) -> Any:
+    """Numbers and strings as they are; a list or mapping as compact JSON."""
+    return format_setting(value) if isinstance(value, (list, dict)) else value
 
 
 def _csv_record(row: JobRow) -> dict[str, Any]:
@@ -75,6 +80,8 @@ def _csv_record(row: JobRow) -> dict[str, Any]:
         "epochs_planned": row.epochs_planned,
         "wall_s": _round(row.wall_seconds, 1),
         "img_per_s": _round(row.images_per_sec, 1),
+        "best_epoch": row.best_epoch,
+        **{name: _csv_setting(row.settings.get(key)) for name, key in _CSV_SETTINGS},
     }
 
 
@@ -86,43 +93,74 @@ def write_csv(rows: Iterable[JobRow], path: Path) -> None:
         writer.writerows(_csv_record(row) for row in rows)
 
 
-def _fmt(value: float | int | None, spec: str) -> str:
+
+def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _table_cells(row: JobRow) -> list[str]:
-    """The aligned table's cells for one row, in TABLE_COLUMNS order."""
-    status = row.status_text
-    if len(status) > _STATUS_WIDTH:
-        status = status[: _STATUS_WIDTH - 1] + "…"
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _epochs(row: JobRow) -> str:
     if row.epochs_completed is None and row.epochs_planned is None:
-        epochs = "-"
-    else:
-        counts = (row.epochs_completed, row.epochs_planned)
-        epochs = "/".join("?" if n is None else str(n) for n in counts)
-    return [
-        row.job,
-        ",".join(row.overrides) or "-",
-        status,
-        _fmt(row.scale, "g"),
-        _fmt(row.lr, "g"),
-        row.optimizer or "-",
-        _fmt(row.params, ","),
-        _fmt(None if row.macs is None else row.macs / 1e6, ".2f"),
-        _fmt(_percent(row.best_top1), ".2f"),
-        _fmt(_percent(row.final_top1), ".2f"),
-        epochs,
-        _fmt(row.wall_seconds, ".0f"),
-        _fmt(row.images_per_sec, ".1f"),
-    ]
+        return "-"
+    counts = (row.epochs_completed, row.epochs_planned)
+    return "/".join("?" if n is None else str(n) for n in counts)
 
 
-def format_table(rows: Sequence[JobRow]) -> str:
-    """A Markdown table padded so it also reads aligned as plain text on a terminal."""
-    header = [title for title, _ in TABLE_COLUMNS]
-    body = [[cell.replace("|", "\\|") for cell in _table_cells(row)] for row in rows]
+Cell = Callable[[JobRow], str]
+
+# The result columns every table has, after job, status and the varying settings:
+# (header, right-aligned, cell)
+_RESULT_COLUMNS: tuple[tuple[str, bool, Cell], ...] = (
+    ("params", True, lambda r: _fmt(r.params, ",")),
+    ("MACs (M)", True, lambda r: _fmt(None if r.macs is None else r.macs / 1e6, ".2f")),
+    ("best top-1 (%)", True, lambda r: _fmt(_percent(r.best_top1), ".2f")),
+    ("final top-1 (%)", True, lambda r: _fmt(_percent(r.final_top1), ".2f")),
+    ("best epoch", True, lambda r: _fmt(r.best_epoch, "d")),
+    ("epochs", True, _epochs),
+    ("wall time (s)", True, lambda r: _fmt(r.wall_seconds, ".0f")),
+    ("img/s", True, lambda r: _fmt(r.images_per_sec, ".1f")),
+)
+# (header, right-aligned) of the columns every aligned table has, in order; a column per
+# varying setting (and one for overrides not shown otherwise) comes after status
+TABLE_COLUMNS = (("job", False), ("status", False), *((h, r) for h, r, _ in _RESULT_COLUMNS))
+
+
+def _setting_column(study: Study, key: str) -> tuple[str, bool, Cell]:
+    """A varying setting's column: right-aligned when every value is a number."""
+    values = [row.settings.get(key) for row in study.rows]
+    numeric = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                  for v in values)
+
+    def cell(row: JobRow) -> str:
+        value = row.settings.get(key)
+        return "-" if value is None else _cut(format_setting(value), _SETTING_WIDTH)
+
+    return SETTING_LABELS.get(key, key), numeric, cell
+
+
+def _columns(study: Study) -> list[tuple[str, bool, Cell]]:
+    """job, [overrides], status, the varying settings, then the results."""
+    columns: list[tuple[str, bool, Cell]] = [("job", False, study.name)]
+    if any(study.overrides_cell(row) for row in study.rows):
+        columns.append(("overrides", False, lambda r: study.overrides_cell(r) or "-"))
+    columns.append(("status", False, lambda r: _cut(r.status_text, _STATUS_WIDTH)))
+    columns += [_setting_column(study, key) for key in study.columns]
+    return columns + list(_RESULT_COLUMNS)
+
+
+def format_table(rows: Sequence[JobRow], study: Study | None = None) -> str:
+    """A Markdown table padded so it also reads aligned as plain text on a terminal.
+
+    Settings all rows share get no column (list study.shared_lines() above the table).
+    """
+    columns = _columns(study or describe(rows))
+    header = [title for title, _, _ in columns]
+    body = [[cell(row).replace("|", "\\|") for _, _, cell in columns] for row in rows]
     widths = [max(3, len(title), *(len(r[i]) for r in body)) for i, title in enumerate(header)]
-    right = [align for _, align in TABLE_COLUMNS]
+    right = [align for _, align, _ in columns]
 
     def line(cells: Sequence[str]) -> str:
         padded = (c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right))
