@@ -149,6 +149,9 @@ class TrainerConfig:
     ema_decay: Optional[float] = None
     # automatic mixed precision on GPU: O1 or O2; None: off. Ignored on CPU
     amp: Optional[str] = None
+    # end the run after this many evaluated epochs without a better eval/acc_top1 (status
+    # stopped_early, the epoch in metrics.json); None: train every epoch
+    early_stop_patience: Optional[int] = None
 
 
 @dataclass
@@ -178,8 +181,9 @@ _CHOICES = {
 
 # key -> (test, what a valid value is)
 _RANGES = {
-    "model.scale": (lambda v: v > 0, "> 0"),
-    "data.image_size": (lambda v: v >= 8, ">= 8 pixels"),
+    # upper bounds: past them a run dies in a MemoryError that names nothing
+    "model.scale": (lambda v: 0 < v <= 8, "> 0 and <= 8 (x8 is already ~210 M parameters)"),
+    "data.image_size": (lambda v: 8 <= v <= 2048, "between 8 and 2048 pixels"),
     "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
     "data.num_samples": (lambda v: v >= 1, ">= 1"),
     "data.num_val_samples": (lambda v: v >= 1, ">= 1"),
@@ -194,7 +198,7 @@ _RANGES = {
     "sched.warmup_start_lr": (lambda v: v >= 0, ">= 0"),
     "sched.gamma": (lambda v: v > 0, "> 0"),
     "trainer.epochs": (lambda v: v >= 1, ">= 1"),
-    "trainer.batch_size": (lambda v: v >= 1, ">= 1"),
+    "trainer.batch_size": (lambda v: 1 <= v <= 65536, "between 1 and 65536"),
     "trainer.num_workers": (lambda v: v >= 0, ">= 0"),
     "trainer.eval_freq": (lambda v: v >= 1, ">= 1"),
     "trainer.log_freq": (lambda v: v >= 1, ">= 1"),
@@ -202,6 +206,7 @@ _RANGES = {
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "trainer.keep_top_k": (lambda v: v >= 0, ">= 0"),
     "trainer.ema_decay": (lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
+    "trainer.early_stop_patience": (lambda v: v is None or v >= 1, ">= 1 or null"),
 }
 
 
@@ -224,9 +229,21 @@ def check_config(cfg: DictConfig) -> None:
     if min(cfg.data.std) <= 0:
         raise ConfigValueError(f"data.std={list(cfg.data.std)} must be > 0")
     _check_data_sources(cfg.data)
+    _warn_suspicious(cfg)
     device = str(cfg.trainer.device)
     if device not in ("auto", "cpu") and not device.startswith("gpu"):
         raise ConfigValueError(f"trainer.device={device!r}: use auto, cpu, gpu or gpu:N")
+
+
+def _warn_suspicious(cfg: DictConfig) -> None:
+    """Legal settings that rarely mean what they say: a warning naming the key."""
+    import logging
+
+    log = logging.getLogger("mbv2.config")
+    epochs, warmup = int(cfg.trainer.epochs), float(cfg.sched.warmup_epochs)
+    if warmup >= epochs:
+        log.warning("sched.warmup_epochs=%s is not shorter than trainer.epochs=%d: the LR "
+                    "only warms up and never reaches its schedule", warmup, epochs)
 
 
 def _check_data_sources(data: DictConfig) -> None:
@@ -251,50 +268,79 @@ def _check_data_sources(data: DictConfig) -> None:
                                    f"(or null for every folder)")
 
 
-# The short, undotted names of the hyper-parameters every run shows in VisualDL's HParams
-# views (a dotted name such as `model.scale` is read there as a nested path and its cells
-# stay empty), in column order.
+# The names of the hyper-parameters every run shows in VisualDL's HParams views, in
+# column order. Short and undotted, both for a reason measured in a real browser: a dotted
+# name (`model.scale`) is read there as a nested path and its cells stay empty; and an axis
+# name wider than its column (columns are >= 60 px) sends the parallel-coordinates view
+# into an endless shortening loop that freezes the tab, so every name stays <= 9 characters.
 CORE_HPARAMS = {
-    "scale": "model.scale", "lr": "optim.lr", "optimizer": "optim.name",
-    "schedule": "sched.name", "batch_size": "trainer.batch_size", "epochs": "trainer.epochs",
-    "image_size": "data.image_size", "data": "data.name", "weight_decay": "optim.weight_decay",
-    "label_smoothing": "trainer.label_smoothing", "ema_decay": "trainer.ema_decay",
+    "scale": "model.scale", "lr": "optim.lr", "optim": "optim.name", "sched": "sched.name",
+    "batch": "trainer.batch_size", "epochs": "trainer.epochs", "img_size": "data.image_size",
+    "data": "data.name", "wd": "optim.weight_decay", "smoothing": "trainer.label_smoothing",
+    "ema": "trainer.ema_decay",
+}
+MAX_HPARAM_NAME = 9
+# short names for keys a sweep may vary; others use their last part, cut to 9 characters
+_SHORT_NAMES = {
+    "warmup_epochs": "warmup", "warmup_start_lr": "warmup_lr", "num_classes": "classes",
+    "num_samples": "samples", "num_val_samples": "val_n", "val_fraction": "val_frac",
+    "crop_scale": "crop", "grad_clip": "clip", "lr_reference_batch": "lr_batch",
+    "milestones": "miles", "bottleneck": "table", "keep_top_k": "top_k",
+    "early_stop_patience": "patience", "cpu_kernels": "kernels", "split_seed": "split",
+    "max_image_pixels": "max_px", "on_bad_image": "bad_img", "num_workers": "workers",
 }
 # VisualDL's parallel-coordinates view pins the tab at 100 % CPU with ~20 hyper-parameters
 MAX_HPARAMS = 16
 
 
-_ABSENT = object()
-
-
-def hparam_name(key: str) -> str:
-    """The HParams name of a config key: its core short name, else the key with `_` for `.`."""
-    short = {v: k for k, v in CORE_HPARAMS.items()}
-    return short.get(key, key.replace(".", "_"))
+def hparam_name(key: str, taken: Sequence[str] = ()) -> str:
+    """The HParams name of a config key: its core name, else a short form of its last part
+    (at most MAX_HPARAM_NAME characters), made unique against `taken`."""
+    core = {v: k for k, v in CORE_HPARAMS.items()}
+    if key in core:
+        return core[key]
+    last = key.rsplit(".", 1)[-1]
+    name = _SHORT_NAMES.get(last, last)[:MAX_HPARAM_NAME]
+    i = 2
+    while name in taken:
+        name = f"{name[:MAX_HPARAM_NAME - 1]}{i}"
+        i += 1
+    return name
 
 
 def run_hparams(cfg: DictConfig, varying: Sequence[str] = ()) -> dict[str, Any]:
     """The hyper-parameters a run shows in VisualDL: the core set, then the config keys that
-    vary in the sweep (or were set on the command line), at most MAX_HPARAMS, as
-    int|float|str (bools, lists and null become text). The full config stays in the run dir."""
+    vary in the sweep, at most MAX_HPARAMS, as int|float|str (bools and lists become text;
+    null values are left out, so the cell stays empty instead of reading "null"). The full
+    config stays in the run dir."""
     keys = list(CORE_HPARAMS.values())
     keys += [k for k in varying if k not in keys and OmegaConf.select(cfg, k, default=_ABSENT)
              is not _ABSENT]
     out: dict[str, Any] = {}
-    for key in keys[:MAX_HPARAMS]:
+    for key in keys:
         value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if len(out) == MAX_HPARAMS:
+            break
         if isinstance(value, DictConfig) or OmegaConf.is_list(value):
             value = str(OmegaConf.to_container(value, resolve=True))
-        elif isinstance(value, bool) or value is None:
-            value = str(value).lower() if isinstance(value, bool) else "null"
-        out[hparam_name(key)] = value
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        out[hparam_name(key, list(out))] = value
     return out
+
+
+_ABSENT = object()
 
 
 def register_configs() -> None:
     """Schema and experiment presets into Hydra's ConfigStore; idempotent."""
+    from mbv2.sweeper import register_sweeper
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    register_sweeper(cs)  # hydra/sweeper=mbv2_optuna
     # experiments/ sits at the project root, outside conf/; registering its files here
     # makes `experiment=<name>` work from any working directory.
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):

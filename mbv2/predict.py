@@ -19,9 +19,8 @@ import numpy as np
 
 from mbv2.cli import entry_point
 
-log = logging.getLogger("mbv2.predict")
-
 PREDICTIONS_FILE = "predictions.csv"
+log = logging.getLogger("mbv2.predict")
 
 
 @dataclass

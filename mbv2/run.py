@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -23,9 +25,9 @@ if __package__ in (None, ""):
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mbv2 import distributed, rundirs, runtime
+from mbv2 import distributed, lifecycle, rundirs, runtime
 from mbv2.config import CONF_DIR, check_config, register_configs, run_hparams
 
 log = logging.getLogger("mbv2.run")
@@ -35,7 +37,6 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str, varying: Sequence[str] 
     """The recipe: data, model, optimizer and schedule from `cfg`; fit; best top-1.
     `varying`: the config keys shown in VisualDL beside the core set (what the sweep varies)."""
     # paddle loads here, after cli() configured the process
-    from mbv2.artifacts import write_class_names
     from mbv2.data import BAD_IMAGES_FILE, build_data
     from mbv2.model import build_model
     from mbv2.train import callbacks as cb
@@ -49,16 +50,15 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str, varying: Sequence[str] 
     t, size, primary = cfg.trainer, int(cfg.data.image_size), distributed.is_primary()
     resumed = setup.Resumed.load(t.resume)  # a damaged checkpoint fails before anything is built
     device = setup.prepare_process(t)
-    if primary:
-        OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
     data = build_data(cfg.data, bad_image_log=run_dir / BAD_IMAGES_FILE)
-    if primary:
-        write_class_names(data.class_names, run_dir)
     net = build_model(cfg.model, num_classes=data.num_classes, device=device)
+    if resumed:
+        resumed.check_fits(net, str(t.resume))
     plan = BatchPlan(len(data.train), int(t.batch_size), distributed.world_size())
     optimizer, lr = build_optimization(cfg.optim, cfg.sched, net.parameters(), int(t.epochs), plan)
     model = setup.prepare_model(net, optimizer, t, size, device)
-
+    if primary:
+        setup.record_run(cfg, run_dir, data.class_names, resumed)
     facts = setup.run_facts(net, data, size, device, plan, lr)
     tracker = RunTracker(run_dir, run_name, run_hparams(cfg, varying), facts, log_freq=int(t.log_freq),
                          epochs=int(t.epochs), write=primary)
@@ -68,9 +68,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str, varying: Sequence[str] 
     log.info("run %s: MobileNetV2 x%s, %d params, %.1f M MACs at %d px, %s (%s), dir %s",
              run_name, net.scale, facts["params_trainable"], facts["macs"] / 1e6, size, device,
              net.ops.name, run_dir)
-    callbacks = [cb.NanGuard(), tracker, *([cb.EmaUpdate(ema)] if ema else []),
-                 cb.EvalAndCheckpoint(tracker, checkpointer, data.val, ema, int(t.epochs),
-                                      int(t.eval_freq), int(t.batch_size), int(t.num_workers))]
+    callbacks = cb.run_callbacks(t, tracker, checkpointer, data.val, ema)
     with setup.recorded_outcome(tracker, data):
         setup.fit(model, data.train, t, start_epoch, callbacks, resumed)
     return float(tracker.metrics["best_eval_acc_top1"])
@@ -84,13 +82,12 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
     run_name = rundirs.run_name(run_dir, (hc.sweep.subdir or run_dir.name) if sweep else None)
-    if distributed.is_primary():
-        rundirs.write_rerun_command(run_dir)
     started = time.time()
     try:
-        return train(cfg, run_dir, run_name, rundirs.varying_keys(hc.overrides.task, sweep))
+        with lifecycle.RunDirLock(run_dir) if distributed.is_primary() else nullcontext():
+            return _run_job(cfg, hc, run_dir, run_name, sweep)
     except Exception as e:
-        if hc.mode != RunMode.MULTIRUN:
+        if not sweep:
             raise
         # One bad job must not end the sweep: record it and return no value. The Optuna
         # sweeper tells a non-number to the study as a failed trial and carries on; a NaN
@@ -99,6 +96,30 @@ def main(cfg: DictConfig) -> float | None:
                   traceback.format_exc())
         _mark_failed(run_dir, e)
         return None
+
+
+def _run_job(cfg: DictConfig, hc, run_dir: Path, run_name: str, sweep: bool) -> float:
+    """Train in `run_dir`, or continue or skip the run it already holds (lifecycle.plan_job)."""
+    if not cfg.trainer.resume:
+        plan = lifecycle.plan_job(run_dir, cfg)
+        if plan.reason:
+            log.info("job %s: %s", run_name, plan.reason)
+        if plan.action == "done":
+            return float(plan.best)
+        if plan.action == "resume":
+            cfg.trainer.resume = str(run_dir)
+        elif lifecycle.holds_run(run_dir):
+            lifecycle.set_aside_attempt(run_dir)
+    jobs = lifecycle.parallel_jobs(hc) if sweep else 1
+    if cfg.trainer.cpu_threads is None and jobs > 1:  # k jobs at once share the cores
+        cfg.trainer.cpu_threads = runtime.default_cpu_threads(jobs)
+        log.info("job %s: %d jobs at once: %d CPU threads each", run_name, jobs, cfg.trainer.cpu_threads)
+    if distributed.is_primary() and not cfg.trainer.resume:
+        rundirs.write_rerun_command(run_dir)
+    from mbv2.train.setup import fresh_parameter_names
+
+    with fresh_parameter_names():
+        return train(cfg, run_dir, run_name, rundirs.varying_keys(hc.overrides.task, sweep))
 
 
 def _mark_failed(run_dir: Path, error: BaseException) -> None:
@@ -117,13 +138,20 @@ def cli() -> None:
     them (rundirs.job_dir_name), and replays a resumed run's own overrides first
     (rundirs.resume_argv)."""
     runtime.configure_process()
+    rundirs.check_explicit_dirs(sys.argv)
     sys.argv = rundirs.resume_argv(sys.argv)
+    sys.argv += rundirs.keep_recorded_config(sys.argv)
     os.environ[rundirs.LAUNCH_ARGS_ENV] = json.dumps(sys.argv[1:])
     if not distributed.is_primary():
         # ranks > 0 share rank 0's run dir (see distributed.shared_choice) but leave its
         # files alone: no second .hydra/ copy, their log goes to the launcher's workerlog
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    main()
+    try:
+        main()
+    except lifecycle.Terminated as e:  # recorded as terminated; rerun the command to resume
+        print(f"mbv2.run: {e}; the run is marked terminated and resumes from its last "
+              f"checkpoint when the same command runs again", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 register_configs()

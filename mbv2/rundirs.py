@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 
 from mbv2.distributed import shared_choice
 from mbv2.files import write_text_atomic
+from mbv2.lifecycle import holds_run
 
 _UNIQUE_DIRS: dict[str, str] = {}
 
@@ -81,27 +83,91 @@ def _launch_fixed_keys() -> set[str]:
         return set()
 
 
-def job_dir_name(task_overrides: Any, exclude_keys: Any = ()) -> str:
+# Keys whose values are paths: a job name holds the last component, not the whole path
+# (a path would turn into nested folders); the composed config in .hydra/ has it in full.
+PATH_KEYS = frozenset({"data.root", "data.train_list", "data.val_list", "data.class_names",
+                       "data.archive", "model.pretrained"})
+
+
+def _short_path(key: str, value: str, swept: dict[str, list[str]]) -> str:
+    """`/data/flowers/` -> `flowers`; with a short hash of the full path when two values
+    the command line sweeps over end the same (`/d1/data,/d2/data`)."""
+    name = Path(value.rstrip("/")).name or "root"
+    others = [Path(v.rstrip("/")).name for v in swept.get(key, [])]
+    if others.count(name) > 1:
+        name = f"{name}-{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+    return name
+
+
+def _launch_sweeps() -> dict[str, list[str]]:
+    """key -> the values the launch command sweeps it over (`data.root=/a,/b`)."""
+    launch = os.environ.get(LAUNCH_ARGS_ENV)
+    try:
+        argv = json.loads(launch) if launch else sys.argv[1:]
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # not Hydra's syntax: no collisions known
+        return {}
+    return {o.key_or_group: [str(v) for v in o.sweep_string_iterator()]
+            for o in parsed if o.is_sweep_override()}
+
+
+def _job_items(task_overrides: Any, exclude_keys: Any) -> list[str]:
+    excluded = set(exclude_keys or ()) - PATH_KEYS
+    swept = _launch_sweeps()
+    items = []
+    for override in sorted(str(o) for o in task_overrides):
+        key = _override_key(override)
+        if key in excluded:
+            continue
+        if key in PATH_KEYS and "=" in override:
+            override = f"{key}={_short_path(key, override.split('=', 1)[1], swept)}"
+        items.append(override)
+    return items
+
+
+def job_dir_name(task_overrides: Any, exclude_keys: Any = (), sweep_dir: str | None = None) -> str:
     """A sweep job's directory name: the overrides that vary across the sweep
-    (`model.scale=0.5,optim.lr=0.1`). Keys the command line fixes for every job are left
-    out; with nothing left, all overrides are used."""
-    excluded = set(exclude_keys or ())
-    items = sorted(str(o) for o in task_overrides if _override_key(str(o)) not in excluded)
+    (`model.scale=0.5,optim.lr=0.1`; a path by its last component). Keys the command line
+    fixes for every job are left out; with nothing left, all overrides are used.
+
+    Never another job's dir: when `sweep_dir/<name>` already holds a job with other
+    overrides (a rerun with changed settings, two paths that shorten alike), the name gets
+    -2, -3, ... A dir whose job has the same overrides is this job's own: a rerun of the
+    sweep continues it (see `lifecycle`)."""
+    items = _job_items(task_overrides, exclude_keys)
     fixed = _launch_fixed_keys()
     varying = [o for o in items if _override_key(o) not in fixed]
-    return ",".join(varying or items) or "default"
+    name = ",".join(varying or items) or "default"
+    if sweep_dir is None:
+        return name
+    mine = [str(o) for o in task_overrides]
+    candidate, i = name, 1
+    while True:
+        recorded = Path(sweep_dir) / candidate / ".hydra" / "overrides.yaml"
+        if not recorded.is_file() or _recorded_overrides(recorded) == mine:
+            return candidate
+        i += 1
+        candidate = f"{name}-{i}"
+
+
+def _recorded_overrides(path: Path) -> list[str] | None:
+    try:
+        return [str(o) for o in OmegaConf.load(path)]
+    except Exception:  # unreadable: not provably this job's
+        return None
 
 
 def varying_keys(task_overrides: Any, sweep: bool) -> list[str]:
-    """The config keys this job was given that its siblings differ in (a sweep), or every
-    key the command line set (a single run); Hydra's own and the resume keys left out."""
+    """The config keys this sweep job was given that its siblings differ in; Hydra's own
+    and the resume keys left out. A single run has none: VisualDL shows it with the core
+    hyper-parameters, so its own overrides do not add columns that are empty for every
+    sweep job beside it."""
+    if not sweep:
+        return []
     keys = [_override_key(str(o)) for o in task_overrides]
-    keys = [k for k in keys if not k.startswith("hydra.") and k != "trainer.resume"
-            and "." in k]
-    if sweep:
-        fixed = _launch_fixed_keys()
-        keys = [k for k in keys if k not in fixed]
-    return list(dict.fromkeys(keys))
+    keys = [k for k in keys if not k.startswith("hydra.") and k != "trainer.resume" and "." in k]
+    fixed = _launch_fixed_keys()
+    return list(dict.fromkeys(k for k in keys if k not in fixed))
 
 
 def run_name(run_dir: Path, sweep_subdir: str | None) -> str:
@@ -149,13 +215,47 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not recorded.is_file():
         raise SystemExit(f"trainer.resume: {recorded} is missing, so the run's settings are "
                          f"unknown; resume a run dir written by mbv2.run")
-    skip = ("trainer.resume=", "hydra.run.dir=")
+    # only the run's own config keys and group choices are replayed, never hydra.* (a
+    # crafted .hydra/overrides.yaml must not redirect the run or its callbacks)
+    skip = ("trainer.resume=", "hydra.", "+hydra.", "++hydra.", "~hydra.")
     original = [str(o) for o in OmegaConf.load(recorded) if not str(o).startswith(skip)]
     now = [a for a in argv[1:] if not a.startswith(skip)]
     if any(a in ("-m", "--multirun") for a in now):
         raise SystemExit("trainer.resume continues one run; it cannot be part of a sweep (-m)")
+    # Hydra leaves the run's .hydra/ record alone (a resume that fails changes nothing);
+    # train() records the resume's own overrides there once the checkpoint fits
     return [argv[0], *original, *now, f"trainer.resume={_quote(str(ckpt))}",
-            f"hydra.run.dir={_quote(str(run_dir))}"]
+            f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
+
+
+def _given(argv: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1].strip("'\"") for a in argv[1:] if a.startswith(f"{key}=")]
+    return values[-1] if values else None
+
+
+def check_explicit_dirs(argv: list[str]) -> None:
+    """An explicit hydra.run.dir / hydra.sweep.dir that cannot be a directory: one sentence."""
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        value = _given(argv, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        blocker = next((p for p in [path, *path.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise SystemExit(f"{key}={value}: {blocker} is a file, not a directory; give a "
+                             f"directory path (it is created if missing)")
+
+
+def keep_recorded_config(argv: list[str]) -> list[str]:
+    """Overrides that keep Hydra from rewriting the `.hydra/` record of a run already in an
+    explicit `hydra.run.dir` (not a resume): that run's config stays as it was whatever this
+    process then decides (lifecycle.plan_job: skip, continue, or refuse)."""
+    if any(a.startswith("trainer.resume=") and a != "trainer.resume=null" for a in argv):
+        return []
+    given = _given(argv, "hydra.run.dir")
+    if given and holds_run(Path(given).expanduser()):
+        return ["hydra.output_subdir=null"]
+    return []
 
 
 def register_resolvers() -> None:

@@ -27,6 +27,12 @@ METRICS_FILE = "metrics.json"
 OPTUNA_FILE = "optimization_results.yaml"
 
 COMPLETED, RUNNING, FAILED = "completed", "running", "failed"
+# a run that ended before its last epoch as planned (trainer.early_stop_patience) or was
+# stopped by an Optuna pruner; cut short by SIGTERM or Ctrl-C (mbv2.run resumes them)
+STOPPED_EARLY, PRUNED = "stopped_early", "pruned"
+TERMINATED, INTERRUPTED = "terminated", "interrupted"
+# the statuses whose best top-1 is a finished run's result (plotted, compared)
+FINISHED = (COMPLETED, STOPPED_EARLY)
 UNREADABLE, NO_METRICS = "unreadable", "no metrics"
 
 # Config keys worth knowing when comparing jobs; those equal in all jobs are listed once,
@@ -51,7 +57,8 @@ _REPORTED_SETTINGS = {"data.image_size": "image_size", "data.num_classes": "num_
 
 # Rows group by how much their numbers mean before any value sorts them: results
 # (final or partial) first, then statuses that carry no trustworthy numbers.
-_STATUS_TIER = {COMPLETED: 0, RUNNING: 0, FAILED: 2, UNREADABLE: 3, NO_METRICS: 4}
+_STATUS_TIER = {COMPLETED: 0, STOPPED_EARLY: 0, RUNNING: 0, PRUNED: 1, TERMINATED: 1,
+                INTERRUPTED: 1, FAILED: 2, UNREADABLE: 3, NO_METRICS: 4}
 _OTHER_STATUS_TIER = 1  # a status this module does not know, written by a newer run.py
 
 
@@ -88,7 +95,7 @@ class JobRow:
     @property
     def status_text(self) -> str:
         """The status column: the status, and for failed/unreadable jobs the reason."""
-        if self.error and self.status in (FAILED, UNREADABLE):
+        if self.error and self.status in (FAILED, UNREADABLE, TERMINATED, INTERRUPTED, PRUNED):
             return f"{self.status}: {self.error}"
         return self.status
 
@@ -255,7 +262,7 @@ def read_job(root: Path, job_dir: Path) -> JobRow:
     if metrics is None:
         return row
     row.status = str(metrics.get("status") or "unknown")
-    if row.status == FAILED:
+    if row.status in (FAILED, TERMINATED, INTERRUPTED, PRUNED):
         row.error = _error_line(metrics.get("error"))
     row.params = _as_int(metrics.get("params_trainable"))
     row.macs = _as_int(metrics.get("macs"))

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mbv2.summary.jobs import COMPLETED, JobRow, sort_rows
+from mbv2.summary.jobs import FINISHED, JobRow, sort_rows
 from mbv2.summary.study import Study, describe
 
 TIE_STEP = 0.02  # decades of MACs between neighbouring tied markers (about 5 %)
@@ -69,7 +69,7 @@ def _true(row: JobRow) -> tuple[float, float]:
 def _plotted(rows: Iterable[JobRow]) -> list[JobRow]:
     """Completed jobs with MACs and accuracy, cheapest first, then by accuracy and LR."""
     done = [
-        r for r in rows if r.status == COMPLETED and r.best_top1 is not None and (r.macs or 0) > 0
+        r for r in rows if r.status in FINISHED and r.best_top1 is not None and (r.macs or 0) > 0
     ]
     return sorted(sort_rows(done, "job"), key=lambda r: (*_true(r), r.lr is None, r.lr or 0.0))
 

@@ -2,11 +2,12 @@
 
 Layout of `<run dir>/checkpoints/`:
 
-* `<name>.pdckpt` - the checkpoint: one `paddle.save` file holding model weights, optimizer
-  and LR-schedule state, EMA weights, epoch, global step, metrics, RNG states and the
-  tracker's history. Resume, eval, predict and export read this file. Being one file, it is
-  replaced in one `os.replace`, so a crash mid-save leaves the previous `last` intact
-  (timm's CheckpointSaver does the same with one `.pth.tar`).
+* `<name>.pdckpt` - the checkpoint: one file of arrays and JSON (`ckptfile`: reading it
+  runs no code) holding model weights, optimizer and LR-schedule state, EMA weights,
+  epoch, global step, metrics, RNG states and the tracker's history. Resume, eval, predict
+  and export read this file. Being one file, it is replaced in one `os.replace`, so a crash
+  mid-save leaves the previous `last` intact (timm's CheckpointSaver does the same with
+  one `.pth.tar`).
 * `<name>.pdparams` + `<name>.pdopt` - the same weights and optimizer state in the layout
   `paddle.Model.save` writes, for `paddle.Model.load` and `model.pretrained=`.
 
@@ -29,13 +30,14 @@ import numpy as np
 import paddle
 
 from mbv2.files import replace_atomic
+from mbv2.train import ckptfile
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CKPT_SUFFIX = ".pdckpt"
 SUFFIXES = (CKPT_SUFFIX, ".pdparams", ".pdopt")
-FORMAT_VERSION = 1
+FORMAT_VERSION = ckptfile.FORMAT_VERSION
 METRIC = "eval/acc_top1"
 
 
@@ -66,6 +68,10 @@ def _remove(prefix: Path) -> None:
     for suffix in SUFFIXES:
         with contextlib.suppress(FileNotFoundError):
             Path(str(prefix) + suffix).unlink()
+
+
+def _epoch_of(path: Path) -> int:
+    return int(path.name[len("epoch_"):-len(CKPT_SUFFIX)])
 
 
 def epoch_name(epoch: int) -> str:
@@ -107,8 +113,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a `.pdckpt`; a damaged or truncated file raises CheckpointError naming it."""
     path = Path(path)
     try:
-        ckpt = paddle.load(str(path))
-    except Exception as e:  # paddle/pickle raise many types for a damaged file
+        ckpt = ckptfile.read_checkpoint(path)
+    except PermissionError as e:  # an earlier pickle checkpoint, not trusted
+        raise CheckpointError(str(e)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # numpy/zip/json raise many types for a damaged file
         others = sorted(x.name for x in path.parent.glob(f"*{CKPT_SUFFIX}") if x != path)
         raise CheckpointError(
             f"{path}: cannot read this checkpoint, it is damaged or truncated "
@@ -125,16 +135,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 # -- RNG --------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
-    """Every RNG the training loop draws from: augmentation uses python `random`."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            # paddle.save takes no bytes; the generator states pickle, as hex text
-            "paddle": pickle.dumps(paddle.get_rng_state()).hex()}
+    """Every RNG the training loop draws from, as numbers (see `ckptfile`)."""
+    return ckptfile.capture_rng()
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    np.random.set_state(_as_tuple(state["numpy"]))
-    paddle.set_rng_state(pickle.loads(bytes.fromhex(state["paddle"])))
+    if isinstance(state.get("paddle"), str):  # an earlier, trusted pickle checkpoint
+        random.setstate(_as_tuple(state["python"]))
+        np.random.set_state(_as_tuple(state["numpy"]))
+        paddle.set_rng_state(pickle.loads(bytes.fromhex(state["paddle"])))
+        return
+    ckptfile.restore_rng(state)
 
 
 def _as_tuple(x: Any) -> Any:
@@ -185,7 +196,8 @@ class Checkpointer:
                          "checkpointer": self.state_dict()},
                 **extra}
         # the .pdckpt first: it alone is what resume reads, so it is the commit point
-        save_atomic(ckpt, Path(str(last) + CKPT_SUFFIX))
+        replace_atomic(Path(str(last) + CKPT_SUFFIX),
+                       lambda tmp: ckptfile.save_checkpoint(ckpt, tmp), fsync=True)
         save_atomic(ckpt["model"], Path(str(last) + ".pdparams"))
         save_atomic(ckpt["optimizer"], Path(str(last) + ".pdopt"))
         if any(e == epoch for _, e in self.top_k):
@@ -198,27 +210,59 @@ class Checkpointer:
             _remove(self.dir / epoch_name(e))
         return Path(str(last) + CKPT_SUFFIX)
 
-    def reconcile(self, resumed_from: Path, epoch: int) -> None:
+    def reconcile(self, resumed_from: Path, epoch: int) -> Path | None:
         """After resume: make the files agree with the bookkeeping of the checkpoint
-        resumed from. Files of later epochs (a run resumed from an earlier checkpoint, or
-        killed between saving and pruning) are removed, an epoch file the kill left
+        resumed from. Resumed from an earlier checkpoint than `last`, the later state
+        (`last`, later epochs, a later `best`) is moved to `checkpoints/superseded-<time>/`,
+        never deleted, and that dir is returned. Epoch files the top-k policy had dropped
+        (a kill between saving and pruning) are removed, an epoch file the kill left
         unwritten is published, and `best` is re-pointed at its epoch."""
         if not self.write:
-            return
+            return None
+        from_last = Path(resumed_from).with_suffix("") == self.dir / "last"
+        aside = None if from_last else self._set_aside_later(epoch)
         keep = {e for _, e in self.top_k}
         own = self.dir / epoch_name(epoch)
-        if epoch in keep and not Path(str(own) + CKPT_SUFFIX).is_file() \
-                and Path(resumed_from).with_suffix("") == self.dir / "last":
+        if epoch in keep and not Path(str(own) + CKPT_SUFFIX).is_file() and from_last:
             self._publish_all(self.dir / "last", own)
         for f in self.dir.glob(f"epoch_*{CKPT_SUFFIX}"):
-            epoch = int(f.name[len("epoch_"):-len(CKPT_SUFFIX)])
-            if epoch not in keep:
+            if _epoch_of(f) not in keep:
                 _remove(f.with_suffix(""))
         best = self.dir / epoch_name(self.best_epoch) if self.best_epoch else None
         if best is not None and Path(str(best) + CKPT_SUFFIX).is_file():
             self._publish_all(best, self.dir / "best")
+        return aside
+
+    def _set_aside_later(self, epoch: int) -> Path | None:
+        """`last`, `best` and the epoch files after `epoch` into a superseded dir."""
+        import time
+
+        epochs = [f.with_suffix("") for f in self.dir.glob(f"epoch_*{CKPT_SUFFIX}") if _epoch_of(f) > epoch]
+        later = epochs + [self.dir / n for n in ("last", "best")
+                          if Path(str(self.dir / n) + CKPT_SUFFIX).is_file()]
+        if not later:
+            return None
+        aside = self.dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for prefix in later:
+            for suffix in SUFFIXES:
+                src = Path(str(prefix) + suffix)
+                if src.is_file():
+                    _publish(src, aside / src.name)  # a hard link: the files stay where they are
+        log.warning("resume from epoch %d: the run's later checkpoints (last, best, %d epoch "
+                    "file(s)) are kept in %s; delete that dir when you no longer need them",
+                    epoch, len(epochs), aside)
+        return aside
 
     @staticmethod
     def _publish_all(src: Path, dst: Path) -> None:
+        """`dst.*` as the same files as `src.*`. A process killed between writing `last`'s
+        .pdckpt (what resume reads) and its .pdparams/.pdopt copies leaves those missing:
+        they are skipped here and written again with the next epoch."""
         for suffix in SUFFIXES:
-            _publish(Path(str(src) + suffix), Path(str(dst) + suffix))
+            source = Path(str(src) + suffix)
+            if source.is_file() or suffix == CKPT_SUFFIX:
+                _publish(source, Path(str(dst) + suffix))
+            else:
+                log.warning("checkpoint: %s is missing (a save was cut short); %s%s not written",
+                            source, dst, suffix)

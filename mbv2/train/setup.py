@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,23 @@ from omegaconf import DictConfig
 from mbv2 import distributed
 from mbv2.model import count_macs, count_parameters
 from mbv2.runtime import default_cpu_threads, describe_process, select_device, set_cpu_threads
-from mbv2.train.checkpoint import Checkpointer, load_checkpoint, resolve_checkpoint, restore_rng
+from mbv2.lifecycle import Terminated
+from mbv2.train.checkpoint import (Checkpointer, CheckpointError, load_checkpoint,
+                                   resolve_checkpoint, restore_rng)
 from mbv2.train.ema import ModelEma
 from mbv2.train.optim import BatchPlan
-from mbv2.train.tracking import RunTracker
+from mbv2.train.pruning import TrialPruned
+from mbv2.train.tracking import METRICS_FILE, RECORDS_FILE, RunTracker
 
 log = logging.getLogger(__name__)
+
+
+def fresh_parameter_names():
+    """Parameter (and optimizer state) names counted from 0 for this run, whatever ran
+    before it in the process. The optimizer's state is keyed by these names: without this,
+    job 3 of a sweep names its parameters after jobs 1 and 2, and its checkpoint would not
+    load into a rerun that skips them."""
+    return paddle.utils.unique_name.guard()
 
 
 def prepare_process(trainer: DictConfig) -> str:
@@ -65,6 +77,27 @@ def prepare_model(net: paddle.nn.Layer, optimizer, trainer: DictConfig, image_si
             log.warning("trainer.amp=%s is ignored on %s: Paddle's AMP needs a GPU", trainer.amp, device)
     model.prepare(optimizer, loss, paddle.metric.Accuracy(topk=(1, 5)), amp_configs=amp_configs)
     return model
+
+
+def record_run(cfg: DictConfig, run_dir: Path, class_names, resumed: Resumed | None) -> None:
+    """The run's resolved config and class names beside it, once everything it needs was
+    built (a resume that cannot go on leaves the dir as it was). A resume also records its
+    own overrides in .hydra/ (which Hydra was told not to rewrite: rundirs.resume_argv), so
+    the next resume replays them."""
+    from omegaconf import OmegaConf
+
+    from mbv2.artifacts import write_class_names
+    from mbv2.files import write_text_atomic
+
+    write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_class_names(class_names, run_dir)
+    if resumed is not None:
+        from hydra.core.hydra_config import HydraConfig
+
+        kept = [o for o in HydraConfig.get().overrides.task
+                if not o.startswith(("trainer.resume=", "hydra."))]
+        write_text_atomic(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(kept))
+        write_text_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def run_facts(net, data, image_size: int, device: str, plan: BatchPlan, lr: float) -> dict[str, Any]:
@@ -111,6 +144,20 @@ class Resumed:
     path: Path
     state: dict[str, Any]
 
+    def check_fits(self, net, resume: str) -> None:
+        """Before anything is written: the checkpoint's weights must fit the network this
+        config builds (a changed model.* would fail deep in Paddle without naming the key)."""
+        own = net.state_dict()
+        wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in self.state["model"].items()
+                 if k in own and list(v.shape) != list(own[k].shape)]
+        missing = [k for k in own if k not in self.state["model"]]
+        if wrong or missing:
+            detail = "; ".join(wrong[:3]) or f"missing {missing[:3]}"
+            raise CheckpointError(
+                f"trainer.resume={resume}: {self.path} does not fit the model this config builds "
+                f"({detail}): a model.* setting differs from the run's (see its "
+                f"config_resolved.yaml). Resume without changing model.*; nothing was written")
+
     @classmethod
     def load(cls, resume: str | None) -> Resumed | None:
         if not resume:
@@ -126,7 +173,16 @@ class Resumed:
         optimizer.set_state_dict(self.state["optimizer"])
         epoch = int(self.state["meta"]["epoch"])
         checkpointer.load_state_dict(self.state["meta"]["checkpointer"])
-        checkpointer.reconcile(self.path, epoch)
+        aside = checkpointer.reconcile(self.path, epoch)
+        if aside is not None:  # the later records and metrics are kept with the later weights
+            for name in (RECORDS_FILE, METRICS_FILE):
+                if (tracker.run_dir / name).is_file():
+                    shutil.copy2(tracker.run_dir / name, aside / name.replace("vdlrecords.", "records."))
+        planned = self.state["tracker"]["metrics"].get("epochs_planned")
+        if planned is not None and int(planned) != tracker.epochs:
+            log.warning("trainer.epochs is %d on resume, the run planned %d: the LR schedule is "
+                        "laid out again over %d epochs, so the LR jumps at epoch %d",
+                        tracker.epochs, int(planned), tracker.epochs, epoch + 1)
         tracker.resume(self.state["tracker"], str(self.path))
         if ema is not None and self.state.get("ema"):
             ema.load_state_dict(self.state["ema"])
@@ -139,16 +195,23 @@ class Resumed:
 
 @contextlib.contextmanager
 def recorded_outcome(tracker: RunTracker, data) -> Iterator[None]:
-    """metrics.json ends as completed or failed (with the error), with the bad-image
-    counts, whatever happens inside the block; a failure is re-raised."""
+    """metrics.json ends with the run's true status and the bad-image counts, whatever
+    happens inside the block: completed, stopped_early (trainer.early_stop_patience),
+    pruned (an Optuna pruner; not an error), terminated (SIGTERM), interrupted (Ctrl-C) or
+    failed (with the error). Everything but completed/stopped_early/pruned is re-raised."""
     try:
         yield
-    except BaseException as e:
+    except TrialPruned as e:
         _record_bad_images(tracker, data)
-        tracker.finish("failed", error=f"{type(e).__name__}: {e}")
+        tracker.finish("pruned", error=str(e))
+        return
+    except BaseException as e:
+        status = {Terminated: "terminated", KeyboardInterrupt: "interrupted"}.get(type(e), "failed")
+        _record_bad_images(tracker, data)
+        tracker.finish(status, error=f"{type(e).__name__}: {e}")
         raise
     _record_bad_images(tracker, data)
-    tracker.finish("completed")
+    tracker.finish("stopped_early" if tracker.metrics.get("stopped_early_epoch") else "completed")
 
 
 def _record_bad_images(tracker: RunTracker, data) -> None:

@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 
 RECORDS_FILE = "vdlrecords.mbv2.log"
 METRICS_FILE = "metrics.json"
-# VisualDL's HParams views show each metric's last value: the running best is a tag of its
-# own, so the table gives best and final top-1 side by side
-HPARAM_METRICS = ["eval/best_acc_top1", "eval/acc_top1", "eval/loss"]
+# VisualDL's HParams views show each metric's last value: eval/best (the best top-1 so
+# far, every evaluation) and eval/last (the final top-1, once the run ends) give best and
+# final side by side; eval/loss ends at the final loss. Short names: see
+# config.CORE_HPARAMS (a long axis name freezes the parallel-coordinates view).
+BEST_TAG, LAST_TAG = "eval/best", "eval/last"
+HPARAM_METRICS = [BEST_TAG, LAST_TAG, "eval/loss"]
 CURVES_FILE = "curves.png"
 # scalar tag prefixes whose x-axis is the global step (train/) or the epoch (the others)
 STEPPED_TAGS = ("train/", "eval/", "eval_ema/")
@@ -214,7 +217,7 @@ class RunTracker(Callback):
             m[f"best_{tag}_acc_top1"] = best = result["acc_top1"]
             if tag == "eval":
                 m["best_epoch"] = epoch
-        self.writer.add_scalar(f"{tag}/best_acc_top1", best, epoch)
+        self.writer.add_scalar(f"{tag}/best", best, epoch)
         for key, value in result.items():
             m[f"final_{tag}_{key}"] = value
         if self.history and self.history[-1]["epoch"] == epoch:
@@ -271,6 +274,9 @@ class RunTracker(Callback):
             self.metrics["error"] = error
         self.save()
         if self.writer is not None:
+            if self.metrics.get("final_eval_acc_top1") is not None:
+                self.writer.add_scalar(LAST_TAG, self.metrics["final_eval_acc_top1"],
+                                       int(self.metrics["last_eval_epoch"]))
             self.writer.close()
             self.writer = None
         if self.write:
