@@ -7,14 +7,16 @@ OmegaConf: a misspelt or mistyped key fails with the key named.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mbv2.runtime import configure_process
+from mbv2.runtime import DeviceError, configure_process
 
 T = TypeVar("T")
 
@@ -34,9 +36,36 @@ def parse_args(schema: type[T], argv: Sequence[str], prog: str, usage: str) -> T
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise SystemExit(f"{prog}: {', '.join(missing)} must be given ({usage})")
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        args = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise SystemExit(f"{prog}: {str(e).splitlines()[0]} (see --help)") from None
+    _check_args(args, prog)
+    return args  # type: ignore[return-value]
+
+
+POSITIVE_ARGS = ("batch_size", "threads", "topk", "opset")
+
+
+def _check_args(args: Any, prog: str) -> None:
+    """What a type cannot say: counts >= 1, and an output dir that can be a dir and be
+    written - each a sentence naming the argument, before anything runs."""
+    for name in POSITIVE_ARGS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"{prog}: {name}={value} must be >= 1")
+    out = getattr(args, "out", None)
+    if out:
+        _check_output_dir(Path(out).expanduser(), prog)
+
+
+def _check_output_dir(path: Path, prog: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{prog}: out={path} is a file; give a directory (it is created if missing)")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SystemExit(f"{prog}: out={path}: {probe} is not writable; give a directory you can write")
 
 
 def run_entry(schema: type[T], runner: Callable[[T], Any], prog: str, usage: str,
@@ -52,7 +81,7 @@ def run_entry(schema: type[T], runner: Callable[[T], Any], prog: str, usage: str
 
     try:
         runner(args)
-    except (CheckpointError, DataError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, DeviceError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -107,11 +107,33 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: str
         return np.asarray(img.convert("RGB"))
 
 
+def _check_same_classes(data_names: list[str], run_names: list[str], ckpt: Path) -> None:
+    """The data's class ids must mean what they meant in training: the same names in the
+    same order (class_names.txt of the run), not only the same count."""
+    from mbv2.data import DataError
+
+    if data_names == run_names:
+        return
+    ids_only = run_names == [str(i) for i in range(len(run_names))]  # no names were recorded
+    if len(data_names) == len(run_names) and ids_only:
+        return
+    if len(data_names) != len(run_names):
+        raise DataError(f"the data has {len(data_names)} classes, the checkpoint {ckpt} "
+                        f"{len(run_names)}; give data.* of the same classes")
+    if sorted(data_names) == sorted(run_names):
+        raise DataError(f"the data's classes are the run's in another order ({data_names[:5]} "
+                        f"vs the run's {run_names[:5]} ...): class ids would be mixed up. Give "
+                        f"data.classes in the run's order (its class_names.txt)")
+    only_data = sorted(set(data_names) - set(run_names))[:5]
+    raise DataError(f"the data's classes {only_data} ... are not the classes {ckpt} was trained "
+                    f"on ({run_names[:5]} ...); evaluate on data of the run's classes")
+
+
 def _eval_data(args: EvalArgs, cfg, class_names: Sequence[str], ckpt: Path):
     """The split to evaluate: the run's data config with `data.*` arguments over it."""
     from omegaconf import OmegaConf
 
-    from mbv2.data import DataError, build_data, build_transforms
+    from mbv2.data import build_data, build_transforms
 
     data_cfg = cfg.data
     OmegaConf.set_struct(data_cfg, True)  # a misspelt data.* key fails, naming it
@@ -120,9 +142,7 @@ def _eval_data(args: EvalArgs, cfg, class_names: Sequence[str], ckpt: Path):
     except Exception as e:
         raise SystemExit(f"data override: {str(e).splitlines()[0]}") from None
     data = build_data(data_cfg)
-    if data.num_classes != len(class_names):
-        raise DataError(f"the data has {data.num_classes} classes, the checkpoint {ckpt} "
-                        f"{len(class_names)}; give data.* of the same classes")
+    _check_same_classes(list(data.class_names), list(class_names), ckpt)
     dataset = data.val if args.split == "val" else data.train
     if args.split == "train":
         # the train split with eval transforms: augmentation would make the numbers noise
@@ -163,7 +183,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
 
     if args.split not in ("val", "train"):
         raise SystemExit(f"split={args.split!r}: use val or train")
-    device = select_device(args.device)
+    device = select_device(args.device, key="device")
     paddle.set_device(device)
     net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device=device)
     dataset, data_cfg = _eval_data(args, cfg, class_names, ckpt)

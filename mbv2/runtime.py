@@ -143,13 +143,21 @@ def describe_malloc() -> str:
     }.get(str(configure_malloc()), "system default")
 
 
-def select_device(requested: str) -> str:
-    """`auto`: the GPU when Paddle is built with CUDA and sees one, else the CPU."""
+class DeviceError(ValueError):
+    """A device this machine does not have; the message names the key."""
+
+
+def select_device(requested: str, key: str = "trainer.device") -> str:
+    """`auto`: the GPU when Paddle is built with CUDA and sees one, else the CPU. A GPU
+    asked for on a machine without one is a sentence naming `key`, not Paddle's error."""
     import paddle
 
+    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     if requested == "auto":
-        has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
         return "gpu" if has_gpu else "cpu"
+    if str(requested).startswith("gpu") and not has_gpu:
+        why = "sees no GPU" if paddle.is_compiled_with_cuda() else "is built without CUDA"
+        raise DeviceError(f"{key}={requested}: this Paddle {why}; use {key}=cpu (or auto)")
     return requested
 
 

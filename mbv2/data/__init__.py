@@ -4,7 +4,8 @@ A package, one job a module. Imports go one way, from the bottom up:
 
     errors                       DataError, limits, file names (no paddle, numpy, Pillow)
     decode, transforms,          one image file -> RGB image; image -> normalized array;
-    lists, folders               label-list / class-name files; class-folder trees
+    lists, folders, checks       label-list / class-name files; class-folder trees;
+                                 typo'd class counts, duplicates, train/val overlap, gaps
     folder_lists, datasets       folder tree -> label lists; data sets and start-up scan
     sources, throughput          `build_data` and its sources; `measure_loader`
     __main__                     `python -m mbv2.data lists <root> <out_dir>`

@@ -19,13 +19,11 @@ from omegaconf import DictConfig
 from paddle.io import Dataset
 from PIL import Image
 
+from mbv2.data.checks import Splits, warn_duplicates, warn_train_val_overlap
 from mbv2.data.decode import BadImageLog, ImageDecoder
-from mbv2.data.errors import MAX_CONSECUTIVE_BAD, DataError, listed
+from mbv2.data.errors import MAX_CONSECUTIVE_BAD, DataError, examples, listed
 
 log = logging.getLogger(__name__)
-
-# split name -> (samples, their origins `file:line` or None)
-Splits = dict[str, tuple[list[tuple[str, int]], list[str] | None]]
 
 
 class ImageFileDataset(Dataset):
@@ -152,8 +150,12 @@ def _check_kept(kept: dict[str, list[tuple[str, int]]], splits: Splits, class_na
     train_labels, val_labels = ({lab for _, lab in kept[s]} for s in ("train", "val"))
     val_only = sorted(val_labels - train_labels)
     if val_only:
+        samples, origins = splits["val"]
+        first = {lab: origins[i] for i, (_, lab) in reversed(list(enumerate(samples)))} if origins else {}
+        where = f" (first at {examples([first[i] for i in val_only])})" if first else ""
         raise DataError(f"classes {[class_names[i] for i in val_only]} (ids {val_only}) have val "
-                        f"images but no train images; the model could never predict them")
+                        f"images but no train images{where}; the model could never predict "
+                        f"them: fix those labels or add train images of those classes")
     if train_labels - val_labels:
         log.warning("classes without val images: %s",
                     [class_names[i] for i in sorted(train_labels - val_labels)])
@@ -162,7 +164,9 @@ def _check_kept(kept: dict[str, list[tuple[str, int]]], splits: Splits, class_na
 def file_datasets(cfg: DictConfig, bad_log: BadImageLog, class_names: list[str], splits: Splits,
                   transforms: tuple[Callable, Callable]) -> DataBundle:
     """The start-up scan over both splits, then the two ImageFileDatasets, with the
-    (train, val) transforms."""
+    (train, val) transforms. Duplicates and train/val overlap are warned about first."""
+    warn_duplicates(splits)
+    warn_train_val_overlap(splits)
     decoder = ImageDecoder(None if cfg.max_image_pixels is None else int(cfg.max_image_pixels))
     kept = _scan_splits(cfg, bad_log, decoder, splits)
     _check_kept(kept, splits, class_names)

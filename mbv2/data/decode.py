@@ -50,6 +50,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _not_a_file(path: str | Path, error: OSError) -> str:
+    """Why `path` is not an image file: missing (Windows `\\` separators?) or a directory."""
+    if isinstance(error, IsADirectoryError):
+        return f"{path}: is a directory, not an image file"
+    hint = "; write paths with '/', not '\\'" if "\\" in str(path) else ""
+    return f"{path}: no such file{hint}"
+
+
 class ImageDecoder:
     """path -> RGB PIL image, upright (EXIF orientation applied). Every failure becomes a
     DataError naming the file. Picklable, so DataLoader workers get their own copy.
@@ -89,8 +97,8 @@ class ImageDecoder:
                 return to_rgb(img)
         except DataError:
             raise
-        except FileNotFoundError as e:
-            raise DataError(f"{path}: no such file") from e
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise DataError(_not_a_file(path, e)) from e
         except Exception as e:  # any decoder failure means this file is unusable
             raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); "
                             f"replace or remove the file") from e
@@ -107,8 +115,8 @@ class ImageDecoder:
             return None
         except DataError as e:
             return str(e)
-        except FileNotFoundError:
-            return f"{path}: no such file"
+        except (FileNotFoundError, IsADirectoryError) as e:
+            return _not_a_file(path, e)
         except Exception as e:
             return f"{path}: not a readable image ({type(e).__name__}: {e})"
 

@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from mbv2.config import DataConfig
+from mbv2.data.checks import (inferred_class_count, warn_label_gaps, warn_repeated_names,
+                              warn_single_class)
 from mbv2.data.datasets import DataBundle, InMemoryDataset, file_datasets
 from mbv2.data.decode import BadImageLog, temporary_bad_image_log
-from mbv2.data.errors import DataError
+from mbv2.data.errors import DataError, require_directory
 from mbv2.data.folders import folder_splits
 from mbv2.data.lists import find_list_file, read_class_names, read_label_list, resolve_delimiter
 from mbv2.data.transforms import build_transforms
@@ -117,26 +119,41 @@ def _folder(cfg: DictConfig, bad_log: BadImageLog) -> DataBundle:
     return file_datasets(cfg, bad_log, names, splits, _transforms(cfg))
 
 
+def _class_names_file(cfg: DictConfig, root: Path | None,
+                      line_format: Literal["paddleclas", "seed"]) -> tuple[list[str], str] | None:
+    """The names of data.class_names and the end of an out-of-range message; None if unset."""
+    if not cfg.class_names:
+        return None
+    names_file = find_list_file("class_names", str(cfg.class_names), root)
+    names = read_class_names(names_file, "id_name" if line_format == "paddleclas" else "names")
+    warn_repeated_names(names, f"data.class_names {names_file}")
+    if cfg.num_classes is not None and len(names) != cfg.num_classes:
+        raise DataError(f"data.class_names has {len(names)} names but data.num_classes="
+                        f"{cfg.num_classes}; make them agree, or leave data.num_classes unset")
+    return names, (f" that data.class_names={str(cfg.class_names)!r} names; add the missing "
+                   f"names to {names_file} or fix the label")
+
+
 def _label_lists(cfg: DictConfig, bad_log: BadImageLog,
                  line_format: Literal["paddleclas", "seed"]) -> DataBundle:
-    root = Path(str(cfg.root)).expanduser() if cfg.root else None
-    if root is not None and not root.is_dir():
-        raise DataError(f"data.root={cfg.root!r}: no such directory")
-    names = None
-    if cfg.class_names:
-        names_file = find_list_file("class_names", str(cfg.class_names), root)
-        names = read_class_names(names_file, "id_name" if line_format == "paddleclas" else "names")
-    num_classes = cfg.num_classes if cfg.num_classes is not None else (len(names) if names else None)
-    if names is not None and len(names) != num_classes:
-        raise DataError(f"data.class_names has {len(names)} names but data.num_classes={num_classes}")
+    root = None
+    if cfg.root:
+        root = require_directory("data.root", cfg.root, "the directory the image paths in "
+                                 "data.train_list and data.val_list start from")
+    named = _class_names_file(cfg, root, line_format)
+    by_key = f" set by data.num_classes={cfg.num_classes}; raise it or fix the label"
+    names, classes_from = named if named else (None, by_key)
+    num_classes = len(names) if names is not None else cfg.num_classes
     splits = {}
     for split, key in (("train", "train_list"), ("val", "val_list")):
         list_file = find_list_file(key, str(cfg[key]), root)
         splits[split] = read_label_list(list_file, root or list_file.parent, line_format,
-                                        resolve_delimiter(str(cfg.delimiter)), num_classes)
+                                        resolve_delimiter(str(cfg.delimiter)), num_classes,
+                                        key, classes_from)
     if names is None:
-        top = max(label for samples, _ in splits.values() for _, label in samples)
-        names = [str(i) for i in range(num_classes if num_classes is not None else top + 1)]
+        count = num_classes if num_classes is not None else inferred_class_count(splits)
+        names = [str(i) for i in range(count)]
+    warn_label_gaps(splits, names, inferred=named is None and cfg.num_classes is None)
     return file_datasets(cfg, bad_log, names, splits, _transforms(cfg))
 
 
@@ -166,6 +183,7 @@ def build_data(cfg: DictConfig, bad_image_log: str | Path | None = None) -> Data
     bad_log = BadImageLog(bad_image_log) if bad_image_log else temporary_bad_image_log()
     bundle = _SOURCES[cfg.name](cfg, bad_log)
     bundle.bad_images = bad_log
+    warn_single_class(bundle.class_names, cfg.name)
     log.info("data %s: %d train / %d val images, %d classes, %d px",
              cfg.name, len(bundle.train), len(bundle.val), bundle.num_classes, cfg.image_size)
     return bundle
