@@ -24,7 +24,9 @@ from mbv2.model import MobileNetV2, build_model
 from mbv2.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, load_checkpoint,
                                    resolve_checkpoint, run_dir_of)
 
-__all__ = ["CLASS_NAMES_FILE", "MODEL_PREFIX", "PREPROCESS_FILE", "WithSoftmax", "eval_transform",
+__all__ = ["CLASS_NAMES_FILE", "DEPLOY_CONFIG_FILE", "LABEL_MAP_FILE", "MODEL_PREFIX",
+           "PREPROCESS_FILE", "WithSoftmax", "eval_transform", "exported_model_files",
+           "write_deploy_config", "write_label_map",
            "load_run_config", "preprocess_spec", "read_class_names", "read_preprocess",
            "restore_network", "restore_run", "write_class_names", "write_preprocess"]
 
@@ -32,7 +34,12 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES_FILE = "class_names.txt"
 PREPROCESS_FILE = "preprocess.json"
-MODEL_PREFIX = "model"
+# PaddleClas's deploy predictor opens Config(<dir>/inference.json|.pdmodel,
+# <dir>/inference.pdiparams); exports before this name used model.*
+MODEL_PREFIX = "inference"
+LEGACY_MODEL_PREFIXES = ("model",)
+LABEL_MAP_FILE = "class_id_map.txt"
+DEPLOY_CONFIG_FILE = "inference_cls.yaml"
 RUN_CONFIG_FILES = ("config_resolved.yaml", ".hydra/config.yaml")
 
 
@@ -52,6 +59,51 @@ def read_class_names(directory: str | Path, num_classes: int) -> list[str]:
             return names
         log.warning("%s lists %d names for %d classes; using class ids", path, len(names), num_classes)
     return [str(i) for i in range(num_classes)]
+
+
+def write_label_map(names: Sequence[str], directory: Path) -> Path:
+    """PaddleClas's class_id_map_file: `id name` lines (its Topk splits at the first space)."""
+    path = Path(directory) / LABEL_MAP_FILE
+    write_text_atomic(path, "".join(f"{i} {n}\n" for i, n in enumerate(names)))
+    return path
+
+
+def write_deploy_config(directory: Path, spec: dict[str, Any], topk: int) -> Path:
+    """`inference_cls.yaml` in PaddleClas's deploy format: its predictor
+    (`deploy/python/predict_cls.py -c <dir>/inference_cls.yaml`) preprocesses as mbv2
+    evaluates (PIL backend, rounded resize, floor crop) and maps ids to names."""
+    import yaml
+
+    doc = {
+        "Global": {"infer_imgs": "./images", "inference_model_dir": ".", "batch_size": 1,
+                   "use_gpu": False, "enable_mkldnn": True, "cpu_num_threads": 2,
+                   "enable_benchmark": False, "use_fp16": False, "ir_optim": True,
+                   "use_tensorrt": False, "gpu_mem": 8000, "enable_profile": False},
+        "PreProcess": {"transform_ops": [
+            {"ResizeImage": {"resize_short": spec["resize_short"], "backend": "pil",
+                             "interpolation": spec["interpolation"]}},
+            {"CropImage": {"size": spec["center_crop"]}},
+            {"NormalizeImage": {"scale": 1.0 / 255.0, "mean": spec["mean"], "std": spec["std"],
+                                "order": "", "channel_num": 3}},
+            {"ToCHWImage": None}]},
+        "PostProcess": {"main_indicator": "Topk",
+                        "Topk": {"topk": int(topk), "class_id_map_file": LABEL_MAP_FILE},
+                        "SavePreLabel": {"save_dir": "./pre_label/"}},
+    }
+    path = Path(directory) / DEPLOY_CONFIG_FILE
+    write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def exported_model_files(directory: Path) -> tuple[Path, Path] | None:
+    """(program, parameters) of an exported model dir, this name or an earlier export's."""
+    for prefix in (MODEL_PREFIX, *LEGACY_MODEL_PREFIXES):
+        params = Path(directory) / f"{prefix}.pdiparams"
+        for suffix in (".json", ".pdmodel"):
+            program = Path(directory) / f"{prefix}{suffix}"
+            if program.is_file() and params.is_file():
+                return program, params
+    return None
 
 
 def preprocess_spec(data_cfg: DictConfig) -> dict[str, Any]:

@@ -94,3 +94,44 @@ def entry_point(schema: type[T], runner: Callable[[T], Any], prog: str,
     main.__doc__ = f"python -m {prog} {usage}"
     return main
 
+
+def compose_run_config(overrides: Sequence[str], prog: str):
+    """The config `python -m mbv2.run <overrides>` would run, composed with Hydra's compose
+    API (for tools beside run.py that build what a run builds); a bad override ends the
+    process with one line naming it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from mbv2.config import CONF_DIR, register_configs
+    from mbv2.rundirs import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=prog):
+            return hydra_compose("config", overrides=list(overrides))
+    except HydraException as e:
+        raise SystemExit(f"{prog}: {_one_line(e, overrides)}") from None
+
+
+def _one_line(error: Exception, overrides: Sequence[str]) -> str:
+    """Hydra's message, its cause (OmegaConf's reason, e.g. `could not be converted to
+    Float`) and the override it could not parse, on one line."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        text = f"{text.rstrip('.')}: {str(cause).strip().splitlines()[0]}"
+    if type(error).__name__ == "OverrideParseException":
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        for override in overrides:
+            try:
+                parser.parse_override(override)
+            except Exception:
+                return f"cannot parse the override {override!r}: {text}"
+    return text
+

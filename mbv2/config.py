@@ -36,10 +36,16 @@ class ModelConfig:
     # rows of [t expansion, c channels, n units, s stride of the first unit];
     # None: PaddleClas's table (mbv2.model.PADDLECLAS_BOTTLENECK)
     bottleneck: Optional[List[List[int]]] = None
+    # conv1's stride: 2 (PaddleClas), or 1 for small images (4x the MACs, same weights)
+    stem_stride: int = 2
     # None: the number of classes the data source reports
     class_num: Optional[int] = None
-    # a .pdparams file (PaddleClas or mbv2); keys that do not fit are skipped and logged
+    # a .pdparams file (PaddleClas or mbv2), or its prefix (`model_data/57`, as
+    # paddle.Model.save names them); a head of another class count is skipped and logged
     pretrained: Optional[str] = None
+    # true: a file that fits less than 90 % of the backbone (another width or network) is an
+    # error naming the width it holds; false: load what fits, warn, train the rest from scratch
+    pretrained_strict: bool = True
     # mbv2's CPU kernels (depthwise conv, fused batch norm + ReLU6, small-map 1x1 convs):
     # auto: on CPU, Paddle's own ops on GPU; on; off (Paddle's ops everywhere)
     cpu_kernels: str = "auto"
@@ -122,6 +128,16 @@ class SchedConfig:
 
 
 @dataclass
+class LossConfig:
+    # cross_entropy or poly1 (CE + epsilon * (1 - p_t), Leng et al. 2022)
+    name: str = "cross_entropy"
+    # share of the target spread over all classes (both losses)
+    label_smoothing: float = 0.0
+    # poly1: the weight of the (1 - p_t) term
+    epsilon: float = 1.0
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 15
     # per device; the global batch is batch_size x devices
@@ -138,7 +154,6 @@ class TrainerConfig:
     # CPU math threads of this process; None: the cores it may use, shared evenly with
     # the other processes of a data-parallel launch on the node
     cpu_threads: Optional[int] = None
-    label_smoothing: float = 0.0
     # paddle.Model's progress output: 0 silent, 1 progress bar, 2 a line per log_freq steps
     verbose: int = 2
     # a run dir or checkpoint to continue from (into the same run dir); None: a new run
@@ -160,6 +175,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -170,11 +186,13 @@ class ConfigValueError(ValueError):
 _CHOICES = {
     "model.name": ("mobilenet_v2",),
     "model.cpu_kernels": ("auto", "on", "off"),
+    "model.stem_stride": (1, 2),
     "data.name": ("digits", "folder", "fake", "list", "seed_list", "cifar10"),
     "data.scan": ("header", "full", "off"),
     "data.on_bad_image": ("error", "skip"),
     "optim.name": ("momentum", "sgd", "adam", "adamw", "rmsprop"),
     "sched.name": ("cosine", "piecewise", "exponential", "constant"),
+    "loss.name": ("cross_entropy", "poly1"),
     "trainer.verbose": (0, 1, 2),
     "trainer.amp": (None, "O1", "O2"),
 }
@@ -203,7 +221,7 @@ _RANGES = {
     "trainer.eval_freq": (lambda v: v >= 1, ">= 1"),
     "trainer.log_freq": (lambda v: v >= 1, ">= 1"),
     "trainer.cpu_threads": (lambda v: v is None or v >= 1, ">= 1 or null (all cores)"),
-    "trainer.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "loss.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "trainer.keep_top_k": (lambda v: v >= 0, ">= 0"),
     "trainer.ema_decay": (lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
     "trainer.early_stop_patience": (lambda v: v is None or v >= 1, ">= 1 or null"),
@@ -276,7 +294,7 @@ def _check_data_sources(data: DictConfig) -> None:
 CORE_HPARAMS = {
     "scale": "model.scale", "lr": "optim.lr", "optim": "optim.name", "sched": "sched.name",
     "batch": "trainer.batch_size", "epochs": "trainer.epochs", "img_size": "data.image_size",
-    "data": "data.name", "wd": "optim.weight_decay", "smoothing": "trainer.label_smoothing",
+    "data": "data.name", "wd": "optim.weight_decay", "loss": "loss.name", "smoothing": "loss.label_smoothing",
     "ema": "trainer.ema_decay",
 }
 MAX_HPARAM_NAME = 9
@@ -287,7 +305,7 @@ _SHORT_NAMES = {
     "crop_scale": "crop", "grad_clip": "clip", "lr_reference_batch": "lr_batch",
     "milestones": "miles", "bottleneck": "table", "keep_top_k": "top_k",
     "early_stop_patience": "patience", "cpu_kernels": "kernels", "split_seed": "split",
-    "max_image_pixels": "max_px", "on_bad_image": "bad_img", "num_workers": "workers",
+    "max_image_pixels": "max_px", "stem_stride": "stem", "on_bad_image": "bad_img", "num_workers": "workers",
 }
 # VisualDL's parallel-coordinates view pins the tab at 100 % CPU with ~20 hyper-parameters
 MAX_HPARAMS = 16

@@ -1,10 +1,12 @@
 """`python -m mbv2.export ckpt=<run dir or checkpoint> [format=paddle|onnx] [out=<dir>]`
 
-A Paddle inference model of a checkpoint for `mbv2.predict` / Paddle Inference:
-`model.json` + `model.pdiparams` (`paddle.jit.save`, PIR), batch dimension None, softmax
-included, so outputs are class probabilities. Beside it: `class_names.txt` (line i = class
-i) and `preprocess.json` (the eval transform: resize, center crop, mean/std), so predict
-reproduces what eval saw. The depthwise convs are Paddle's own op: an exported model needs
+A Paddle inference model of a checkpoint for `mbv2.predict`, Paddle Inference and
+PaddleClas's deploy tools: `inference.json` + `inference.pdiparams` (`paddle.jit.save`,
+PIR), batch and image size free, softmax included, so outputs are class probabilities.
+Beside it: `class_names.txt` (line i = class i), `class_id_map.txt` (PaddleClas's `id name`
+label map), `preprocess.json` (the eval transform: resize, center crop, mean/std) and
+`inference_cls.yaml` (the same in PaddleClas's deploy format), so predict and PaddleClas's
+predictor reproduce what eval saw. The depthwise convs are Paddle's own op: an exported model needs
 no mbv2 custom op. `format=onnx` writes `model.onnx` through paddle2onnx (an extra).
 Default out: `<run dir>/export`.
 """
@@ -49,8 +51,8 @@ def run_export(args: ExportArgs) -> Path:
     out = Path(args.out) if args.out else run_dir_of(ckpt) / "export"
     out.mkdir(parents=True, exist_ok=True)
     spec = artifacts.preprocess_spec(cfg.data)
-    size = spec["image_size"]
-    inputs = [paddle.static.InputSpec([None, 3, size, size], "float32", spec["input_name"])]
+    # any batch and any image size: a model trained at 32 px runs on PaddleClas's 224 crops
+    inputs = [paddle.static.InputSpec([None, 3, None, None], "float32", spec["input_name"])]
     prefix = str(out / artifacts.MODEL_PREFIX)
     with net.reference_ops():  # the exported program must not need mbv2's custom ops
         model = artifacts.WithSoftmax(net)
@@ -60,11 +62,13 @@ def run_export(args: ExportArgs) -> Path:
             paddle.onnx.export(model, prefix, input_spec=inputs, opset_version=args.opset)
     written = [p.name for p in sorted(out.glob(f"{artifacts.MODEL_PREFIX}.*"))]
     artifacts.write_class_names(class_names, out)
+    artifacts.write_label_map(class_names, out)
+    artifacts.write_deploy_config(out, spec, topk=min(5, len(class_names)))
     artifacts.write_preprocess(out, spec, num_classes=len(class_names), checkpoint=str(ckpt),
                                epoch=meta.get("epoch"), ema=args.ema,
                                model_scale=float(net.scale), format=args.format)
     print(f"exported {ckpt} (epoch {meta.get('epoch')}) -> {out}: "
-          f"{', '.join(written + [artifacts.CLASS_NAMES_FILE, artifacts.PREPROCESS_FILE])}")
+          f"{', '.join(written + [artifacts.CLASS_NAMES_FILE, artifacts.LABEL_MAP_FILE, artifacts.PREPROCESS_FILE, artifacts.DEPLOY_CONFIG_FILE])}")
     return out
 
 

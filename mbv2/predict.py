@@ -54,13 +54,14 @@ class ExportedPredictor:
     def __init__(self, model_dir: Path, threads: int):
         from paddle import inference
 
-        from mbv2.artifacts import MODEL_PREFIX
+        from mbv2.artifacts import MODEL_PREFIX, exported_model_files
 
-        model, params = model_dir / f"{MODEL_PREFIX}.json", model_dir / f"{MODEL_PREFIX}.pdiparams"
-        for f in (model, params):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing; export the model with "
-                                        f"`python -m mbv2.export ckpt=<run dir> out={model_dir}`")
+        files = exported_model_files(model_dir)
+        if files is None:
+            raise FileNotFoundError(f"{model_dir}: no {MODEL_PREFIX}.json + {MODEL_PREFIX}.pdiparams; "
+                                    f"export the model with `python -m mbv2.export ckpt=<run dir> "
+                                    f"out={model_dir}`")
+        model, params = files
         config = inference.Config(str(model), str(params))
         config.disable_gpu()
         # oneDNN: the measured 6x over dygraph at 224 px comes from here
@@ -98,7 +99,7 @@ def load_predictor(spec: str, threads: int, ema: bool) -> tuple[Callable, Callab
     from mbv2 import artifacts
 
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / f"{artifacts.MODEL_PREFIX}.json").is_file():
+    if path.is_dir() and artifacts.exported_model_files(path) is not None:
         pre = artifacts.read_preprocess(path)
         names = artifacts.read_class_names(path, int(pre["num_classes"]))
         return ExportedPredictor(path, threads), artifacts.eval_transform(pre), names

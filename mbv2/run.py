@@ -43,6 +43,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str, varying: Sequence[str] 
     from mbv2.train import setup
     from mbv2.train.checkpoint import Checkpointer
     from mbv2.train.ema import ModelEma
+    from mbv2.train.losses import build_loss
     from mbv2.train.optim import BatchPlan, build_optimization
     from mbv2.train.tracking import RunTracker
 
@@ -56,9 +57,9 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str, varying: Sequence[str] 
         resumed.check_fits(net, str(t.resume))
     plan = BatchPlan(len(data.train), int(t.batch_size), distributed.world_size())
     optimizer, lr = build_optimization(cfg.optim, cfg.sched, net.parameters(), int(t.epochs), plan)
-    model = setup.prepare_model(net, optimizer, t, size, device)
+    model = setup.prepare_model(net, optimizer, build_loss(cfg.loss), t, size, device)
     if primary:
-        setup.record_run(cfg, run_dir, data.class_names, resumed)
+        setup.record_run(cfg, run_dir, data.class_names, resumed, net)
     facts = setup.run_facts(net, data, size, device, plan, lr)
     tracker = RunTracker(run_dir, run_name, run_hparams(cfg, varying), facts, log_freq=int(t.log_freq),
                          epochs=int(t.epochs), write=primary)

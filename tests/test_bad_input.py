@@ -184,7 +184,7 @@ def test_list_label_out_of_range(listed, cfg_factory):
     (listed / "names.txt").write_text("0 cat\n1 dog\n")
     msg = _list_error(cfg_factory, listed, "img/a.jpg 0\nimg/b.jpg 1\nimg/c.jpg 2\n",
                       "data.class_names=names.txt")
-    assert f"train_list.txt:3: label 2 is out of range; labels must be below the number of classes (2)" in msg
+    assert "train_list.txt:3: label 2 is out of range; labels must be below the number of classes (2)" in msg
     msg = _list_error(cfg_factory, listed, "img/a.jpg -1\n")
     assert "train_list.txt:1: label -1 is out of range" in msg
 

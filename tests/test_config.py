@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from mbv2.config import ConfigValueError, check_config
 from tests.conftest import CONF_DIR
 
-GROUPS = ["model", "data", "optim", "sched", "trainer"]
+GROUPS = ["model", "data", "optim", "sched", "loss", "trainer"]
 
 
 @pytest.mark.parametrize("group,option", [
@@ -17,7 +17,7 @@ def test_every_group_option_composes_and_checks(cfg_factory, group, option):
     extra = ["data.root=/tmp"] if (group, option) == ("data", "folder") else []
     cfg = cfg_factory([f"{group}={option}", *extra])
     check_config(cfg)
-    if group in ("optim", "sched", "data"):
+    if group in ("optim", "sched", "data", "loss"):
         assert cfg[group].name == option
 
 
@@ -94,7 +94,7 @@ def test_hparams_are_short_undotted_scalars_core_plus_what_varies(cfg_factory):
 def test_hparam_names_stay_short_and_unique():
     from mbv2.config import hparam_name
 
-    assert hparam_name("model.scale") == "scale" and hparam_name("trainer.label_smoothing") == "smoothing"
+    assert hparam_name("model.scale") == "scale" and hparam_name("loss.label_smoothing") == "smoothing"
     assert hparam_name("sched.warmup_epochs") == "warmup"
     assert hparam_name("data.max_image_pixels") == "max_px"
     assert hparam_name("trainer.something_very_long") == "something"

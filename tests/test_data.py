@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from mbv2.artifacts import read_class_names, write_class_names
 from mbv2.data import DataError, build_data, load_image

@@ -1,6 +1,8 @@
 """data=list, seed_list, cifar10, folder splits and the list writer, on files written here."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,23 @@ def test_measure_loader_reports_images_per_second(tmp_path, cfg_factory):
     rate = measure_loader(cfg_factory(["data=folder", f"data.root={root}",
                                        "data.image_size=32"]).data, batch_size=4, batches=3)
     assert 1 < rate < 1e6
+
+
+def test_seed_list_names_from_the_seeds_datasets_tree(tmp_path, cfg_factory):
+    """classification-pp writes no names file: its txt_annotation.py numbers the folders of
+    datasets/train in os.listdir order; data.class_names may name that folder."""
+    import os
+
+    repo = tmp_path / "seed"
+    for name in ("tulip", "rose", "daisy"):
+        for split in ("train", "test"):
+            write_jpeg(repo / "datasets" / split / name / "1.jpg")
+    order = [n for n in os.listdir(repo / "datasets" / "train")]
+    for split, list_name in (("train", "cls_train.txt"), ("test", "cls_test.txt")):
+        (repo / list_name).write_text("".join(
+            f"{i};datasets/{split}/{n}/1.jpg\n" for i, n in enumerate(order)))
+    cfg = cfg_factory(["data=seed_list", f"data.root={repo}", "data.class_names=datasets/train",
+                       "data.image_size=16"])
+    bundle = build_data(cfg.data)
+    assert bundle.class_names == order  # id i is the i-th folder os.listdir gives
+    assert all(Path(p).parent.name == order[label] for p, label in bundle.train.samples)

@@ -91,12 +91,15 @@ def test_eval_train_split_with_data_override_and_ema(trained):
 
 def test_export_writes_inference_model_and_preprocessing(exported):
     names = {p.name for p in exported.iterdir()}
-    assert {"model.json", "model.pdiparams", "class_names.txt", "preprocess.json"} <= names
+    # the names PaddleClas's deploy predictor opens, its label map and its config
+    assert {"inference.json", "inference.pdiparams", "class_names.txt", "class_id_map.txt",
+            "preprocess.json", "inference_cls.yaml"} <= names
+    assert (exported / "class_id_map.txt").read_text().splitlines() == [f"{i} class_{i}" for i in range(4)]
     pre = json.loads((exported / "preprocess.json").read_text())
     assert pre["image_size"] == 32 and pre["resize_short"] == 37 and len(pre["mean"]) == 3
     assert (exported / "class_names.txt").read_text().splitlines() == [f"class_{i}" for i in range(4)]
     # the program uses Paddle's depthwise conv, not the mbv2 custom op
-    assert "mbv2_depthwise" not in (exported / "model.json").read_text()
+    assert "mbv2_depthwise" not in (exported / "inference.json").read_text()
 
 
 def _top1(csv_path: Path) -> dict[str, str]:
@@ -144,3 +147,85 @@ def test_onnx_without_paddle2onnx_says_what_to_install(trained):
         pytest.skip("paddle2onnx is installed here")
     proc = run_cli([f"ckpt={trained}", "format=onnx"], cwd=ROOT, module="mbv2.export", check=False)
     assert proc.returncode != 0 and "pip install paddle2onnx" in proc.stderr
+
+
+# -- PaddleClas's deploy pipeline, rewritten from its documented behaviour ---------------
+def _paddleclas_preprocess(path: Path, ops: list[dict]) -> np.ndarray:
+    """DecodeImage (RGB) -> ResizeImage(resize_short: both sides scaled and rounded) ->
+    CropImage (corner at floor((side - size) / 2)) -> NormalizeImage ((x * scale - mean) /
+    std) -> ToCHWImage, as inference_cls.yaml lists them."""
+    img = Image.open(path).convert("RGB")
+    for op in ops:
+        (name, args), = op.items()
+        if name == "ResizeImage":
+            assert args["backend"] == "pil" and args["interpolation"] == "bilinear"
+            w, h = img.size
+            percent = args["resize_short"] / min(w, h)
+            img = img.resize((int(round(w * percent)), int(round(h * percent))), Image.BILINEAR)
+        elif name == "CropImage":
+            w, h = img.size
+            x0, y0 = (w - args["size"]) // 2, (h - args["size"]) // 2
+            img = img.crop((x0, y0, x0 + args["size"], y0 + args["size"]))
+        elif name == "NormalizeImage":
+            arr = (np.asarray(img).astype("float32") * args["scale"] - np.asarray(args["mean"], "float32")) \
+                / np.asarray(args["std"], "float32")
+        elif name == "ToCHWImage":
+            arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype="float32")
+
+
+def _paddleclas_topk(probs: np.ndarray, topk: int, label_map: Path) -> list[tuple[int, str, float]]:
+    names = {}
+    for line in label_map.read_text().splitlines():
+        i, _, name = line.partition(" ")
+        names[int(i)] = name
+    order = probs.argsort()[-topk:][::-1]
+    return [(int(i), names[int(i)], float(probs[i])) for i in order]
+
+
+def test_paddleclas_deploy_pipeline_gives_mbv2_predicts_answer(exported, images, tmp_path):
+    import yaml
+    from paddle import inference
+
+    cfg = yaml.safe_load((exported / "inference_cls.yaml").read_text())
+    ops = cfg["PreProcess"]["transform_ops"]
+    config = inference.Config(str(exported / "inference.json"), str(exported / "inference.pdiparams"))
+    config.disable_gpu()
+    predictor = inference.create_predictor(config)
+    run_cli([f"model={exported}", f"inputs={images}", "topk=4", f"out={tmp_path}"],
+            cwd=ROOT, module="mbv2.predict")
+    ours = {}
+    for r in csv.DictReader(open(tmp_path / "predictions.csv")):
+        if r["rank"]:
+            ours.setdefault(Path(r["file"]).name, []).append((int(r["class_id"]), r["class_name"], float(r["score"])))
+    for path in sorted(images.glob("img*")):
+        x = _paddleclas_preprocess(path, ops)[None]
+        handle = predictor.get_input_handle(predictor.get_input_names()[0])
+        handle.reshape(list(x.shape))
+        handle.copy_from_cpu(x)
+        predictor.run()
+        probs = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()[0]
+        theirs = _paddleclas_topk(probs, 4, exported / cfg["PostProcess"]["Topk"]["class_id_map_file"])
+        mine = ours[path.name]
+        assert [c for c, _, _ in theirs] == [c for c, _, _ in mine], path.name
+        assert [n for _, n, _ in theirs] == [n for _, n, _ in mine]
+        np.testing.assert_allclose([p for *_, p in theirs], [p for *_, p in mine], atol=1e-4)
+
+
+def test_a_32px_export_runs_at_224px(exported):
+    from mbv2.predict import ExportedPredictor
+
+    probs = ExportedPredictor(exported, threads=2)(np.random.default_rng(0).standard_normal(
+        (2, 3, 224, 224)).astype("float32"))
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_eval_resize_rounds_as_paddleclas_does():
+    from mbv2.data.transforms import CenterCrop, ResizeShort
+
+    img = Image.new("RGB", (403, 300))
+    assert ResizeShort(256)(img).size == (344, 256)  # 403 * 256/300 = 343.9 -> 344 (not 343)
+    assert CenterCrop(224)(Image.new("RGB", (345, 256))).getbbox() is None  # corner (60, 16)
+    crop = CenterCrop(2)(Image.fromarray(np.arange(25, dtype=np.uint8).reshape(5, 5)))
+    assert np.asarray(crop).tolist() == [[6, 7], [11, 12]]  # floor((5 - 2) / 2) = 1
+

@@ -91,9 +91,16 @@ def test_run_writes_visualdl_records(tiny_run):
 def test_run_dir_contents(tiny_run):
     for name in ("checkpoints/best.pdparams", "checkpoints/best.pdopt",
                  "checkpoints/last.pdparams", "checkpoints/last.pdopt", "class_names.txt",
-                 "command.sh", ".hydra/config.yaml", "config_resolved.yaml", "run.log"):
+                 "command.sh", ".hydra/config.yaml", "config_resolved.yaml", "run.log",
+                 "model_summary.csv"):
         assert (tiny_run / name).is_file(), name
     assert (tiny_run / "class_names.txt").read_text().splitlines() == [f"class_{i}" for i in range(4)]
+    import csv
+
+    rows = list(csv.DictReader((tiny_run / "model_summary.csv").open()))
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert sum(int(r["params"]) for r in rows) == m["params_trainable"]
+    assert sum(int(r["macs"]) for r in rows) == m["macs"]
     assert "python -m mbv2.run" in (tiny_run / "command.sh").read_text()
     log = (tiny_run / "run.log").read_text()
     assert "epoch 1/2" in log and "epoch 2/2" in log

@@ -9,6 +9,7 @@ start-up scan of mbv2.data.datasets looks at every image."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -119,13 +120,35 @@ def _folder(cfg: DictConfig, bad_log: BadImageLog) -> DataBundle:
     return file_datasets(cfg, bad_log, names, splits, _transforms(cfg))
 
 
+def _seed_class_tree(value: str, root: Path | None) -> tuple[Path, list[str]] | None:
+    """classification-pp numbers classes in the order `os.listdir` lists its
+    `datasets/train/<class>` folders and writes no names file: data.class_names may name
+    that folder, and the names come back in the same order (on the same file system)."""
+    path = Path(value).expanduser()
+    for candidate in ([path] if path.is_absolute() or root is None else [root / path, path]):
+        if candidate.is_dir():
+            names = [n for n in os.listdir(candidate) if (candidate / n).is_dir()
+                     and not n.startswith(".")]
+            if not names:
+                raise DataError(f"data.class_names={value!r}: {candidate} holds no class folders; "
+                                f"give the seed's datasets/train folder or a cls_classes.txt")
+            log.info("class names from the folders of %s, in os.listdir order (as "
+                     "classification-pp's txt_annotation.py numbers them): %s", candidate, names[:10])
+            return candidate, names
+    return None
+
+
 def _class_names_file(cfg: DictConfig, root: Path | None,
                       line_format: Literal["paddleclas", "seed"]) -> tuple[list[str], str] | None:
     """The names of data.class_names and the end of an out-of-range message; None if unset."""
     if not cfg.class_names:
         return None
-    names_file = find_list_file("class_names", str(cfg.class_names), root)
-    names = read_class_names(names_file, "id_name" if line_format == "paddleclas" else "names")
+    tree = _seed_class_tree(str(cfg.class_names), root) if line_format == "seed" else None
+    if tree is not None:
+        names_file, names = tree
+    else:
+        names_file = find_list_file("class_names", str(cfg.class_names), root)
+        names = read_class_names(names_file, "id_name" if line_format == "paddleclas" else "names")
     warn_repeated_names(names, f"data.class_names {names_file}")
     if cfg.num_classes is not None and len(names) != cfg.num_classes:
         raise DataError(f"data.class_names has {len(names)} names but data.num_classes="

@@ -37,10 +37,43 @@ def eval_spec(cfg: DictConfig) -> dict[str, Any]:
             "mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std]}
 
 
+class ResizeShort:
+    """The short side to `size`, the long side scaled alike; both rounded, as PaddleClas's
+    `ResizeImage(resize_short=...)` does (paddle.vision's Resize truncates the long side:
+    on a 403x300 image the inputs then differ by up to 0.58 and so do the scores)."""
+
+    def __init__(self, size: int, interpolation: str = "bilinear"):
+        self.size = int(size)
+        self.resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                         "bicubic": Image.BICUBIC}[interpolation]
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        scale = self.size / min(w, h)
+        return img.resize((int(round(w * scale)), int(round(h * scale))), self.resample)
+
+
+class CenterCrop:
+    """The centre `size` x `size`, its corner at floor((side - size) / 2) as PaddleClas's
+    `CropImage` places it (paddle.vision's CenterCrop rounds: one pixel off on odd margins)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w < self.size or h < self.size:
+            raise ValueError(f"image {w}x{h} is smaller than the {self.size} px crop")
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
 def eval_transform(spec: Mapping[str, Any]) -> Callable[[Image.Image], np.ndarray]:
-    """Resize the short side, center crop, normalize: the transform an `eval_spec` describes."""
-    return T.Compose([T.Resize(int(spec["resize_short"]), interpolation=spec["interpolation"]),
-                      T.CenterCrop(int(spec["center_crop"])),
+    """Resize the short side, center crop, normalize: the transform an `eval_spec` describes,
+    step for step as PaddleClas's deploy preprocessing (ResizeImage, CropImage,
+    NormalizeImage, ToCHWImage) computes it with its PIL backend."""
+    return T.Compose([ResizeShort(int(spec["resize_short"]), spec.get("interpolation", "bilinear")),
+                      CenterCrop(int(spec["center_crop"])),
                       ToNormalizedArray(spec["mean"], spec["std"])])
 
 

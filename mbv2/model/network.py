@@ -119,14 +119,18 @@ class MobileNetV2(nn.Layer):
     """MobileNetV2 with width multiplier `scale` and a (t, c, n, s) bottleneck table."""
 
     def __init__(self, class_num: int = 1000, scale: float = 1.0,
-                 bottleneck: Sequence[Sequence[int]] | None = None):
+                 bottleneck: Sequence[Sequence[int]] | None = None, stem_stride: int = 2):
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ModelConfigError(f"model.stem_stride must be 1 or 2, got {stem_stride!r}")
         table = check_architecture(scale, PADDLECLAS_BOTTLENECK if bottleneck is None else bottleneck)
         if isinstance(class_num, bool) or not isinstance(class_num, int) or class_num < 1:
             raise ModelConfigError(f"model.class_num must be a positive int, got {class_num!r}")
         self.scale, self.class_num, self.bottleneck = scale, class_num, table
         in_c = int(32 * scale)
-        self.conv1 = ConvBNLayer(3, in_c, 3, 2, 1)
+        # conv1's stride: 2 as PaddleClas; 1 keeps twice the resolution through the network
+        # (small images: 32 px reaches the last stage at 2x2 instead of 1x1). Same weights.
+        self.conv1 = ConvBNLayer(3, in_c, 3, stem_stride, 1)
         self.block_list = []
         for i, (t, c, n, s) in enumerate(table, start=2):
             name = f"conv{i}"
@@ -147,7 +151,9 @@ class MobileNetV2(nn.Layer):
         for block in self.block_list:
             y = block(y)
         y = getattr(self, self._last_name)(y, if_act=True)
-        if tuple(y.shape[2:]) != (1, 1):  # a 1x1 map (32 px input) is its own average
+        # a 1x1 map (32 px input) is its own average: skipped in dygraph only, so an exported
+        # program keeps the pool and takes any input size
+        if not (paddle.in_dynamic_mode() and tuple(y.shape[2:]) == (1, 1)):
             y = self.pool2d_avg(y)
         y = paddle.flatten(y, start_axis=1, stop_axis=-1)
         return self.out(y)

@@ -61,14 +61,13 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def prepare_model(net: paddle.nn.Layer, optimizer, trainer: DictConfig, image_size: int,
-                  device: str) -> paddle.Model:
-    """`paddle.Model` with its inputs, the loss (`trainer.label_smoothing`), top-1/top-5
-    and mixed precision on GPU (`trainer.amp`)."""
+def prepare_model(net: paddle.nn.Layer, optimizer, loss: paddle.nn.Layer, trainer: DictConfig,
+                  image_size: int, device: str) -> paddle.Model:
+    """`paddle.Model` with its inputs, the loss, top-1/top-5 and mixed precision on GPU
+    (`trainer.amp`)."""
     inputs = paddle.static.InputSpec([None, 3, image_size, image_size], "float32", "image")
     labels = paddle.static.InputSpec([None, 1], "int64", "label")
     model = paddle.Model(net, inputs, labels)
-    loss = paddle.nn.CrossEntropyLoss(label_smoothing=float(trainer.label_smoothing))
     amp_configs = None
     if trainer.amp:
         if device.startswith("gpu"):
@@ -79,18 +78,20 @@ def prepare_model(net: paddle.nn.Layer, optimizer, trainer: DictConfig, image_si
     return model
 
 
-def record_run(cfg: DictConfig, run_dir: Path, class_names, resumed: Resumed | None) -> None:
-    """The run's resolved config and class names beside it, once everything it needs was
-    built (a resume that cannot go on leaves the dir as it was). A resume also records its
-    own overrides in .hydra/ (which Hydra was told not to rewrite: rundirs.resume_argv), so
-    the next resume replays them."""
+def record_run(cfg: DictConfig, run_dir: Path, class_names, resumed: Resumed | None, net) -> None:
+    """The run's resolved config, class names and layer-by-layer model summary beside it,
+    once everything it needs was built (a resume that cannot go on leaves the dir as it
+    was). A resume also records its own overrides in .hydra/ (which Hydra was told not to
+    rewrite: rundirs.resume_argv), so the next resume replays them."""
     from omegaconf import OmegaConf
 
     from mbv2.artifacts import write_class_names
     from mbv2.files import write_text_atomic
+    from mbv2.model.summary import layer_summary, write_summary_csv
 
     write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_class_names(class_names, run_dir)
+    write_summary_csv(layer_summary(net, int(cfg.data.image_size)), run_dir / "model_summary.csv")
     if resumed is not None:
         from hydra.core.hydra_config import HydraConfig
 
