@@ -20,7 +20,9 @@ answers in well under a second.
 Modules: jobs (reading job dirs into JobRows, sorting them), study (what the jobs share,
 what varies, whether their data differ; the headline), table (summary.csv and the aligned
 table), plot (summary.png, the Pareto front, ties), report (summary.md, write_summary,
-the command line).
+the command line), grid (a study's rows x cols table over seeds, e.g. width x LR, and its
+plot: `python -m mbv2.summary grid <sweep dir> --rows model.scale --cols optim.lr --out
+PREFIX`, and the StudyReport Hydra callback that writes it when a study's multirun ends).
 """
 from mbv2.summary.jobs import (
     COMPLETED,
@@ -40,6 +42,15 @@ from mbv2.summary.jobs import (
     collect,
     sort_rows,
 )
+from mbv2.summary.grid import (
+    SEED_KEY,
+    StudyGrid,
+    StudyReport,
+    build_grid,
+    format_grid_table,
+    plot_grid,
+    write_study_report,
+)
 from mbv2.summary.plot import (
     TIE_STEP,
     marker_positions,
@@ -47,7 +58,7 @@ from mbv2.summary.plot import (
     plot_summary,
     tie_offsets,
 )
-from mbv2.summary.report import CSV_NAME, MD_NAME, PNG_NAME, main, write_summary
+from mbv2.summary.report import CSV_NAME, MD_NAME, PNG_NAME, grid_main, main, write_summary
 from mbv2.summary.study import DATA_KEYS, SETTING_LABELS, Study, describe, where_name
 from mbv2.summary.table import CSV_COLUMNS, TABLE_COLUMNS, format_table
 
@@ -65,6 +76,7 @@ __all__ = [
     "OVERRIDES_FILE",
     "PNG_NAME",
     "RUNNING",
+    "SEED_KEY",
     "SETTING_KEYS",
     "SETTING_LABELS",
     "SORT_CHOICES",
@@ -75,15 +87,22 @@ __all__ = [
     "JobRow",
     "NoJobsError",
     "Study",
+    "StudyGrid",
+    "StudyReport",
+    "build_grid",
     "collect",
     "describe",
+    "format_grid_table",
     "format_table",
+    "grid_main",
     "main",
     "marker_positions",
     "pareto_front",
+    "plot_grid",
     "plot_summary",
     "sort_rows",
     "tie_offsets",
     "where_name",
+    "write_study_report",
     "write_summary",
 ]

@@ -1,4 +1,5 @@
-"""Writing a sweep's summary into its dir, and the `python -m mbv2.summary` command.
+"""Writing a sweep's summary into its dir, and the `python -m mbv2.summary` command (and
+its `grid` sub-command: a study's rows x cols table over seeds, mbv2.summary.grid).
 
 Besides the table, summary.md (and the terminal) get the notes that put it in context:
 a heading naming the dir, the data and what varies (the plot's title too), a warning when
@@ -127,11 +128,56 @@ def _print_summary(result: dict[str, Any]) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def grid_main(argv: Sequence[str]) -> int:
+    """`python -m mbv2.summary grid DIR [--rows KEY] [--cols KEY] [--out PREFIX] ...`: 0 when
+    written, 2 when DIR is missing or holds no job."""
+    from mbv2.summary import grid
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mbv2.summary grid",
+        description="A study's report: OUT.md (per ROWS x COLS cell the mean ± std of the "
+        "best top-1 over the seeds) and OUT.png (top-1 vs MACs, the Pareto front).",
+    )
+    parser.add_argument("dir", type=Path, help="the study's sweep dir")
+    parser.add_argument("--rows", default="model.scale", help="the rows' config key (model.scale)")
+    parser.add_argument("--cols", default="optim.lr", help="the columns' config key (optim.lr)")
+    parser.add_argument("--seed-key", default=grid.SEED_KEY,
+                        help=f"the key a cell's runs differ in ({grid.SEED_KEY})")
+    parser.add_argument("--out", type=Path, help="writes OUT.md and OUT.png (default: DIR/grid)")
+    parser.add_argument("--planned", type=int,
+                        help="the runs the study was to have (default: every rows x cols x seed)")
+    parser.add_argument("--command", help="the command that reproduces the study (default: "
+                        "from the overrides its jobs share)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write OUT.png")
+    args = parser.parse_args(argv)
+    try:
+        result = grid.write_study_report(
+            args.dir, args.out or args.dir / "grid", args.rows, args.cols, args.seed_key,
+            args.planned, args.command, plot=not args.no_plot)
+    except OSError as exc:  # FileNotFoundError included: no such dir, or no job in it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, FileNotFoundError) else 1
+    print(grid.format_grid_table(result["grid"]))
+    print("wrote " + ", ".join(str(p) for p in (result["md"], result["png"]) if p))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: 0 when jobs were summarised, 2 when the dir is missing or holds none."""
+    """CLI entry: 0 when jobs were summarised, 2 when the dir is missing or holds none.
+
+    A first argument `grid` followed by anything but this command's options is the grid
+    sub-command (grid_main); `grid [--sort KEY] [--no-plot]` is still a dir named grid."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    sort_values = {i + 1 for i, arg in enumerate(given) if arg == "--sort"}
+    own = [arg in ("--sort", "--no-plot") or arg.startswith("--sort=") or i in sort_values
+           for i, arg in enumerate(given)]
+    if given[:1] == ["grid"] and not all(own[1:] or [True]):
+        return grid_main(given[1:])
     parser = argparse.ArgumentParser(
         prog="python -m mbv2.summary",
         description="Summarise the Hydra jobs at or below DIR into DIR/summary.{csv,md,png}.",
+        epilog="python -m mbv2.summary grid DIR --rows KEY --cols KEY --out PREFIX: a study's "
+        "rows x cols table over seeds and its plot (see grid --help).",
     )
     parser.add_argument("dir", type=Path, help="a sweep dir, an outputs dir or a single job dir")
     parser.add_argument(
@@ -141,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="order of the rows (default: best top-1); failed and missing jobs stay last",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not write summary.png")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     try:
         result = write_summary(args.dir, plot=not args.no_plot, sort=args.sort)
     except FileNotFoundError as exc:
