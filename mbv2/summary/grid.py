@@ -359,13 +359,14 @@ def write_study_report(sweep_dir: Path, out: Path, rows: str = "model.scale",
     out = Path(out).with_suffix("") if Path(out).suffix in (".md", ".png") else Path(out)
     md, png = out.with_name(out.name + ".md"), out.with_name(out.name + ".png")
     md.parent.mkdir(parents=True, exist_ok=True)
+    given_title = title
     title = title or f"{label(rows)} x {label(cols)} over seeds: {where_name(Path(sweep_dir))}"
     drawn = plot and plot_grid(grid, png, title)
     shown = out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out
     rebuild = ["python", "-m", "mbv2.summary", "grid", str(sweep_dir), "--rows", rows,
                "--cols", cols, "--out", str(shown)]
-    rebuild += ["--seed-key", seed_key] if seed_key != SEED_KEY else []
-    rebuild += ["--planned", str(planned)] if planned else []
+    rebuild += (["--seed-key", seed_key] if seed_key != SEED_KEY else []) + \
+        (["--planned", str(planned)] if planned else []) + (["--title", given_title] if given_title else [])
     text = study_markdown(grid, title, command or reproduce_command(jobs), shlex.join(rebuild),
                           png.name if drawn else None, _notes(md, grid))
     md.write_text(text, encoding="utf-8")

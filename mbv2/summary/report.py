@@ -148,12 +148,13 @@ def grid_main(argv: Sequence[str]) -> int:
                         help="the runs the study was to have (default: every rows x cols x seed)")
     parser.add_argument("--command", help="the command that reproduces the study (default: "
                         "from the overrides its jobs share)")
+    parser.add_argument("--title", help="the report's heading (default: rows x cols over seeds)")
     parser.add_argument("--no-plot", action="store_true", help="do not write OUT.png")
     args = parser.parse_args(argv)
     try:
         result = grid.write_study_report(
             args.dir, args.out or args.dir / "grid", args.rows, args.cols, args.seed_key,
-            args.planned, args.command, plot=not args.no_plot)
+            args.planned, args.command, title=args.title, plot=not args.no_plot)
     except OSError as exc:  # FileNotFoundError included: no such dir, or no job in it
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FileNotFoundError) else 1
