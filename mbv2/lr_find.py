@@ -5,11 +5,15 @@ The run's model, data, optimizer and loss are built from the composed config exa
 `python -m mbv2.run <overrides>` builds them; the LR then rises exponentially from `--start`
 to `--end` over `--steps` training steps (or until the loss diverges: the smoothed loss
 over 4x its minimum), recording the loss smoothed with an exponential moving average
-(beta 0.98, bias-corrected). The suggestion is the LR where the smoothed loss falls
-fastest (the steepest negative slope against log LR, before the minimum), the point
-Smith's test and fastai's `suggest_funcs=steep` pick; `min/10` (a tenth of the LR at the
-lowest loss) is reported beside it. Nothing is trained for real: the weights and the
-optimizer's state are restored at the end, and nothing is written into a run dir.
+(beta 0.98, bias-corrected). The suggestion is `min/10`: a tenth of the LR at the lowest
+smoothed loss (fastai's rule of thumb, "an order of magnitude before the minimum"); the
+LR of the steepest fall of the loss (`steep`) is reported beside it. Checked against the
+committed width x LR study on the digits (experiments/results/width_lr_digits.md):
+min/10 gave 0.0099 at x0.5 and 0.0105 at x1.0, inside the LRs within one point of the
+best at x1.0 (0.01-0.03) and 1.1 points short of it at x0.5; `steep` gave 0.066 and 0.083,
+on the unstable side (0.1 loses 13-44 points with this recipe), so it is not the default.
+Nothing is trained for real: the weights are restored at the end, and nothing is written
+into a run dir.
 
 Writes into `outputs/lr_find/<date>/<time>/`: `lr_find.png` (loss against LR, log x, the
 suggestion marked), `lr_find.json` (every step's LR and raw/smoothed loss, the
@@ -67,15 +71,16 @@ def smooth(losses: Sequence[float], beta: float = BETA) -> list[float]:
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float]:
-    """`steep`: the LR of the steepest fall of the smoothed loss against log10(LR), looked
-    for before the loss's minimum; `min_10`: a tenth of the LR at the minimum."""
+    """`suggested` (= `min_10`): a tenth of the LR at the smoothed loss's minimum; `steep`:
+    the LR of its steepest fall against log10(LR), looked for before the minimum."""
     lrs_a, loss_a = np.asarray(lrs), np.asarray(smoothed)
     low = int(np.argmin(loss_a))
     skip = max(1, len(lrs_a) // 20)  # the first few points are mostly the average's warm-up
     window = slice(skip, max(skip + 2, low + 1))
     slopes = np.gradient(loss_a[window], np.log10(lrs_a[window]))
     steep = float(lrs_a[window][int(np.argmin(slopes))])
-    return {"steep": steep, "min_10": float(lrs_a[low] / 10), "min_loss_lr": float(lrs_a[low])}
+    min_10 = float(lrs_a[low] / 10)
+    return {"suggested": min_10, "min_10": min_10, "steep": steep, "min_loss_lr": float(lrs_a[low])}
 
 
 def range_test(cfg, start: float, end: float, steps: int) -> dict[str, Any]:
@@ -143,8 +148,9 @@ def write_results(result: dict[str, Any], out: Path, command: str) -> None:
     ax = fig.subplots()
     ax.plot(result["lrs"], result["losses"], color="0.8", lw=0.8, label="loss")
     ax.plot(result["lrs"], result["smoothed"], label="smoothed loss")
-    steep = result["suggestion"]["steep"]
-    ax.axvline(steep, color="tab:red", ls="--", label=f"suggested LR {steep:.3g}")
+    chosen, steep = result["suggestion"]["suggested"], result["suggestion"]["steep"]
+    ax.axvline(chosen, color="tab:red", ls="--", label=f"suggested LR {chosen:.3g} (min/10)")
+    ax.axvline(steep, color="0.5", ls=":", label=f"steepest fall {steep:.3g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
@@ -177,12 +183,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["suggestion"] = suggest(result["lrs"], result["smoothed"])
     out = Path(args.out) if args.out else Path("outputs/lr_find") / time.strftime("%Y-%m-%d/%H-%M-%S")
     kept = [o for o in args.overrides if not o.startswith("optim.lr=")]
-    command = shlex.join(["python", "-m", "mbv2.run", *kept, f"optim.lr={result['suggestion']['steep']:.3g}"])
+    command = shlex.join(["python", "-m", "mbv2.run", *kept, f"optim.lr={result['suggestion']['suggested']:.3g}"])
     write_results(result, out, command)
     s = result["suggestion"]
     print(f"{len(result['losses'])} steps in {result['seconds']:.1f} s (LR {args.start:g} -> "
-          f"{result['lrs'][-1]:.3g}); suggested LR {s['steep']:.3g} (steepest fall of the loss; "
-          f"min/10: {s['min_10']:.3g})\n-> {out / 'lr_find.png'}, {out / 'lr_find.json'}\n"
+          f"{result['lrs'][-1]:.3g}); suggested LR {s['suggested']:.3g} (a tenth of the LR at the "
+          f"lowest loss; steepest fall at {s['steep']:.3g})\n-> {out / 'lr_find.png'}, "
+          f"{out / 'lr_find.json'}\n"
           f"train with it: {command}")
     return result
 

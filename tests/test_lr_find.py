@@ -34,7 +34,7 @@ def test_suggestion_is_the_steepest_fall_before_the_minimum():
     s = suggest(lrs, loss)
     assert math.log10(s["steep"]) == pytest.approx(-2.0, abs=0.1)
     assert math.log10(s["min_loss_lr"]) == pytest.approx(-1.2, abs=0.15)
-    assert s["min_10"] == pytest.approx(s["min_loss_lr"] / 10)
+    assert s["min_10"] == pytest.approx(s["min_loss_lr"] / 10) == s["suggested"]
 
 
 def test_lr_find_command_writes_its_files_and_the_train_command(tmp_path):
@@ -45,7 +45,7 @@ def test_lr_find_command_writes_its_files_and_the_train_command(tmp_path):
     result = json.loads((out / "lr_find.json").read_text())
     assert 10 <= len(result["losses"]) <= 40 and len(result["lrs"]) == len(result["losses"])
     assert result["lrs"][0] == pytest.approx(1e-5)
-    lr = result["suggestion"]["steep"]
+    lr = result["suggestion"]["suggested"]
     assert 1e-5 <= lr <= 1.0
     assert (out / "lr_find.png").stat().st_size > 1000
     assert list(out.glob("vdlrecords.*"))
