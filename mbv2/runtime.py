@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 MALLOC_ENV = "MBV2_MALLOC"
 # glibc mallopt() parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 # What configure_malloc() did in this process: "kept-heap", "system" (opted out),
 # "unsupported" (not glibc) or "failed"; None before it ran.
 malloc_mode: str | None = None
@@ -124,8 +124,10 @@ def configure_malloc() -> str:
             mallopt = ctypes.CDLL(None).mallopt
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             # -1 as a size_t: never trim. mallopt returns 1 on success.
+            # one arena: a block freed by one of Paddle's threads and allocated by another
+            # would otherwise live in a per-thread arena, whose heaps glibc does unmap
             ok = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
-                  and mallopt(_M_TOP_PAD, 64 << 20) == 1)
+                  and mallopt(_M_TOP_PAD, 64 << 20) == 1 and mallopt(_M_ARENA_MAX, 1) == 1)
             malloc_mode = "kept-heap" if ok else "failed"
         except (OSError, AttributeError):
             malloc_mode = "failed"

@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from tests.conftest import free_port
 
 try:
     import websocket  # the `websocket-client` package
@@ -45,12 +46,6 @@ def missing_reason() -> str | None:
         return ("no Chromium executable on PATH (tried " + ", ".join(CHROMIUM_NAMES)
                 + "); install it with `apt-get install -y chromium`")
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Browser:

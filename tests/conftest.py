@@ -2,6 +2,7 @@
 real subprocess on tiny data (x0.25 width, 32 px, a few dozen fake images)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -58,3 +59,54 @@ def run_cli(args: list[str], cwd: Path, module: str = "mbv2.run", timeout: int =
         raise AssertionError(f"{module} {args} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def visualdl_server(logdir: str | Path, cwd: Path, log_file: Path | None = None):
+    """A real `visualdl --logdir ... --language en` on 127.0.0.1; yields its base URL once
+    `/alive` answers, stops the server's process group afterwards."""
+    import signal
+    import time
+    import urllib.request
+
+    exe = Path(sys.executable).parent / "visualdl"
+    out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen([str(exe), "--logdir", str(logdir), "--host", "127.0.0.1",
+                             "--port", str(port := free_port()), "--language", "en",
+                             "--disable-telemetry"], cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/alive", timeout=2) as resp:
+                    if resp.status in (200, 204):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                tail = log_file.read_text(errors="replace")[-3000:] if log_file else ""
+                pytest.fail(f"visualdl did not answer /alive within 60 s\n{tail}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if log_file:
+            out.close()
+

@@ -66,8 +66,11 @@ def test_killed_sweep_rerun_into_its_dir_continues(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *SLOW, *GRID, f"hydra.sweep.dir={sweep}"]
     proc = _start(args, tmp_path)
-    _wait_for(lambda: _epochs_done(sweep / JOB3) >= 1, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid job 3
+    # mid job 3, once its first epoch's checkpoint is there (metrics.json counts the epoch
+    # a moment before the checkpoint is written)
+    _wait_for(lambda: _epochs_done(sweep / JOB3) >= 1
+              and (sweep / JOB3 / "checkpoints" / "last.pdckpt").is_file(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group
     proc.wait(timeout=30)
     first = {n: (sweep / n / "metrics.json").stat().st_mtime
              for n in ("model.scale=0.25,optim.lr=0.05", "model.scale=0.25,optim.lr=0.02")}

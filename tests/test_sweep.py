@@ -5,11 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, visualdl_server
 
 pytestmark = pytest.mark.slow
 ONE_EPOCH = [*TINY, "trainer.epochs=1"]
@@ -155,12 +152,6 @@ def test_two_sweeps_in_the_same_second_do_not_clobber(tmp_path):
 
 # -- VisualDL server -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(base: str, path: str, **params):
     url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
     with urllib.request.urlopen(url, timeout=10) as resp:
@@ -169,36 +160,13 @@ def _get(base: str, path: str, **params):
 
 
 @pytest.fixture
-def visualdl_server(grid_sweep):
-    port = _free_port()
-    exe = Path(sys.executable).parent / "visualdl"
-    proc = subprocess.Popen([str(exe), "--logdir", str(grid_sweep), "--host", "127.0.0.1",
-                             "--port", str(port), "-L", "en", "--disable-telemetry"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/alive", timeout=2) as resp:
-                if resp.status in (200, 204):
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline or proc.poll() is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("visualdl server did not answer /alive within 60 s")
-        time.sleep(0.5)
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def vdl_server(grid_sweep):
+    with visualdl_server(grid_sweep, grid_sweep) as base:
+        yield base
 
 
-def test_visualdl_server_shows_every_job(visualdl_server, grid_sweep):
-    base = visualdl_server
+def test_visualdl_server_shows_every_job(vdl_server, grid_sweep):
+    base = vdl_server
     runs = _get(base, "/app/api/runs")
     expected = {"/".join([*grid_sweep.parts[-2:], name]): name for name in _jobs(grid_sweep)}
     assert set(expected) <= set(runs), runs  # each job is a run, under its readable name

@@ -4,9 +4,6 @@ protocol (the DOM, not only the server's JSON API). Screenshots go to pytest's t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -15,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.browser import Browser, BrowserError, free_port, missing_reason
-from tests.conftest import TINY, run_cli
+from tests.browser import Browser, BrowserError, missing_reason
+from tests.conftest import TINY, run_cli, visualdl_server
 
 pytestmark = pytest.mark.slow
 ONE_EPOCH = [*TINY, "trainer.epochs=1"]
@@ -84,38 +81,8 @@ def _get_json(url: str):
 
 @pytest.fixture(scope="module")
 def vdl(workdir) -> str:
-    port = free_port()
-    exe = Path(sys.executable).parent / "visualdl"
-    log = open(workdir / "visualdl.log", "wb")  # noqa: SIM115 (open while the server runs)
-    proc = subprocess.Popen([str(exe), "--logdir", "outputs", "--host", "127.0.0.1",
-                             "--port", str(port), "--language", "en", "--disable-telemetry"],
-                            cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/alive", timeout=2) as resp:
-                if resp.status in (200, 204):
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
-            pytest.fail("visualdl did not answer /alive within 60 s:\n"
-                        + (workdir / "visualdl.log").read_text(errors="replace")[-3000:])
-        time.sleep(0.3)
-    yield base
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    log.close()
+    with visualdl_server("outputs", workdir, log_file=workdir / "visualdl.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
