@@ -1,5 +1,5 @@
-"""Throughput benchmark: MobileNetV2 on CPU, Paddle native vs Paddle + the C++ depthwise
-op vs an exported Paddle Inference predictor vs PyTorch eager (same architecture).
+"""Throughput benchmark: MobileNetV2 on CPU, Paddle native vs Paddle + mbv2's CPU kernels
+vs an exported Paddle Inference predictor vs PyTorch eager (same architecture).
 
     python -m mbv2.bench [--quick] [--out bench.json] [--threads N] [--scales 1.0 0.5]
 
