@@ -109,7 +109,7 @@ def _run_job(cfg: DictConfig, hc, run_dir: Path, run_name: str, sweep: bool) -> 
             return float(plan.best)
         if plan.action == "resume":
             cfg.trainer.resume = str(run_dir)
-        elif lifecycle.holds_run(run_dir):
+        elif lifecycle.holds_run(run_dir) and distributed.is_primary():
             lifecycle.set_aside_attempt(run_dir)
     jobs = lifecycle.parallel_jobs(hc) if sweep else 1
     if cfg.trainer.cpu_threads is None and jobs > 1:  # k jobs at once share the cores
