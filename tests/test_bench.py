@@ -23,6 +23,9 @@ def test_tiny_case_every_backend():
     for key, r in by.items():
         if key[1] == "paddle_kernel" and "depthwise op unavailable" in (r.error or ""):
             continue  # no compiler here: the kernel column stays empty, nothing else breaks
+        if key[1] == "torch_bf16" and not bench.bf16_supported():
+            assert (r.error or "").startswith("n/a")
+            continue  # no bfloat16 instructions on this CPU: the column says n/a
         assert r.error is None, (key, r.error)
         assert r.img_s and r.img_s > 0
     rows = bench.table(results)
@@ -43,3 +46,38 @@ def test_torch_model_matches_paddle_architecture():
         assert n_torch == count_parameters(MobileNetV2(class_num=1000, scale=scale))
     out = bench.torch_model(10, 0.25)(__import__("torch").zeros(2, 3, 32, 32))
     assert tuple(out.shape) == (2, 10) and np.isfinite(out.detach().numpy()).all()
+
+
+def test_peak_and_gflops_arithmetic():
+    assert bench.fp32_lanes({"avx512f", "avx2"}) == 16 and bench.fp32_lanes({"avx2"}) == 8
+    assert bench.fp32_lanes(set()) == 4
+    # 2 cores x 16 lanes x 2 FMA units x 2 flop x 2.5 GHz
+    assert bench.fp32_peak_gflops(2, 16, 2, 2500.0) == pytest.approx(320.0)
+    assert bench.fp32_peak_gflops(4, 8, 2, 3000.0) == pytest.approx(384.0)
+    assert bench.achieved_gflops(300_000_000, 100.0) == pytest.approx(60.0)
+    assert bench.bf16_supported({"avx512f", "amx_bf16"}) and not bench.bf16_supported({"avx2"})
+    peak = bench.cpu_peak(1)
+    assert peak["cores_used"] == 1 and peak["fma_units_per_core"] == bench.ASSUMED_FMA_UNITS_PER_CORE
+    assert "assumed" in peak["formula"] and peak["assumption"]
+
+
+def test_best_torch_selection_and_ratios():
+    assert bench.best_torch({"torch": 10.0, "torch_compile": 30.0, "torch_bf16": None,
+                             "paddle_kernel": 99.0}) == ("torch_compile", 30.0)
+    assert bench.best_torch({"paddle_kernel": 5.0, "torch": None}) == (None, None)
+    case = bench.Case(scale=0.5, image_size=32, batch=10, class_num=10, warmup=0, reps=1)
+    rs = [bench.Result(case, "infer", b, seconds=[s]) for b, s in
+          (("paddle_kernel", 0.1), ("paddle_predictor", 0.01), ("torch", 0.2),
+           ("torch_channels_last", 0.05))]
+    rs.append(bench.Result(case, "infer", "torch_bf16", error="n/a: no bf16"))
+    (row,) = bench.table(rs, macs={(0.5, 32, 10): 50_000_000}, peak_gflop_s=200.0)
+    assert row["best_torch_backend"] == "torch_channels_last" and row["best_torch"] == 200.0
+    assert row["paddle_kernel_vs_best_torch"] == 0.5 and row["paddle_predictor_vs_best_torch"] == 5.0
+    assert row["paddle_kernel_vs_torch"] == 2.0
+    assert row["gflop_s"]["paddle_kernel"] == pytest.approx(10.0)  # 2 x 50M x 100 img/s
+    assert row["peak_fraction"]["paddle_kernel"] == pytest.approx(0.05)
+    assert "torch_bf16" in row["unavailable"]
+    text = bench.format_table([row], threads=2, peak=bench.cpu_peak(2))
+    assert "n/a" in text and "best_t" in text and "FP32 peak" in text
+    (bare,) = bench.table(rs[:1], unavailable={"torch": "torch not installed"})
+    assert "no torch" in bench.format_table([bare], threads=1)

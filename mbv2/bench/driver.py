@@ -19,8 +19,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mbv2.bench.cases import (PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result, default_cases,
-                              format_table, table)
+from mbv2.bench.cases import (NA_PREFIX, PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result,
+                              default_cases, format_table, table)
+from mbv2.bench.peak import BF16_FLAGS, bf16_supported, cpu_peak
 from mbv2.bench.torch_side import torch_available
 from mbv2.bench.workers import (backend_worker, default_run, in_subprocess,
                                 loader_speed, thread_env)
@@ -33,18 +34,24 @@ def _loadavg() -> float:
         return float("nan")
 
 
+_NO_BF16 = f"{NA_PREFIX}: the CPU reports none of {', '.join(BF16_FLAGS)}"
+
+
 def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], None],
              rounds: int = 2) -> list[Result]:
     """Time every backend on `case`, each in a fresh process (see `in_subprocess`), in
     `rounds` rounds that take turns (A B C .. A B C ..), each round half the timed steps.
     A slow spell of the shared machine then lands on several backends instead of one
     (single processes of PyTorch at 32 px ran at either ~800 or ~400 img/s here), and the
-    per-round medians in the JSON (`round_img_s`) show when that happened."""
+    per-round medians in the JSON (`round_img_s`) show when that happened. torch_bf16 is
+    not run (its error says n/a) where the CPU has no bfloat16 instructions."""
     backends = PADDLE_BACKENDS + (TORCH_BACKENDS if with_torch else ())
     results: dict[tuple[str, str], Result] = {}
     for backend in backends:
         for m in (("infer",) if backend == "paddle_predictor" else ("train", "infer")):
             results[(backend, m)] = Result(case, m, backend, load_before=_loadavg())
+            if backend == "torch_bf16" and not bf16_supported():
+                results[(backend, m)].error = _NO_BF16
     rounds = max(1, min(rounds, case.reps))
     for rnd in range(rounds):
         # this round's share of the timed steps (train: reps, infer: 2 x reps in all)
@@ -64,7 +71,7 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
     for r in results.values():
         r.load_after = _loadavg()
         shown = f"{r.img_s:8.1f} img/s" if r.img_s else f"failed ({r.error})"
-        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:16s} "
+        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:19s} "
             f"{shown}" + (f"  (rounds: {r.round_img_s})" if len(r.round_img_s) > 1 else ""))
     return list(results.values())
 
@@ -147,6 +154,21 @@ def _print_extras(extras: dict[str, Any]) -> None:
           f"{d.get('train_images_per_sec')} img/s)")
 
 
+def _macs(cases: list[Case]) -> dict[tuple, int]:
+    """Forward MACs per image of each case's network (mbv2.model.count_macs)."""
+    from mbv2.model import MobileNetV2, count_macs
+
+    return {(c.scale, c.image_size, c.class_num): count_macs(
+        MobileNetV2(class_num=c.class_num, scale=c.scale), c.image_size) for c in cases}
+
+
+def _unavailable(with_torch: bool, skipped: bool) -> dict[str, str]:
+    if with_torch:
+        return {}
+    why = "skipped (--no-torch)" if skipped else "torch not installed"
+    return {b: why for b in TORCH_BACKENDS + ("best_torch",)}
+
+
 def _versions(with_torch: bool) -> dict[str, str]:
     import paddle
 
@@ -159,8 +181,9 @@ def _versions(with_torch: bool) -> dict[str, str]:
 
 def _report(args: argparse.Namespace, versions: dict[str, str], wall_s: float,
             rows: list[dict[str, Any]], extras: dict[str, Any],
-            results: list[Result]) -> dict[str, Any]:
-    """The JSON report: machine, versions, the table, extras and every run's timings."""
+            results: list[Result], peak: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report: machine and its FP32 peak, versions, the table, extras and every
+    run's timings."""
     return {
         "threads": args.threads,
         "cpu": _cpu_model(),
@@ -168,6 +191,7 @@ def _report(args: argparse.Namespace, versions: dict[str, str], wall_s: float,
         "versions": versions,
         "quick": args.quick,
         "wall_s": wall_s,
+        "cpu_peak": peak,
         "table": rows,
         **extras,
         "runs": [{**asdict(r.case), "mode": r.mode, "backend": r.backend,
@@ -187,16 +211,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scales = args.scales or ([1.0] if args.quick else [1.0, 0.5])
     with_torch = not args.no_torch and torch_available()
     if not with_torch:
-        print("PyTorch not importable (or --no-torch): torch columns left empty", file=sys.stderr)
+        print("PyTorch not importable (or --no-torch): no torch columns", file=sys.stderr)
 
     t0 = time.time()
     results, extras = _time_all(args, scales, with_torch)
-    rows = table(results)
-    print(format_table(rows, args.threads))
+    peak = cpu_peak(args.threads)
+    rows = table(results, _macs(default_cases(args.quick, scales)), peak["peak_gflop_s"],
+                 _unavailable(with_torch, args.no_torch))
+    print(format_table(rows, args.threads, peak))
     _print_extras(extras)
 
     report = _report(args, _versions(with_torch), round(time.time() - t0, 1), rows, extras,
-                     results)
+                     results, peak)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out} ({report['wall_s']} s)", file=sys.stderr)

@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mbv2.bench.cases import PADDLE_BACKENDS, TORCH_BACKENDS, Case
+from mbv2.bench.cases import PADDLE_BACKENDS, TORCH_BACKENDS, TORCH_VARIANTS, Case
 from mbv2.bench.paddle_side import paddle_fns, predictor_fn
-from mbv2.bench.torch_side import torch_fns
+from mbv2.bench.torch_side import COMPILE_WARMUP, torch_fns
 
 # What the OpenMP and MKL runtimes read once, when Paddle or torch loads them.
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -43,7 +43,7 @@ def _step_fns(backend: str, case: Case, threads: int,
     if backend == "paddle_predictor":
         return {"infer": predictor_fn(case, threads, workdir)}
     if backend in TORCH_BACKENDS:
-        train, infer = torch_fns(case, threads)
+        train, infer = torch_fns(case, threads, TORCH_VARIANTS[backend])
         return {"train": train, "infer": infer}
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -63,11 +63,13 @@ def _time_steps(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
 def backend_worker(backend: str, case: Case, threads: int) -> dict[str, list[float]]:
     """Time one backend on one case in this process: {'train': [s...], 'infer': [s...]}.
     Each mode runs `case.warmup` untimed steps first (the heap and caches fill), then its
-    timed steps back to back. The process is set up (mbv2.runtime.configure_process)
-    by its caller, before paddle or torch loads."""
+    timed steps back to back (torch_compile: at least COMPILE_WARMUP untimed steps, which
+    compile). The process is set up (mbv2.runtime.configure_process) by its caller,
+    before paddle or torch loads."""
+    warmup = max(case.warmup, COMPILE_WARMUP) if backend == "torch_compile" else case.warmup
     with tempfile.TemporaryDirectory(prefix="mbv2_bench_") as tmp:
         fns = _step_fns(backend, case, threads, Path(tmp))
-        return {mode: _time_steps(fn, case.warmup, case.reps if mode == "train" else 2 * case.reps)
+        return {mode: _time_steps(fn, warmup, case.reps if mode == "train" else 2 * case.reps)
                 for mode, fn in fns.items()}
 
 

@@ -1,0 +1,98 @@
+"""This CPU's FP32 peak, the achieved GFLOP/s of a backend, and which CPU features exist.
+
+peak GFLOP/s = cores used x FP32 lanes per FMA (16 with avx512f, 8 with avx2, 4 else)
+               x FMA units per core x 2 (an FMA is a multiply and an add) x clock in GHz.
+The FMA units per core are not readable from /proc/cpuinfo: ASSUMED_FMA_UNITS_PER_CORE is
+an assumption (2, as on AVX-512 server CPUs: Xeon Gold/Platinum, AMD Zen 4/5 EPYC) and is
+reported as one. The clock is lscpu's "CPU max MHz" where it gives one, else /proc/cpuinfo's
+"cpu MHz" (a virtual machine's nominal clock; turbo may run faster).
+
+Achieved GFLOP/s = 2 x MACs of one image's forward pass x images/s - for training too
+(a training step does roughly 3x a forward pass's work, so training's figure understates
+the arithmetic done by about that factor; it is comparable between backends).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+ASSUMED_FMA_UNITS_PER_CORE = 2
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The `flags` of the first processor in /proc/cpuinfo (or of the text given)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def bf16_supported(flags: set[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_FLAGS)
+
+
+def fp32_lanes(flags: set[str]) -> int:
+    """FP32 values one FMA instruction works on: 16 (AVX-512), 8 (AVX2), 4 (SSE)."""
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+
+
+def fp32_peak_gflops(cores: int, lanes: int, fma_units: int, mhz: float) -> float:
+    return cores * lanes * fma_units * 2 * mhz / 1000.0
+
+
+def achieved_gflops(macs_per_image: int, img_s: float) -> float:
+    return 2 * macs_per_image * img_s / 1e9
+
+
+def _clock_mhz() -> tuple[float | None, float | None]:
+    """(/proc/cpuinfo's cpu MHz, lscpu's CPU max MHz), None where not given."""
+    cur = mx = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("cpu MHz"):
+                    cur = float(line.split(":", 1)[1])
+                    break
+    except (OSError, ValueError):
+        pass
+    if shutil.which("lscpu"):
+        try:
+            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+            for line in out.splitlines():
+                if line.startswith("CPU max MHz"):
+                    mx = float(line.split(":", 1)[1])
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return cur, mx
+
+
+def cpu_peak(threads: int) -> dict[str, Any]:
+    """This CPU's FP32 peak for `threads` cores, every input and how it was computed."""
+    flags = cpu_flags()
+    cur, mx = _clock_mhz()
+    mhz = mx or cur
+    cores = max(1, min(threads, os.cpu_count() or threads))
+    lanes = fp32_lanes(flags)
+    fma = ASSUMED_FMA_UNITS_PER_CORE
+    peak = fp32_peak_gflops(cores, lanes, fma, mhz) if mhz else None
+    clock_src = "lscpu CPU max MHz" if mx else "/proc/cpuinfo cpu MHz" if cur else "unknown"
+    return {
+        "cores_used": cores, "fp32_lanes_per_fma": lanes, "fma_units_per_core": fma,
+        "clock_mhz": mhz, "clock_source": clock_src, "cpuinfo_mhz": cur, "lscpu_max_mhz": mx,
+        "peak_gflop_s": round(peak, 1) if peak else None,
+        "assumption": f"{fma} FMA units per core (AVX-512 server CPUs); not read from the CPU",
+        "formula": (f"{cores} cores x {lanes} FP32 lanes/FMA x {fma} FMA units/core (assumed) "
+                    f"x 2 flop/FMA x {mhz} MHz ({clock_src}) = "
+                    f"{peak:.1f} GFLOP/s" if peak else "clock unknown: no peak"),
+        "achieved": "2 x forward MACs/image x img/s (training too: ~1/3 of its arithmetic)",
+    }
