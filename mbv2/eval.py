@@ -47,8 +47,11 @@ def evaluate_logits(net, dataset, batch_size: int, image_size: int) -> tuple[np.
     model = paddle.Model(net, inputs=[spec])
     model.prepare()
     (logits,) = model.predict(dataset, batch_size=batch_size, stack_outputs=True, verbose=0)
-    labels = np.concatenate([np.asarray(dataset[i][1]).reshape(-1) for i in range(len(dataset))])
-    return logits, labels.astype(np.int64)
+    if hasattr(dataset, "targets"):  # mbv2's datasets know their labels without decoding
+        labels = dataset.targets()
+    else:  # e.g. paddle's Cifar10: its samples hold the label
+        labels = np.concatenate([np.asarray(dataset[i][1]).reshape(-1) for i in range(len(dataset))])
+    return logits, np.asarray(labels, dtype=np.int64)
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,27 +61,31 @@ def _create_unique(name: str) -> str:
 LAUNCH_ARGS_ENV = "MBV2_LAUNCH_ARGS"
 
 
-def _fixed_keys(argv: list[str]) -> set[str]:
-    """Keys the command line sets to one value for every job (not a sweep list/range)."""
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-    except Exception:  # not Hydra's syntax after all: name jobs by all their overrides
-        return set()
-    single = {o.key_or_group for o in parsed if not o.is_sweep_override()}
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    return single - swept
-
-
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _launch_fixed_keys() -> set[str]:
+@functools.lru_cache(maxsize=8)
+def _parse_launch(launch: str) -> tuple | None:
+    """The launch command's overrides, parsed by Hydra's own parser; None when they are
+    not Hydra's syntax (then jobs are named by all their overrides)."""
     try:
-        launch = os.environ.get(LAUNCH_ARGS_ENV)
-        return _fixed_keys(json.loads(launch) if launch else sys.argv[1:])
-    except ValueError:
-        return set()
+        argv = json.loads(launch)
+        return tuple(OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]))
+    except Exception:
+        return None
+
+
+def _launch_overrides() -> tuple:
+    launch = os.environ.get(LAUNCH_ARGS_ENV) or json.dumps(sys.argv[1:])
+    return _parse_launch(launch) or ()
+
+
+def _launch_fixed_keys() -> set[str]:
+    """Keys the command line sets to one value for every job (not a sweep list/range)."""
+    parsed = _launch_overrides()
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return {o.key_or_group for o in parsed if not o.is_sweep_override()} - swept
 
 
 # Keys whose values are paths: a job name holds the last component, not the whole path
@@ -101,14 +106,8 @@ def _short_path(key: str, value: str, swept: dict[str, list[str]]) -> str:
 
 def _launch_sweeps() -> dict[str, list[str]]:
     """key -> the values the launch command sweeps it over (`data.root=/a,/b`)."""
-    launch = os.environ.get(LAUNCH_ARGS_ENV)
-    try:
-        argv = json.loads(launch) if launch else sys.argv[1:]
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-    except Exception:  # not Hydra's syntax: no collisions known
-        return {}
     return {o.key_or_group: [str(v) for v in o.sweep_string_iterator()]
-            for o in parsed if o.is_sweep_override()}
+            for o in _launch_overrides() if o.is_sweep_override()}
 
 
 def _job_items(task_overrides: Any, exclude_keys: Any) -> list[str]:

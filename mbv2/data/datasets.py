@@ -42,6 +42,10 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def targets(self) -> np.ndarray:
+        """Every sample's label, in order, without decoding an image."""
+        return np.asarray([label for _, label in self.samples], dtype=np.int64)
+
     def __getitem__(self, idx: int):
         if self.bad_log is None:  # no log to count in: a bad file is an error
             path, label = self.samples[idx]
@@ -65,6 +69,9 @@ class InMemoryDataset(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
         super().__init__()
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+
+    def targets(self) -> np.ndarray:
+        return self.labels
 
     def __len__(self) -> int:
         return len(self.images)
