@@ -23,7 +23,8 @@ MALLOC_ENV = "MBV2_MALLOC"
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 # What configure_malloc() did in this process: "kept-heap", "system" (opted out),
-# "unsupported" (not glibc) or "failed"; None before it ran.
+# "unsupported" (not glibc), "other-allocator" (malloc is not glibc's, see
+# malloc_library) or "failed"; None before it ran.
 malloc_mode: str | None = None
 
 
@@ -111,7 +112,8 @@ def configure_malloc() -> str:
     (M_TRIM_THRESHOLD), and grows the heap 64 MiB at a time (M_TOP_PAD). The cost: the
     process keeps its peak memory until it exits, as a caching allocator does.
     `MBV2_MALLOC=system` in the environment leaves glibc's defaults alone. Idempotent;
-    a no-op (and "unsupported") off glibc."""
+    a no-op off glibc ("unsupported") and where another allocator serves malloc
+    ("other-allocator": jemalloc, tcmalloc and the like keep their own settings)."""
     global malloc_mode
     if malloc_mode is not None:
         return malloc_mode
@@ -119,6 +121,8 @@ def configure_malloc() -> str:
         malloc_mode = "system"
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         malloc_mode = "unsupported"
+    elif malloc_library() is not None:
+        malloc_mode = "other-allocator"
     else:
         try:
             mallopt = ctypes.CDLL(None).mallopt
@@ -134,8 +138,35 @@ def configure_malloc() -> str:
     return malloc_mode
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def malloc_library() -> str | None:
+    """The file of the malloc this process calls when it is not glibc's own (an allocator
+    put in front by LD_PRELOAD, such as jemalloc or tcmalloc), else None.
+
+    glibc's mallopt() does not reach such an allocator, and some of them (tcmalloc)
+    answer mallopt() with success while doing nothing, so configure_malloc() asks first."""
+    try:
+        process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
+        address = ctypes.cast(process.malloc, ctypes.c_void_p).value
+        if address == ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+            return None
+        info = _DlInfo()
+        process.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+        if process.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) and info.dli_fname:
+            return os.fsdecode(info.dli_fname)
+        return "an allocator loaded before glibc"
+    except (OSError, AttributeError):
+        return None
+
+
 def describe_malloc() -> str:
     """One line for the run log: what configure_malloc() did."""
+    if configure_malloc() == "other-allocator":
+        return f"{malloc_library()} (left to its own settings; mbv2 sets only glibc's)"
     return {
         "kept-heap": "glibc heap kept between steps (no mmap, no trim; MBV2_MALLOC=system "
                      "to turn off)",
