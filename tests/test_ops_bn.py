@@ -58,9 +58,10 @@ def run_both(shape, act, seed=0):
     return results
 
 
-SHAPES = [  # (n, c, h, w): HW=1, batch 1 with HW>1, one channel, > 64 channels, odd sizes
+SHAPES = [  # (n, c, h, w): HW=1, batch 1 with HW>1, one channel, > 64 channels, odd sizes,
+    # and planes of 56x56 and up (whole channels per thread)
     (8, 70, 1, 1), (4, 6, 2, 2), (1, 5, 7, 9), (3, 1, 4, 4), (2, 130, 3, 5), (5, 3, 11, 13),
-    (2, 9, 16, 16),
+    (2, 9, 16, 16), (3, 5, 57, 59), (1, 3, 56, 56),
 ]
 
 
@@ -73,8 +74,9 @@ def test_matches_paddle_batch_norm(kernel, shape, act):
         assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("plane", [(9, 11), (57, 56)], ids=["9x11", "57x56"])
 @pytest.mark.parametrize("act", [True, False], ids=["relu6", "linear"])
-def test_gradients_for_every_kind_of_gamma(kernel, act):
+def test_gradients_for_every_kind_of_gamma(kernel, act, plane):
     """gamma 0, tiny, negative, and a beta that dwarfs gamma all give Paddle's gradients,
     channel by channel. (A backward pass that reads gamma * xhat off y - beta instead of
     x - mean, to stream one tensor less, fails this on the gamma=1e-4, beta=2 channel.)"""
@@ -82,7 +84,7 @@ def test_gradients_for_every_kind_of_gamma(kernel, act):
     betas = np.array([0.5, 1.0, 2.0, 0.2, 3.0, -1.0, 0.0, 80.0], "float32")
     c = len(gammas)
     rng = np.random.default_rng(5)
-    xn = (rng.standard_normal((3, c, 9, 11)) * 2 + 1).astype("float32")
+    xn = (rng.standard_normal((3, c, *plane)) * 2 + 1).astype("float32")
     up = rng.standard_normal(xn.shape).astype("float32")
     out = []
     for fused in (True, False):
