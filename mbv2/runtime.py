@@ -44,6 +44,16 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# CPU flags of the bfloat16 dot-product instructions oneDNN's bf16 kernels use.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def has_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or the flags given) has bfloat16 dot products."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_FLAGS)
+
+
 def mkl_cpu_type(flags: set[str] | None = None) -> str | None:
     """The MKL_DEBUG_CPU_TYPE for this CPU, or None to leave MKL alone.
 

@@ -140,6 +140,38 @@ def test_predictor_and_dygraph_outputs_within_1e4(exported, trained, images):
     assert (fast.argmax(1) == logits.argmax(1)).all()
 
 
+def test_predict_bf16_matches_fp32_or_says_the_cpu_lacks_it(exported, trained, images, tmp_path):
+    """precision=bf16 runs oneDNN's bfloat16 kernels: same top-1 as FP32 and probabilities
+    within bf16's rounding; on a CPU without bf16 dot products, one line naming the key.
+    A checkpoint (dygraph) with bf16 says to export first."""
+    from mbv2.runtime import has_bf16
+
+    args = [f"model={exported}", f"inputs={images}", "precision=bf16", f"out={tmp_path / 'h'}"]
+    if not has_bf16():
+        proc = run_cli(args, cwd=ROOT, module="mbv2.predict", check=False)
+        assert proc.returncode != 0 and "precision=bf16" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        return
+    run_cli(args, cwd=ROOT, module="mbv2.predict")
+    run_cli([f"model={exported}", f"inputs={images}", f"out={tmp_path / 'f'}"], cwd=ROOT,
+            module="mbv2.predict")
+    assert _top1(tmp_path / "h" / "predictions.csv") == _top1(tmp_path / "f" / "predictions.csv")
+    from mbv2.data import build_transforms, load_image
+    from mbv2.artifacts import restore_run
+    from mbv2.predict import ExportedPredictor
+
+    _, cfg, _, _, _ = restore_run(trained)
+    transform = build_transforms(cfg.data, train=False)
+    batch = np.stack([transform(load_image(p)) for p in sorted(images.glob("img*"))])
+    fp32 = ExportedPredictor(exported, threads=2)(batch)
+    bf16 = ExportedPredictor(exported, threads=2, precision="bf16")(batch)
+    assert not np.array_equal(fp32, bf16)  # the bf16 kernels really ran
+    np.testing.assert_allclose(bf16, fp32, atol=0.1)  # digits: at most 0.064 seen
+    proc = run_cli([f"model={trained}", f"inputs={images}", "precision=bf16"], cwd=ROOT,
+                   module="mbv2.predict", check=False)
+    assert proc.returncode != 0 and "export" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_onnx_without_paddle2onnx_says_what_to_install(trained):
     import importlib.util
 

@@ -150,3 +150,17 @@ def test_import_changes_nothing_and_configure_process_sets_mkl_path():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env={**env, "MKL_DEBUG_CPU_TYPE": "5"})
     assert out.stdout.strip().splitlines()[-1].split()[0] == "5"  # a user's own choice stays
+
+
+def test_bf16_precision_is_checked_against_the_cpu(monkeypatch):
+    from mbv2 import predict, runtime
+
+    assert runtime.has_bf16({"avx512f", "avx512_bf16"}) and runtime.has_bf16({"amx_bf16"})
+    assert not runtime.has_bf16({"avx512f", "avx2"})
+    assert predict.check_precision("fp32") == "fp32"
+    with pytest.raises(runtime.DeviceError, match="precision='fp16': choose one of fp32, bf16"):
+        predict.check_precision("fp16")
+    monkeypatch.setattr(runtime, "has_bf16", lambda flags=None: False)
+    with pytest.raises(runtime.DeviceError, match="precision=bf16: this CPU reports none of "
+                                                  "avx512_bf16, amx_bf16.*use precision=fp32"):
+        predict.check_precision("bf16")

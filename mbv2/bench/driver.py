@@ -19,8 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mbv2.bench.cases import (NA_PREFIX, PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result,
-                              default_cases, format_table, table)
+from mbv2.bench.cases import (BF16_BACKENDS, NA_PREFIX, PADDLE_BACKENDS, PREDICTORS,
+                              TORCH_BACKENDS, Case, Result, default_cases, format_table, table)
 from mbv2.bench.peak import BF16_FLAGS, bf16_supported, cpu_peak
 from mbv2.bench.torch_side import torch_available
 from mbv2.bench.workers import (backend_worker, default_run, in_subprocess,
@@ -43,14 +43,14 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
     `rounds` rounds that take turns (A B C .. A B C ..), each round half the timed steps.
     A slow spell of the shared machine then lands on several backends instead of one
     (single processes of PyTorch at 32 px ran at either ~800 or ~400 img/s here), and the
-    per-round medians in the JSON (`round_img_s`) show when that happened. torch_bf16 is
-    not run (its error says n/a) where the CPU has no bfloat16 instructions."""
+    per-round medians in the JSON (`round_img_s`) show when that happened. The bf16
+    backends are not run (their error says n/a) where the CPU has no bfloat16 instructions."""
     backends = PADDLE_BACKENDS + (TORCH_BACKENDS if with_torch else ())
     results: dict[tuple[str, str], Result] = {}
     for backend in backends:
-        for m in (("infer",) if backend == "paddle_predictor" else ("train", "infer")):
+        for m in (("infer",) if backend in PREDICTORS else ("train", "infer")):
             results[(backend, m)] = Result(case, m, backend, load_before=_loadavg())
-            if backend == "torch_bf16" and not bf16_supported():
+            if backend in BF16_BACKENDS and not bf16_supported():
                 results[(backend, m)].error = _NO_BF16
     rounds = max(1, min(rounds, case.reps))
     for rnd in range(rounds):

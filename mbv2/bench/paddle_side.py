@@ -46,14 +46,17 @@ def paddle_fns(case: Case, fast: bool) -> tuple[Callable[[], Any], Callable[[], 
     return train, infer
 
 
-def predictor_fn(case: Case, threads: int, workdir: Path) -> Callable[[], Any]:
+def predictor_fn(case: Case, threads: int, workdir: Path,
+                 precision: str = "fp32") -> Callable[[], Any]:
     """An inference step of MobileNetV2 exported into `workdir` and run by a Paddle
-    Inference predictor (oneDNN, IR optimisation, `threads` math threads)."""
+    Inference predictor configured as `python -m mbv2.predict` runs one (oneDNN, IR
+    optimisation, `threads` math threads, FP32 or bf16 kernels)."""
     import numpy as np
     import paddle
     from paddle.static import InputSpec
 
     from mbv2.model import MobileNetV2
+    from mbv2.predict import inference_config
 
     paddle.seed(0)
     net = MobileNetV2(class_num=case.class_num, scale=case.scale)
@@ -63,12 +66,7 @@ def predictor_fn(case: Case, threads: int, workdir: Path) -> Callable[[], Any]:
     paddle.jit.save(net, prefix,
                     input_spec=[InputSpec([None, 3, case.image_size, case.image_size], "float32")])
     program = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".pdmodel"
-    config = paddle.inference.Config(program, prefix + ".pdiparams")
-    config.disable_gpu()
-    (config.enable_onednn if hasattr(config, "enable_onednn") else config.enable_mkldnn)()
-    config.set_cpu_math_library_num_threads(threads)
-    config.switch_ir_optim(True)
-    config.disable_glog_info()
+    config = inference_config(Path(program), Path(prefix + ".pdiparams"), threads, precision)
     predictor = paddle.inference.create_predictor(config)
     inp = predictor.get_input_handle(predictor.get_input_names()[0])
     out = predictor.get_output_handle(predictor.get_output_names()[0])

@@ -18,8 +18,9 @@ import shutil
 import subprocess
 from typing import Any
 
+from mbv2.runtime import BF16_FLAGS, has_bf16
+
 ASSUMED_FMA_UNITS_PER_CORE = 2
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -37,8 +38,7 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 
 def bf16_supported(flags: set[str] | None = None) -> bool:
-    flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in BF16_FLAGS)
+    return has_bf16(cpu_flags() if flags is None else flags)
 
 
 def fp32_lanes(flags: set[str]) -> int:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mbv2.bench.cases import PADDLE_BACKENDS, TORCH_BACKENDS, TORCH_VARIANTS, Case
+from mbv2.bench.cases import PADDLE_BACKENDS, PREDICTORS, TORCH_BACKENDS, TORCH_VARIANTS, Case
 from mbv2.bench.paddle_side import paddle_fns, predictor_fn
 from mbv2.bench.torch_side import COMPILE_WARMUP, torch_fns
 
@@ -40,8 +40,9 @@ def _step_fns(backend: str, case: Case, threads: int,
     if backend in ("paddle_native", "paddle_kernel"):
         train, infer = paddle_fns(case, backend == "paddle_kernel")
         return {"train": train, "infer": infer}
-    if backend == "paddle_predictor":
-        return {"infer": predictor_fn(case, threads, workdir)}
+    if backend in PREDICTORS:
+        precision = "bf16" if backend.endswith("_bf16") else "fp32"
+        return {"infer": predictor_fn(case, threads, workdir, precision)}
     if backend in TORCH_BACKENDS:
         train, infer = torch_fns(case, threads, TORCH_VARIANTS[backend])
         return {"train": train, "infer": infer}
