@@ -4,7 +4,7 @@
 // Paddle's CPU batch_norm and relu6 are single-threaded and run as separate passes over
 // the activation; in a MobileNetV2 training step they cost about a third of the time. Here:
 //
-// Forward (2 reads of x, 1 write of y):
+// Forward (2 reads of x, 1 write of y and of the gate, 1/32 of y's bytes):
 //   1. per-plane (one image, one channel) sums of (x - K) and (x - K)^2, with K the
 //      channel's first element as a shift against cancellation, in float SIMD lanes per
 //      plane and double across planes;
@@ -12,8 +12,9 @@
 //      statistics are updated in place exactly as Paddle's CPU kernel does,
 //      running = momentum * running + (1 - momentum) * batch (biased variance);
 //   3. y = x * a + b with a = gamma * invstd, b = beta - mean * a, clamped to [0, 6] when act.
-// Backward (2 reads of x, y, dy, 1 write of dx): dy is masked to the linear region of the
-// ReLU6 (0 < y < 6) when act; dbeta = sum(dy), dgamma = sum(dy * xhat),
+// Backward (2 reads of x and dy, 1 write of dx): dy is masked to the linear region of the
+// ReLU6 (0 < y < 6) when act, read off a one-bit-a-pixel gate the forward writes beside y
+// (planes under 8 pixels read y itself); dbeta = sum(dy), dgamma = sum(dy * xhat),
 // dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma), M = N * H * W.
 //
 // Threads: OpenMP over whole channels for planes of 56x56 and up (a channel's second
@@ -34,6 +35,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "paddle/extension.h"
 
@@ -263,6 +268,99 @@ inline void ScalePlane(const float* x, int64_t hw, float a, float b, float lo, f
   for (int64_t i = 0; i < hw; ++i) y[i] = Clamp(x[i] * a + b, lo, hi);
 }
 
+// ---------------------------------------------------------------------------------------
+// The ReLU6 gate of a plane of hw >= kSmallPlane pixels, one bit a pixel: bit i % 8 of
+// byte i / 8 is set where 0 < y < 6, that is where the gradient passes. The forward
+// writes it beside y, so the backward streams 1/32 of y's bytes instead of y itself
+// (in its statistics pass and, for planes under 56x56, again in its dx pass).
+inline int64_t GateBytes(int64_t hw) { return (hw + 7) / 8; }
+
+inline bool Passes(const uint8_t* gate, int64_t i) { return (gate[i >> 3] >> (i & 7)) & 1; }
+
+inline float Gated(float g, bool pass) { return pass ? g : 0.f; }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 8 lanes of all-ones where the gate byte's bit (lane) is set.
+inline __m256 GateLanes(uint8_t bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i v = _mm256_and_si256(_mm256_set1_epi32(bits), sel);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel));
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// y = clamp(x * a + b, 0, 6) and the plane's gate (NaN stays NaN and does not pass).
+void ScalePlaneGate(const float* x, int64_t hw, float a, float b, float* y, uint8_t* gate) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (; i + 8 <= hw; i += 8) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), va, vb);
+    const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ),
+                                      _mm256_cmp_ps(v, six, _CMP_LT_OQ));
+    // max/min return their second operand for a NaN: v, as Clamp does
+    _mm256_storeu_ps(y + i, _mm256_min_ps(six, _mm256_max_ps(zero, v)));
+    gate[i >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(pass));
+  }
+#endif
+  for (; i < hw; i += 8) {
+    uint8_t bits = 0;
+    for (int64_t j = i; j < std::min(hw, i + 8); ++j) {
+      const float v = x[j] * a + b;
+      y[j] = Clamp(v, 0.f, 6.f);
+      bits |= static_cast<uint8_t>((v > 0.f && v < 6.f) ? 1u << (j - i) : 0u);
+    }
+    gate[i >> 3] = bits;
+  }
+}
+
+// s = sum(g), q = sum(g * (x - mu)), g = dy where the gate passes.
+void GatedSums(const float* x, const float* dy, const uint8_t* gate, int64_t hw, float mu,
+               float& s, float& q) {
+  int64_t i = 0;
+  float ss = 0.f, qq = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vmu = _mm256_set1_ps(mu);
+  __m256 vs = _mm256_setzero_ps(), vq = _mm256_setzero_ps();
+  for (; i + 8 <= hw; i += 8) {
+    const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dy + i), GateLanes(gate[i >> 3]));
+    vs = _mm256_add_ps(vs, g);
+    vq = _mm256_fmadd_ps(g, _mm256_sub_ps(_mm256_loadu_ps(x + i), vmu), vq);
+  }
+  ss = HorizontalSum(vs);
+  qq = HorizontalSum(vq);
+#endif
+  for (; i < hw; ++i) {
+    const float g = Gated(dy[i], Passes(gate, i));
+    ss += g;
+    qq += g * (x[i] - mu);
+  }
+  s = ss;
+  q = qq;
+}
+
+// dx = a * g + b * x + c0, g = dy where the gate passes.
+void GatedDx(const float* x, const float* dy, const uint8_t* gate, int64_t hw, float a,
+             float b, float c0, float* dx) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c0);
+  for (; i + 8 <= hw; i += 8) {
+    const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dy + i), GateLanes(gate[i >> 3]));
+    const __m256 bx = _mm256_fmadd_ps(vb, _mm256_loadu_ps(x + i), vc);
+    _mm256_storeu_ps(dx + i, _mm256_fmadd_ps(va, g, bx));
+  }
+#endif
+  for (; i < hw; ++i) dx[i] = a * Gated(dy[i], Passes(gate, i)) + b * x[i] + c0;
+}
+
 // y = x * a[c] + b[c], clamped to [0, 6] when act: the normalisation, in training (batch
 // statistics folded into a, b) and in inference (running statistics).
 void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, bool act,
@@ -285,9 +383,11 @@ void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, b
   }
 }
 
+// gate: the ReLU6 gate of every plane (GateBytes(hw) bytes each), written when act and
+// hw >= kSmallPlane (Backward reads it there instead of y).
 void Forward(const Dims& d, const float* x, const float* gamma, const float* beta, float eps,
-             float momentum, bool act, float* y, float* saved_mean, float* saved_invstd,
-             float* run_mean, float* run_var) {
+             float momentum, bool act, float* y, uint8_t* gate, float* saved_mean,
+             float* saved_invstd, float* run_mean, float* run_var) {
   const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
   const float hi = act ? 6.f : INFINITY, lo = act ? 0.f : -INFINITY;
@@ -335,34 +435,38 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
     s = ss;
     q = qq;
   };
+  const int64_t gb = GateBytes(hw);
+  auto scale_plane = [&](int64_t p, int64_t c) {
+    if (act)
+      ScalePlaneGate(x + p * hw, hw, av[c], bv[c], y + p * hw, gate + p * gb);
+    else
+      ScalePlane(x + p * hw, hw, av[c], bv[c], lo, hi, y + p * hw);
+  };
   if (hw < kChannelPassPlane) {
     const std::vector<double> tot = PlaneOrderSums(d, plane);
     for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
-    ScaleShift(d, x, av.data(), bv.data(), act, y);
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < d.n * C; ++p) scale_plane(p, p % C);
     return;
   }
-  ByChannel(
-      d, plane,
-      [&](int64_t c, double sum, double sumsq) {
-        finish(c, sum, sumsq);
-        for (int64_t n = 0; n < d.n; ++n) {
-          const int64_t p = n * C + c;
-          ScalePlane(x + p * hw, hw, av[c], bv[c], lo, hi, y + p * hw);
-        }
-      });
+  ByChannel(d, plane, [&](int64_t c, double sum, double sumsq) {
+    finish(c, sum, sumsq);
+    for (int64_t n = 0; n < d.n; ++n) scale_plane(n * C + c, c);
+  });
 }
 
-template <bool ACT>
-void DxPlane(const float* x, const float* y, const float* dy, int64_t hw, float a, float b,
-             float c0, float* dx) {
+// dx = a * dy + b * x + c0 (no activation).
+void DxPlane(const float* x, const float* dy, int64_t hw, float a, float b, float c0,
+             float* dx) {
 #pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) dx[i] = a * Masked<ACT>(dy[i], y[i]) + b * x[i] + c0;
+  for (int64_t i = 0; i < hw; ++i) dx[i] = a * dy[i] + b * x[i] + c0;
 }
 
+// y: read (its ReLU6 test) only for planes under kSmallPlane; larger planes read `gate`.
 template <bool ACT>
 void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
-              const float* mean, const float* invstd, const float* dy, float* dx,
-              float* dgamma, float* dbeta) {
+              const uint8_t* gate, const float* mean, const float* invstd, const float* dy,
+              float* dx, float* dgamma, float* dbeta) {
   const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
   // dx = A * g + B * x + C0 per channel, from the channel's sums of g and g * (x - mean).
@@ -394,39 +498,43 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
     }
     return;
   }
+  const int64_t gb = GateBytes(hw);
   auto plane = [&](int64_t p, int64_t c, float& s, float& q) {
     const float* xp = x + p * hw;
-    const float* yp = y + p * hw;
     const float* gp = dy + p * hw;
     const float mu = mean[c];
+    if (ACT) {
+      GatedSums(xp, gp, gate + p * gb, hw, mu, s, q);
+      return;
+    }
     float ss = 0.f, qq = 0.f;
 #pragma omp simd reduction(+ : ss, qq)
     for (int64_t i = 0; i < hw; ++i) {
-      const float g = Masked<ACT>(gp[i], yp[i]);
-      ss += g;
-      qq += g * (xp[i] - mu);
+      ss += gp[i];
+      qq += gp[i] * (xp[i] - mu);
     }
     s = ss;
     q = qq;
+  };
+  auto dx_plane = [&](int64_t p, int64_t c) {
+    const int64_t o = p * hw;
+    if (ACT)
+      GatedDx(x + o, dy + o, gate + p * gb, hw, ca[c], cb[c], cc[c], dx + o);
+    else
+      DxPlane(x + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
   };
   if (hw < kChannelPassPlane) {
     const std::vector<double> tot = PlaneOrderSums(d, plane);
     for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
 #pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < d.n * C; ++p) {
-      const int64_t c = p % C, o = p * hw;
-      DxPlane<ACT>(x + o, y + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
-    }
+    for (int64_t p = 0; p < d.n * C; ++p) dx_plane(p, p % C);
     return;
   }
   ByChannel(
       d, plane,
       [&](int64_t c, double sum_g, double sum_gx) {
         finish(c, sum_g, sum_gx);
-        for (int64_t n = 0; n < d.n; ++n) {
-          const int64_t o = (n * C + c) * hw;
-          DxPlane<ACT>(x + o, y + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
-        }
+        for (int64_t n = 0; n < d.n; ++n) dx_plane(n * C + c, c);
       });
 }
 
@@ -436,6 +544,15 @@ void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
 }
 
 }  // namespace
+
+// Bytes of the ReLU6 gate output: one bit a pixel per plane where Backward reads it (act,
+// planes of kSmallPlane pixels and up), else a 1-byte placeholder.
+int64_t GateSize(const std::vector<int64_t>& shape, bool act) {
+  if (shape.size() != 4) return 1;
+  const int64_t hw = shape[2] * shape[3];
+  return act && hw >= kSmallPlane ? std::max<int64_t>(1, shape[0] * shape[1] * GateBytes(hw))
+                                  : 1;
+}
 
 std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
                                                 const paddle::Tensor& scale,
@@ -451,14 +568,17 @@ std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
   PD_CHECK(d.n * d.hw > 0, "batch_norm_act: empty batch");
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto gate = paddle::empty({GateSize(x.shape(), act)}, paddle::DataType::UINT8,
+                            paddle::CPUPlace());
   auto mean = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto invstd = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   // Running statistics: updated in place, like Paddle's batch_norm MeanOut/VarianceOut.
   float* rm = const_cast<float*>(running_mean.data<float>());
   float* rv = const_cast<float*>(running_var.data<float>());
   Forward(d, xc.data<float>(), scale.data<float>(), bias.data<float>(), epsilon, momentum, act,
-          y.data<float>(), mean.data<float>(), invstd.data<float>(), rm, rv);
-  return {y, mean, invstd};
+          y.data<float>(), gate.data<uint8_t>(), mean.data<float>(), invstd.data<float>(), rm,
+          rv);
+  return {y, mean, invstd, gate};
 }
 
 std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
@@ -466,11 +586,13 @@ std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
                                                  const paddle::Tensor& y,
                                                  const paddle::Tensor& mean,
                                                  const paddle::Tensor& invstd,
+                                                 const paddle::Tensor& gate,
                                                  const paddle::Tensor& dy, float epsilon,
                                                  float momentum, bool act) {
   PD_CHECK(dy.is_cpu() && dy.dtype() == paddle::DataType::FLOAT32,
            "batch_norm_act: out_grad must be a float32 CPU tensor");
   const Dims d = GetDims(x);
+  PD_CHECK(gate.numel() == GateSize(x.shape(), act), "batch_norm_act: gate of the wrong size");
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor yc = y.is_contiguous() ? y : y.contiguous();
   const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
@@ -478,9 +600,9 @@ std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
   auto dgamma = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto dbeta = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   (act ? Backward<true> : Backward<false>)(
-      d, xc.data<float>(), scale.data<float>(), yc.data<float>(), mean.data<float>(),
-      invstd.data<float>(), dyc.data<float>(), dx.data<float>(), dgamma.data<float>(),
-      dbeta.data<float>());
+      d, xc.data<float>(), scale.data<float>(), yc.data<float>(), gate.data<uint8_t>(),
+      mean.data<float>(), invstd.data<float>(), dyc.data<float>(), dx.data<float>(),
+      dgamma.data<float>(), dbeta.data<float>());
   return {dx, dgamma, dbeta};
 }
 
@@ -488,7 +610,7 @@ std::vector<std::vector<int64_t>> BatchNormActInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>& scale_shape,
     const std::vector<int64_t>& bias_shape, const std::vector<int64_t>& mean_shape,
     const std::vector<int64_t>& var_shape, float epsilon, float momentum, bool act) {
-  return {x_shape, {x_shape[1]}, {x_shape[1]}};
+  return {x_shape, {x_shape[1]}, {x_shape[1]}, {GateSize(x_shape, act)}};
 }
 
 std::vector<paddle::DataType> BatchNormActInferDtype(const paddle::DataType& x_dtype,
@@ -496,19 +618,19 @@ std::vector<paddle::DataType> BatchNormActInferDtype(const paddle::DataType& x_d
                                                      const paddle::DataType&,
                                                      const paddle::DataType&,
                                                      const paddle::DataType&) {
-  return {x_dtype, x_dtype, x_dtype};
+  return {x_dtype, x_dtype, x_dtype, paddle::DataType::UINT8};
 }
 
 PD_BUILD_OP(mbv2_batch_norm_act)
     .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar"})
-    .Outputs({"Y", "SavedMean", "SavedInvStd"})
+    .Outputs({"Y", "SavedMean", "SavedInvStd", "Gate"})
     .Attrs({"epsilon: float", "momentum: float", "act: bool"})
     .SetKernelFn(PD_KERNEL(BatchNormActForward))
     .SetInferShapeFn(PD_INFER_SHAPE(BatchNormActInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(BatchNormActInferDtype));
 
 PD_BUILD_GRAD_OP(mbv2_batch_norm_act)
-    .Inputs({"X", "Scale", "Y", "SavedMean", "SavedInvStd", paddle::Grad("Y")})
+    .Inputs({"X", "Scale", "Y", "SavedMean", "SavedInvStd", "Gate", paddle::Grad("Y")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
     .Attrs({"epsilon: float", "momentum: float", "act: bool"})
     .SetKernelFn(PD_KERNEL(BatchNormActBackward));
