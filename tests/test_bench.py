@@ -60,6 +60,14 @@ def test_peak_and_gflops_arithmetic():
     peak = bench.cpu_peak(1)
     assert peak["cores_used"] == 1 and peak["fma_units_per_core"] == bench.ASSUMED_FMA_UNITS_PER_CORE
     assert "assumed" in peak["formula"] and peak["assumption"]
+    # a measured SGEMM faster than the clock read allows raises the clock (turbo), a
+    # slower one leaves it: the peak is never below what was measured
+    fast = bench.cpu_peak(1, sgemm_gflops=1e5)
+    assert fast["peak_gflop_s"] == pytest.approx(1e5) and "at least" in fast["clock_source"]
+    slow = bench.cpu_peak(1, sgemm_gflops=0.5)
+    assert slow["sgemm_gflop_s"] == 0.5
+    if peak["clock_mhz"]:  # a clock was read (x86 Linux): a slow product leaves it
+        assert slow["clock_mhz"] == peak["clock_mhz"]
 
 
 def test_best_torch_selection_and_ratios():

@@ -23,8 +23,8 @@ from mbv2.bench.cases import (BF16_BACKENDS, NA_PREFIX, PADDLE_BACKENDS, PREDICT
                               TORCH_BACKENDS, Case, Result, default_cases, format_table, table)
 from mbv2.bench.peak import BF16_FLAGS, bf16_supported, cpu_peak
 from mbv2.bench.torch_side import torch_available
-from mbv2.bench.workers import (backend_worker, default_run, in_subprocess,
-                                loader_speed, thread_env)
+from mbv2.bench.workers import (backend_worker, default_run, in_subprocess, loader_speed,
+                                measured_sgemm_gflops, thread_env)
 
 
 def _loadavg() -> float:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     results, extras = _time_all(args, scales, with_torch)
-    peak = cpu_peak(args.threads)
+    peak = cpu_peak(args.threads, measured_sgemm_gflops(args.threads))
     rows = table(results, _macs(default_cases(args.quick, scales)), peak["peak_gflop_s"],
                  _unavailable(with_torch, args.no_torch))
     print(format_table(rows, args.threads, peak))

@@ -5,7 +5,8 @@ peak GFLOP/s = cores used x FP32 lanes per FMA (16 with avx512f, 8 with avx2, 4 
 The FMA units per core are not readable from /proc/cpuinfo: ASSUMED_FMA_UNITS_PER_CORE is
 an assumption (2, as on AVX-512 server CPUs: Xeon Gold/Platinum, AMD Zen 4/5 EPYC) and is
 reported as one. The clock is lscpu's "CPU max MHz" where it gives one, else /proc/cpuinfo's
-"cpu MHz" (a virtual machine's nominal clock; turbo may run faster).
+"cpu MHz" (a virtual machine's nominal clock; turbo may run faster), raised to what a
+measured SGEMM's rate needs where that is more (see cpu_peak).
 
 Achieved GFLOP/s = 2 x MACs of one image's forward pass x images/s - for training too
 (a training step does roughly 3x a forward pass's work, so training's figure understates
@@ -76,23 +77,37 @@ def _clock_mhz() -> tuple[float | None, float | None]:
     return cur, mx
 
 
-def cpu_peak(threads: int) -> dict[str, Any]:
-    """This CPU's FP32 peak for `threads` cores, every input and how it was computed."""
+def cpu_peak(threads: int, sgemm_gflops: float | None = None) -> dict[str, Any]:
+    """This CPU's FP32 peak for `threads` cores, every input and how it was computed.
+
+    `sgemm_gflops`, a measured FP32 matrix product's rate, bounds the peak from below: a
+    virtual machine's /proc/cpuinfo gives its nominal clock, and a CPU running faster
+    (turbo) has a higher peak than that clock says (seen here: 2596 MHz reported, 490
+    GFLOP/s measured on 2 cores, which needs at least 3.8 GHz). Where the product
+    implies a faster clock than the one read, that clock is used and the formula says so."""
     flags = cpu_flags()
     cur, mx = _clock_mhz()
-    mhz = mx or cur
     cores = max(1, min(threads, os.cpu_count() or threads))
     lanes = fp32_lanes(flags)
     fma = ASSUMED_FMA_UNITS_PER_CORE
-    peak = fp32_peak_gflops(cores, lanes, fma, mhz) if mhz else None
+    read = mx or cur
     clock_src = "lscpu CPU max MHz" if mx else "/proc/cpuinfo cpu MHz" if cur else "unknown"
+    mhz = read
+    implied = sgemm_gflops * 1000.0 / (cores * lanes * fma * 2) if sgemm_gflops else None
+    if implied and (not read or implied > read):
+        mhz = round(implied, 1)
+        clock_src = (f"at least, for the measured SGEMM's {sgemm_gflops:.0f} GFLOP/s; "
+                     f"{clock_src} says {read}" if read else "the measured SGEMM")
+    peak = fp32_peak_gflops(cores, lanes, fma, mhz) if mhz else None
     return {
         "cores_used": cores, "fp32_lanes_per_fma": lanes, "fma_units_per_core": fma,
         "clock_mhz": mhz, "clock_source": clock_src, "cpuinfo_mhz": cur, "lscpu_max_mhz": mx,
+        "sgemm_gflop_s": round(sgemm_gflops, 1) if sgemm_gflops else None,
         "peak_gflop_s": round(peak, 1) if peak else None,
         "assumption": f"{fma} FMA units per core (AVX-512 server CPUs); not read from the CPU",
         "formula": (f"{cores} cores x {lanes} FP32 lanes/FMA x {fma} FMA units/core (assumed) "
-                    f"x 2 flop/FMA x {mhz} MHz ({clock_src}) = "
-                    f"{peak:.1f} GFLOP/s" if peak else "clock unknown: no peak"),
+                    f"x 2 flop/FMA x {mhz} MHz ({clock_src}) = {peak:.1f} GFLOP/s"
+                    + (f"; Paddle's SGEMM 2048^3 measured {sgemm_gflops:.0f} GFLOP/s"
+                       if sgemm_gflops else "") if peak else "clock unknown: no peak"),
         "achieved": "2 x forward MACs/image x img/s (training too: ~1/3 of its arithmetic)",
     }

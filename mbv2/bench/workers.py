@@ -46,7 +46,35 @@ def _step_fns(backend: str, case: Case, threads: int,
     if backend in TORCH_BACKENDS:
         train, infer = torch_fns(case, threads, TORCH_VARIANTS[backend])
         return {"train": train, "infer": infer}
+    if backend == SGEMM:
+        return {"infer": sgemm_fn()}
     raise ValueError(f"unknown backend {backend!r}")
+
+
+# Not a backend: one FP32 matrix product of SGEMM_SIZE^3 through Paddle (MKL), the rate
+# of which bounds this CPU's FP32 peak from below (mbv2.bench.peak.cpu_peak).
+SGEMM = "sgemm"
+SGEMM_SIZE = 2048
+
+
+def sgemm_fn() -> Callable[[], Any]:
+    import paddle
+
+    paddle.seed(0)
+    a = paddle.randn([SGEMM_SIZE, SGEMM_SIZE], dtype="float32")
+    b = paddle.randn([SGEMM_SIZE, SGEMM_SIZE], dtype="float32")
+    return lambda: float(paddle.matmul(a, b)[0, 0])
+
+
+def measured_sgemm_gflops(threads: int) -> float | None:
+    """GFLOP/s of the fastest of 5 SGEMM_SIZE^3 products on `threads` threads, in a process
+    of its own set up like the backends' (None if it failed)."""
+    case = Case(scale=1.0, image_size=0, batch=1, class_num=0, warmup=2, reps=3)
+    try:
+        times = in_subprocess(SGEMM, case, threads)["infer"]
+    except Exception:  # the peak then rests on the clock alone
+        return None
+    return 2 * SGEMM_SIZE ** 3 / min(times) / 1e9
 
 
 def _time_steps(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
