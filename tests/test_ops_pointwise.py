@@ -43,3 +43,45 @@ def test_model_logits_unchanged_with_fast_paths():
     net.use_cpu_kernels(False)
     assert net.ops.name == "paddle"
     np.testing.assert_allclose(net(x).numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _op_available() -> bool:
+    from mbv2.ops import depthwise as dw
+
+    kernel = dw.load_kernel()
+    return kernel is not None and kernel.pointwise
+
+
+# 17x17 .. 40x40 maps: the MKL op for expansions and on maps up to 28x28, conv2d for
+# projections on larger maps; odd plane sizes cross the op's 1024-pixel blocks unevenly
+@pytest.mark.parametrize("n,c_in,c_out,hw", [(2, 4, 24, 17), (3, 24, 8, 28), (2, 16, 40, 40),
+                                              (2, 40, 16, 33), (1, 3, 5, 37)])
+def test_large_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, monkeypatch):
+    import mbv2.ops.pointwise as pw
+
+    if not _op_available():
+        pytest.skip("the pointwise op needs a compiler and Paddle's MKL")
+    calls = []
+    run = paddle._C_ops._run_custom_op
+    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
+                        lambda name, *a: calls.append(name) or run(name, *a))
+    test_matches_conv2d_forward_and_gradients(n, c_in, c_out, hw)
+    expected = c_out >= c_in or hw * hw <= pw.OP_MAX_PROJECTION_PLANE
+    assert (pw.OP_NAME in calls) == expected
+
+
+def test_large_map_op_without_grad_and_fallback_without_mkl(monkeypatch):
+    from mbv2.ops import depthwise as dw
+
+    rng = np.random.default_rng(1)
+    x = paddle.to_tensor(rng.standard_normal((2, 8, 20, 20)).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal((16, 8, 1, 1)).astype("float32"))
+    ref = F.conv2d(x, w).numpy()
+    with paddle.no_grad():
+        np.testing.assert_allclose(pointwise_conv2d(x, w).numpy(), ref, rtol=1e-5, atol=1e-5)
+    kernel = dw.load_kernel()
+    if kernel is not None:  # a library built without MKL has no op: conv2d instead
+        monkeypatch.setattr(kernel, "pointwise", False)
+        monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
+                            lambda *a: pytest.fail("custom op called without MKL"))
+        np.testing.assert_allclose(pointwise_conv2d(x, w).numpy(), ref, rtol=1e-5, atol=1e-5)

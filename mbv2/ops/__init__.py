@@ -5,8 +5,9 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
 * `PADDLE_OPS`: Paddle's own conv2d, batch_norm and relu6 - the reference every kernel is
   tested against, and what GPUs, exported models and MAC counting use;
 * `CPU_KERNELS`: mbv2's JIT-built C++ ops (`depthwise`: 3x3 depthwise conv, `batch_norm`:
-  fused batch norm + ReLU6 in training and eval) and 1x1 convs on small maps as one matrix
-  product (`pointwise`). Each wrapper sends a shape it does not cover to Paddle's op.
+  fused batch norm + ReLU6 in training and eval), 1x1 convs on small maps as one matrix
+  product and on large ones as per-block MKL GEMMs (`pointwise`). Each wrapper sends a
+  shape it does not cover to Paddle's op.
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
 `select_ops(mode, device)` turns the `model.cpu_kernels` setting into an `Ops`.

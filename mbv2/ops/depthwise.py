@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 OP_NAME = "mbv2_depthwise_conv2d"
 SOURCE = Path(__file__).with_name("depthwise_conv.cc")
 # Further ops compiled into the same library (and so the same cache entry and lock):
-# the fused training-mode batch norm + ReLU6 of `mbv2.ops.batch_norm`.
-EXTRA_SOURCES = (Path(__file__).with_name("batch_norm_act.cc"),)
+# the fused training-mode batch norm + ReLU6 of `mbv2.ops.batch_norm`, and the 1x1 conv
+# on large maps of `mbv2.ops.pointwise` (built on Paddle's MKL where Paddle ships it).
+EXTRA_SOURCES = (Path(__file__).with_name("batch_norm_act.cc"),
+                 Path(__file__).with_name("pointwise_conv.cc"))
 CACHE_ENV = "MBV2_OPS_CACHE"
 # Only these shapes go to the op; they are what MobileNetV2 uses and what tests cover.
 SUPPORTED_KERNEL = 3
@@ -63,9 +65,10 @@ SUPPORTED_PADDINGS = (0, 1)
 class DepthwiseKernel:
     """The loaded op: `kernel(x, weight, strides=[sh, sw], paddings=[t, b, l, r])`."""
 
-    def __init__(self, so_path: Path, built: bool):
+    def __init__(self, so_path: Path, built: bool, pointwise: bool = False):
         self.so_path = so_path
         self.built = built  # True when this process compiled it, False when cached
+        self.pointwise = pointwise  # the library has the 1x1 conv op (built with MKL)
 
     def __call__(self, x: paddle.Tensor, weight: paddle.Tensor, strides: list[int],
                  paddings: list[int], algo: int = 0) -> paddle.Tensor:
@@ -102,7 +105,16 @@ def compile_flags() -> list[str]:
     flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu_flags():
         flags += ["-mavx2", "-mfma"]
+    if mkl_library() is not None:
+        flags.append("-DMBV2_WITH_MKL")  # the pointwise op (pointwise_conv.cc)
     return flags
+
+
+def mkl_library() -> Path | None:
+    """Paddle's own MKL (libmklml_intel.so beside libiomp5), which the pointwise op calls;
+    None where this Paddle does not ship it."""
+    lib = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
+    return lib if lib.is_file() else None
 
 
 def link_flags() -> list[str]:
@@ -111,9 +123,10 @@ def link_flags() -> list[str]:
     idle threads spin after a parallel region and starve the other's on a small machine:
     measured on 2 cores, 3x slower training steps (240 vs 700 img/s at 32 px)."""
     libs = Path(paddle.__file__).parent / "libs"
+    mkl = [f"-l:{mkl_library().name}"] if mkl_library() is not None else []
     if (libs / "libiomp5.so").is_file():
-        return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
-    return ["-fopenmp"]
+        return [f"-L{libs}", *mkl, "-liomp5", f"-Wl,-rpath,{libs}"]
+    return [f"-L{libs}", *mkl, f"-Wl,-rpath,{libs}", "-fopenmp"] if mkl else ["-fopenmp"]
 
 
 def _compiler() -> str | None:
@@ -276,7 +289,7 @@ def _load_uncached(src: Path, root: Path) -> DepthwiseKernel | None:
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return None
-    kernel = DepthwiseKernel(_so_path(entry), built)
+    kernel = DepthwiseKernel(_so_path(entry), built, "-DMBV2_WITH_MKL" in flags)
     runtime = "libiomp5 (shared with Paddle)" if "-liomp5" in ldflags else "libgomp"
     log.info("depthwise conv op %s in %.1f s (%s, flags %s, OpenMP %s)",
              "built" if built else "loaded from cache", time.perf_counter() - t0, entry,
