@@ -10,7 +10,8 @@ from mbv2.model import MobileNetV2
 from mbv2.ops.pointwise import pointwise_conv2d
 
 
-# 1x1 and 2x2: batch-in-rows product; 3x3 .. 16x16: batched product; 17x17: conv2d
+# 1x1 and 2x2: batch-in-rows product; 3x3 and up: the op (or, without it, the batched
+# product up to 16x16 and conv2d beyond)
 @pytest.mark.parametrize("n,c_in,c_out,hw", [(8, 16, 24, 1), (3, 32, 7, 2), (1, 5, 9, 2),
                                               (4, 8, 16, 3), (2, 6, 4, 8), (2, 8, 12, 16),
                                               (1, 4, 6, 17)])
@@ -52,11 +53,12 @@ def _op_available() -> bool:
     return kernel is not None and kernel.pointwise
 
 
-# 17x17 .. 40x40 maps: the MKL op for expansions and on maps up to 28x28, conv2d for
+# maps over 2x2: the MKL op for expansions and on maps up to 28x28, conv2d for
 # projections on larger maps; odd plane sizes cross the op's 1024-pixel blocks unevenly
 @pytest.mark.parametrize("n,c_in,c_out,hw", [(2, 4, 24, 17), (3, 24, 8, 28), (2, 16, 40, 40),
-                                              (2, 40, 16, 33), (1, 3, 5, 37)])
-def test_large_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, monkeypatch):
+                                              (2, 40, 16, 33), (1, 3, 5, 37), (4, 12, 8, 3),
+                                              (2, 6, 10, 2)])
+def test_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, monkeypatch):
     import mbv2.ops.pointwise as pw
 
     if not _op_available():
@@ -66,15 +68,17 @@ def test_large_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, h
     monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
                         lambda name, *a: calls.append(name) or run(name, *a))
     test_matches_conv2d_forward_and_gradients(n, c_in, c_out, hw)
-    expected = c_out >= c_in or hw * hw <= pw.OP_MAX_PROJECTION_PLANE
+    expected = hw * hw > pw.MAX_PLANE and (c_out >= c_in or hw * hw <= pw.OP_MAX_PROJECTION_PLANE)
     assert (pw.OP_NAME in calls) == expected
 
 
-def test_large_map_op_without_grad_and_fallback_without_mkl(monkeypatch):
+@pytest.mark.parametrize("hw", [8, 20])
+def test_op_without_grad_and_fallback_without_mkl(monkeypatch, hw):
+    """no_grad through the op; without it, the batched product (8x8) or conv2d (20x20)."""
     from mbv2.ops import depthwise as dw
 
     rng = np.random.default_rng(1)
-    x = paddle.to_tensor(rng.standard_normal((2, 8, 20, 20)).astype("float32"))
+    x = paddle.to_tensor(rng.standard_normal((2, 8, hw, hw)).astype("float32"))
     w = paddle.to_tensor(rng.standard_normal((16, 8, 1, 1)).astype("float32"))
     ref = F.conv2d(x, w).numpy()
     with paddle.no_grad():
