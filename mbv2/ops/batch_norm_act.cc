@@ -262,6 +262,25 @@ void ByChannel(const Dims& d, Plane plane, Apply apply) {
   }
 }
 
+// The two passes over planes of kSmallPlane pixels and up: plane(p, c, s, q) gives plane
+// p's sums, finish(c, s, q) turns channel c's totals into its coefficients, apply(p, c)
+// makes the second pass over plane p. Mid-size planes: PlaneOrderSums, then all planes;
+// from kChannelPassPlane up: ByChannel, each channel's planes right after its sums.
+template <class Plane, class Finish, class Apply>
+void TwoPasses(const Dims& d, Plane plane, Finish finish, Apply apply) {
+  if (d.hw < kChannelPassPlane) {
+    const std::vector<double> tot = PlaneOrderSums(d, plane);
+    for (int64_t c = 0; c < d.c; ++c) finish(c, tot[c], tot[d.c + c]);
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < d.n * d.c; ++p) apply(p, p % d.c);
+    return;
+  }
+  ByChannel(d, plane, [&](int64_t c, double sum, double sumsq) {
+    finish(c, sum, sumsq);
+    for (int64_t n = 0; n < d.n; ++n) apply(n * d.c + c, c);
+  });
+}
+
 inline void ScalePlane(const float* x, int64_t hw, float a, float b, float lo, float hi,
                        float* y) {
 #pragma omp simd
@@ -442,17 +461,7 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
     else
       ScalePlane(x + p * hw, hw, av[c], bv[c], lo, hi, y + p * hw);
   };
-  if (hw < kChannelPassPlane) {
-    const std::vector<double> tot = PlaneOrderSums(d, plane);
-    for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < d.n * C; ++p) scale_plane(p, p % C);
-    return;
-  }
-  ByChannel(d, plane, [&](int64_t c, double sum, double sumsq) {
-    finish(c, sum, sumsq);
-    for (int64_t n = 0; n < d.n; ++n) scale_plane(n * C + c, c);
-  });
+  TwoPasses(d, plane, finish, scale_plane);
 }
 
 // dx = a * dy + b * x + c0 (no activation).
@@ -523,19 +532,7 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
     else
       DxPlane(x + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
   };
-  if (hw < kChannelPassPlane) {
-    const std::vector<double> tot = PlaneOrderSums(d, plane);
-    for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < d.n * C; ++p) dx_plane(p, p % C);
-    return;
-  }
-  ByChannel(
-      d, plane,
-      [&](int64_t c, double sum_g, double sum_gx) {
-        finish(c, sum_g, sum_gx);
-        for (int64_t n = 0; n < d.n; ++n) dx_plane(n * C + c, c);
-      });
+  TwoPasses(d, plane, finish, dx_plane);
 }
 
 void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
