@@ -89,3 +89,33 @@ def test_op_without_grad_and_fallback_without_mkl(monkeypatch, hw):
         monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
                             lambda *a: pytest.fail("custom op called without MKL"))
         np.testing.assert_allclose(pointwise_conv2d(x, w).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,hw,x_grad", [(2, 32, False), (1, 17, True), (2, 33, True)])
+def test_stem_as_unfold_and_op_matches_conv2d(stride, hw, x_grad, monkeypatch):
+    """The stem (3 -> 8, 3x3, pad 1) through im2col and the op: values, the weight's
+    gradient and, where the input wants one, the input's."""
+    from mbv2.ops.pointwise import OP_NAME, stem_conv2d
+
+    if not _op_available():
+        pytest.skip("the pointwise op needs a compiler and Paddle's MKL")
+    calls = []
+    run = paddle._C_ops._run_custom_op
+    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
+                        lambda name, *a: calls.append(name) or run(name, *a))
+    rng = np.random.default_rng(4)
+    x_np = rng.standard_normal((3, 3, hw, hw)).astype("float32")
+    conv = paddle.nn.Conv2D(3, 8, 3, stride, 1, bias_attr=False)
+    results = []
+    for fn in (conv, lambda x: stem_conv2d(x, conv)):
+        x = paddle.to_tensor(x_np, stop_gradient=not x_grad)
+        y = fn(x)
+        g = paddle.to_tensor(rng.standard_normal(y.shape).astype("float32"))
+        (y * g).sum().backward()
+        results.append([y.numpy(), conv.weight.grad.numpy()] + ([x.grad.numpy()] if x_grad else []))
+        conv.clear_gradients()
+        rng = np.random.default_rng(4)
+        rng.standard_normal((3, 3, hw, hw))
+    assert OP_NAME in calls
+    for ref, got in zip(*results):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

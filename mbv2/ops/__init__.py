@@ -22,7 +22,7 @@ import paddle.nn.functional as F
 
 from mbv2.ops.batch_norm import batch_norm_act
 from mbv2.ops.depthwise import depthwise_conv2d, load_kernel
-from mbv2.ops.pointwise import pointwise_conv2d
+from mbv2.ops.pointwise import pointwise_conv2d, stem_conv2d
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class CpuKernels(Ops):
         elif groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
             y = pointwise_conv2d(x, conv.weight)
         else:
-            y = conv(x)
+            y = stem_conv2d(x, conv)
         return batch_norm_act(y, bn, act)
 
 

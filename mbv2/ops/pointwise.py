@@ -72,3 +72,27 @@ def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
     rows = x.transpose([0, 2, 3, 1]).reshape([n * h * w, c])
     y = paddle.matmul(rows, w2d, transpose_y=True)
     return y.reshape([n, h, w, c_out]).transpose([0, 3, 1, 2])
+
+
+# Dense convolutions with at most this many input channels (the network's stem, 3 -> 32,
+# 3x3) go through im2col (Paddle's unfold) and the op when it is built: batch 128 at
+# 32 px, forward + weight gradient, 2.26 -> 1.38 ms; batch 32 at 224 px 26.9 -> 22.1 ms.
+STEM_MAX_IN_CHANNELS = 4
+
+
+def stem_conv2d(x: paddle.Tensor, conv) -> paddle.Tensor:
+    """`conv(x)` for a bias-free, ungrouped `nn.Conv2D` with few input channels (the
+    stem): as the 1x1 op over the unfolded input where it applies, else `conv(x)`."""
+    k, stride, pad = tuple(conv._kernel_size), tuple(conv._stride), conv._padding
+    c_out, c_in = conv.weight.shape[0], conv.weight.shape[1]
+    if (conv.bias is not None or conv._groups != 1 or c_in > STEM_MAX_IN_CHANNELS
+            or not isinstance(pad, int) or tuple(conv._dilation) != (1, 1)
+            or getattr(conv, "_data_format", "NCHW") != "NCHW"
+            or not _use_op(x, conv.weight)):
+        return conv(x)
+    n, _, h, w = x.shape
+    ho = (h + 2 * pad - k[0]) // stride[0] + 1
+    wo = (w + 2 * pad - k[1]) // stride[1] + 1
+    cols = F.unfold(x, list(k), strides=list(stride), paddings=pad)  # [N, C_in*kh*kw, L]
+    kk = c_in * k[0] * k[1]
+    return _op(cols.reshape([n, kk, ho, wo]), conv.weight.reshape([c_out, kk, 1, 1]))
