@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mbv2 import bench
+from mbv2.runtime import has_bf16
 
 
 def test_tiny_case_every_backend():
@@ -24,7 +25,7 @@ def test_tiny_case_every_backend():
     for key, r in by.items():
         if key[1] == "paddle_kernel" and "depthwise op unavailable" in (r.error or ""):
             continue  # no compiler here: the kernel column stays empty, nothing else breaks
-        if key[1] in ("torch_bf16", "paddle_predictor_bf16") and not bench.bf16_supported():
+        if key[1] in ("torch_bf16", "paddle_predictor_bf16") and not has_bf16():
             assert (r.error or "").startswith("n/a")
             continue  # no bfloat16 instructions on this CPU: the column says n/a
         assert r.error is None, (key, r.error)
@@ -56,7 +57,7 @@ def test_peak_and_gflops_arithmetic():
     assert bench.fp32_peak_gflops(2, 16, 2, 2500.0) == pytest.approx(320.0)
     assert bench.fp32_peak_gflops(4, 8, 2, 3000.0) == pytest.approx(384.0)
     assert bench.achieved_gflops(300_000_000, 100.0) == pytest.approx(60.0)
-    assert bench.bf16_supported({"avx512f", "amx_bf16"}) and not bench.bf16_supported({"avx2"})
+    assert has_bf16({"avx512f", "amx_bf16"}) and not has_bf16({"avx2"})
     peak = bench.cpu_peak(1)
     assert peak["cores_used"] == 1 and peak["fma_units_per_core"] == bench.ASSUMED_FMA_UNITS_PER_CORE
     assert "assumed" in peak["formula"] and peak["assumption"]

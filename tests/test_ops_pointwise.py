@@ -46,11 +46,19 @@ def test_model_logits_unchanged_with_fast_paths():
     np.testing.assert_allclose(net(x).numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-def _op_available() -> bool:
+@pytest.fixture
+def op_calls(monkeypatch) -> list[str]:
+    """The names of the custom ops run while the test runs (skips without the 1x1 op)."""
     from mbv2.ops import depthwise as dw
 
     kernel = dw.load_kernel()
-    return kernel is not None and kernel.pointwise
+    if kernel is None or not kernel.pointwise:
+        pytest.skip("the pointwise op needs a compiler and Paddle's MKL")
+    calls: list[str] = []
+    run = paddle._C_ops._run_custom_op
+    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
+                        lambda name, *a: calls.append(name) or run(name, *a))
+    return calls
 
 
 # maps over 2x2: the MKL op for expansions and on maps up to 28x28, conv2d for
@@ -58,18 +66,12 @@ def _op_available() -> bool:
 @pytest.mark.parametrize("n,c_in,c_out,hw", [(2, 4, 24, 17), (3, 24, 8, 28), (2, 16, 40, 40),
                                               (2, 40, 16, 33), (1, 3, 5, 37), (4, 12, 8, 3),
                                               (2, 6, 10, 2)])
-def test_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, monkeypatch):
+def test_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, op_calls):
     import mbv2.ops.pointwise as pw
 
-    if not _op_available():
-        pytest.skip("the pointwise op needs a compiler and Paddle's MKL")
-    calls = []
-    run = paddle._C_ops._run_custom_op
-    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
-                        lambda name, *a: calls.append(name) or run(name, *a))
     test_matches_conv2d_forward_and_gradients(n, c_in, c_out, hw)
     expected = hw * hw > pw.MAX_PLANE and (c_out >= c_in or hw * hw <= pw.OP_MAX_PROJECTION_PLANE)
-    assert (pw.OP_NAME in calls) == expected
+    assert (pw.OP_NAME in op_calls) == expected
 
 
 @pytest.mark.parametrize("hw", [8, 20])
@@ -92,30 +94,23 @@ def test_op_without_grad_and_fallback_without_mkl(monkeypatch, hw):
 
 
 @pytest.mark.parametrize("stride,hw,x_grad", [(2, 32, False), (1, 17, True), (2, 33, True)])
-def test_stem_as_unfold_and_op_matches_conv2d(stride, hw, x_grad, monkeypatch):
+def test_stem_as_unfold_and_op_matches_conv2d(stride, hw, x_grad, op_calls):
     """The stem (3 -> 8, 3x3, pad 1) through im2col and the op: values, the weight's
     gradient and, where the input wants one, the input's."""
     from mbv2.ops.pointwise import OP_NAME, stem_conv2d
 
-    if not _op_available():
-        pytest.skip("the pointwise op needs a compiler and Paddle's MKL")
-    calls = []
-    run = paddle._C_ops._run_custom_op
-    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
-                        lambda name, *a: calls.append(name) or run(name, *a))
     rng = np.random.default_rng(4)
     x_np = rng.standard_normal((3, 3, hw, hw)).astype("float32")
+    out = (hw - 1) // stride + 1
+    g = paddle.to_tensor(rng.standard_normal((3, 8, out, out)).astype("float32"))
     conv = paddle.nn.Conv2D(3, 8, 3, stride, 1, bias_attr=False)
     results = []
     for fn in (conv, lambda x: stem_conv2d(x, conv)):
         x = paddle.to_tensor(x_np, stop_gradient=not x_grad)
         y = fn(x)
-        g = paddle.to_tensor(rng.standard_normal(y.shape).astype("float32"))
         (y * g).sum().backward()
         results.append([y.numpy(), conv.weight.grad.numpy()] + ([x.grad.numpy()] if x_grad else []))
         conv.clear_gradients()
-        rng = np.random.default_rng(4)
-        rng.standard_normal((3, 3, hw, hw))
-    assert OP_NAME in calls
+    assert OP_NAME in op_calls
     for ref, got in zip(*results):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

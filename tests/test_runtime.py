@@ -50,7 +50,6 @@ for _ in range(4):
     address, region = round_()
     rounds.append({"faults": faults() - f0, "address": address, "region": region})
 print(json.dumps({"mode": runtime.malloc_mode, "rounds": rounds,
-                  "faults": [r["faults"] for r in rounds],
                   "describe": runtime.describe_malloc()}))
 """
 
@@ -66,7 +65,9 @@ def _probe(env_extra: dict[str, str]) -> dict:
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    probe["faults"] = [r["faults"] for r in probe["rounds"]]
+    return probe
 
 
 @glibc_only

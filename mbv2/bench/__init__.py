@@ -21,15 +21,15 @@ the JSON report).
 """
 from mbv2.bench.cases import (PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result, best_torch,
                               default_cases, format_table, table)
-from mbv2.bench.peak import (ASSUMED_FMA_UNITS_PER_CORE, achieved_gflops, bf16_supported,
-                             cpu_peak, fp32_lanes, fp32_peak_gflops)
+from mbv2.bench.peak import (ASSUMED_FMA_UNITS_PER_CORE, achieved_gflops, cpu_peak, fp32_lanes,
+                             fp32_peak_gflops)
 from mbv2.bench.driver import main, run_case
 from mbv2.bench.paddle_side import paddle_fns, predictor_fn
 from mbv2.bench.torch_side import torch_available, torch_fns, torch_model
 from mbv2.bench.workers import backend_worker, default_run, in_subprocess, loader_speed
 
 __all__ = ["ASSUMED_FMA_UNITS_PER_CORE", "PADDLE_BACKENDS", "TORCH_BACKENDS", "Case", "Result",
-           "achieved_gflops", "backend_worker", "best_torch", "bf16_supported", "cpu_peak",
+           "achieved_gflops", "backend_worker", "best_torch", "cpu_peak",
            "fp32_lanes", "fp32_peak_gflops",
            "default_cases", "default_run", "format_table", "in_subprocess", "loader_speed",
            "main", "paddle_fns", "predictor_fn", "run_case", "table", "torch_available",

@@ -21,10 +21,11 @@ from typing import Any
 
 from mbv2.bench.cases import (BF16_BACKENDS, NA_PREFIX, PADDLE_BACKENDS, PREDICTORS,
                               TORCH_BACKENDS, Case, Result, default_cases, format_table, table)
-from mbv2.bench.peak import BF16_FLAGS, bf16_supported, cpu_peak
+from mbv2.bench.peak import cpu_peak
 from mbv2.bench.torch_side import torch_available
 from mbv2.bench.workers import (backend_worker, default_run, in_subprocess, loader_speed,
                                 measured_sgemm_gflops, thread_env)
+from mbv2.runtime import BF16_FLAGS, has_bf16
 
 
 def _loadavg() -> float:
@@ -50,7 +51,7 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
     for backend in backends:
         for m in (("infer",) if backend in PREDICTORS else ("train", "infer")):
             results[(backend, m)] = Result(case, m, backend, load_before=_loadavg())
-            if backend in BF16_BACKENDS and not bf16_supported():
+            if backend in BF16_BACKENDS and not has_bf16():
                 results[(backend, m)].error = _NO_BF16
     rounds = max(1, min(rounds, case.reps))
     for rnd in range(rounds):

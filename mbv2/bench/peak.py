@@ -1,4 +1,4 @@
-"""This CPU's FP32 peak, the achieved GFLOP/s of a backend, and which CPU features exist.
+"""This CPU's FP32 peak and the achieved GFLOP/s of a backend.
 
 peak GFLOP/s = cores used x FP32 lanes per FMA (16 with avx512f, 8 with avx2, 4 else)
                x FMA units per core x 2 (an FMA is a multiply and an add) x clock in GHz.
@@ -19,27 +19,9 @@ import shutil
 import subprocess
 from typing import Any
 
-from mbv2.runtime import BF16_FLAGS, has_bf16
+from mbv2.runtime import cpu_flags
 
 ASSUMED_FMA_UNITS_PER_CORE = 2
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The `flags` of the first processor in /proc/cpuinfo (or of the text given)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def bf16_supported(flags: set[str] | None = None) -> bool:
-    return has_bf16(cpu_flags() if flags is None else flags)
 
 
 def fp32_lanes(flags: set[str]) -> int:

@@ -190,48 +190,45 @@ void SmallDxBwd(const float* x, const float* y, const float* dy, int64_t n0, int
                                              \
   }
 
-// Small planes: per-channel sums [s(C), q(C)] in double over the batch. Threads split the
-// images and small(n0, n1, s, q) adds images [n0, n1) into the thread's rows; the
-// per-thread partials are reduced at the end.
-template <class Small>
-std::vector<double> SmallChannelSums(const Dims& d, Small small) {
-  const int64_t C = d.c;
+// Per-channel sums [s(C), q(C)] in double over the batch: body(acc) runs in every thread
+// of one parallel region and adds that thread's share into its own row acc[0..2C) (sums,
+// then sums of squares); the rows are reduced at the end, in thread order: deterministic
+// for a fixed thread count.
+template <class Body>
+std::vector<double> ThreadSums(int64_t C, Body body) {
   const int threads = omp_get_max_threads();
   std::vector<double> part(static_cast<size_t>(threads) * 2 * C, 0.0);
 #pragma omp parallel
-  {
-    double* s = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-    int64_t n0, n1;
-    MyRange(d.n, &n0, &n1);
-    small(n0, n1, s, s + C);
-  }
+  body(part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C);
   std::vector<double> tot(2 * C);
   ReducePartials(part, threads, C, tot.data());
   return tot;
 }
 
-// Mid-size planes: the same sums with threads splitting the N*C planes in contiguous
-// static chunks (memory order); plane(p, c, s, q) gives plane p's two float sums.
+// Small planes: threads split the images; small(n0, n1, s, q) adds images [n0, n1).
+template <class Small>
+std::vector<double> SmallChannelSums(const Dims& d, Small small) {
+  return ThreadSums(d.c, [&](double* acc) {
+    int64_t n0, n1;
+    MyRange(d.n, &n0, &n1);
+    small(n0, n1, acc, acc + d.c);
+  });
+}
+
+// Mid-size planes: threads split the N*C planes in contiguous static chunks (memory
+// order); plane(p, c, s, q) gives plane p's two float sums.
 template <class Plane>
 std::vector<double> PlaneOrderSums(const Dims& d, Plane plane) {
-  const int64_t C = d.c, planes = d.n * d.c;
-  const int threads = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(threads) * 2 * C, 0.0);
-#pragma omp parallel
-  {
-    double* acc = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+  return ThreadSums(d.c, [&](double* acc) {
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < planes; ++p) {
-      const int64_t c = p % C;
+    for (int64_t p = 0; p < d.n * d.c; ++p) {
+      const int64_t c = p % d.c;
       float s = 0.f, q = 0.f;
       plane(p, c, s, q);
       acc[c] += s;
-      acc[C + c] += q;
+      acc[d.c + c] += q;
     }
-  }
-  std::vector<double> tot(2 * C);
-  ReducePartials(part, threads, C, tot.data());
-  return tot;
+  });
 }
 
 // Planes at least this large (56x56 and up) take ByChannel below; smaller ones (28x28 to
