@@ -61,17 +61,36 @@ def op_calls(monkeypatch) -> list[str]:
     return calls
 
 
-# maps over 2x2: the MKL op for expansions and on maps up to 28x28, conv2d for
-# projections on larger maps; odd plane sizes cross the op's 1024-pixel blocks unevenly
+# maps over 2x2: the op for expansions and on maps up to 28x28, and (with AVX-512) for
+# projections on larger maps, conv2d for those elsewhere; odd plane sizes cross the op's
+# 1024-pixel blocks unevenly. With AVX-512 the weight gradient of maps from 56x56 up and
+# of projections from 28x28 up is the op's dot-product kernel: 57x57 and 29x29 here, with
+# channel counts that leave partial 4-row and 6-row tiles and pixel tails.
 @pytest.mark.parametrize("n,c_in,c_out,hw", [(2, 4, 24, 17), (3, 24, 8, 28), (2, 16, 40, 40),
                                               (2, 40, 16, 33), (1, 3, 5, 37), (4, 12, 8, 3),
-                                              (2, 6, 10, 2)])
+                                              (2, 6, 10, 2), (1, 7, 13, 57), (2, 30, 7, 29),
+                                              (1, 17, 6, 56)])
 def test_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, op_calls):
     import mbv2.ops.pointwise as pw
 
     test_matches_conv2d_forward_and_gradients(n, c_in, c_out, hw)
-    expected = hw * hw > pw.MAX_PLANE and (c_out >= c_in or hw * hw <= pw.OP_MAX_PROJECTION_PLANE)
+    expected = hw * hw > pw.MAX_PLANE and (c_out >= c_in
+                                           or hw * hw <= pw._projection_plane_limit())
     assert (pw.OP_NAME in op_calls) == expected
+
+
+def test_projections_on_large_maps_take_the_op_only_with_avx512(monkeypatch, op_calls):
+    import mbv2.ops.pointwise as pw
+
+    x = paddle.ones([1, 32, 40, 40])
+    w = paddle.ones([16, 32, 1, 1])
+    for flags, expected in ((set(), False), (set(pw.AVX512_FLAGS), True)):
+        pw._projection_plane_limit.cache_clear()
+        monkeypatch.setattr(pw, "cpu_flags", lambda f=flags: f)
+        op_calls.clear()
+        pw.pointwise_conv2d(x, w)
+        assert (pw.OP_NAME in op_calls) == expected
+    pw._projection_plane_limit.cache_clear()  # the real flags again after the test
 
 
 @pytest.mark.parametrize("hw", [8, 20])

@@ -14,8 +14,12 @@ passes for the input and weight gradients. The paths here (measured on this proj
   -> 1.94 ms, 96->24 at 8x8 0.55 -> 0.37, 144->32 at 4x4 0.32 -> 0.23, 64->384 at 14x14
   (batch 32) 3.87 -> 2.73, 320->1280 at 7x7 12.1 -> 11.2; against conv2d (batch 32): 16->96
   at 112x112 28.4 -> 25.0, 24->144 at 56x56 12.3 -> 11.0, 192->32 at 28x28 3.8 -> 2.8.
-  Projections (C_out < C_in) on maps over 28x28 were slower than conv2d (144->24 at
-  56x56 9.6 -> 11.0, 32->16 at 112x112 9.8 -> 10.7) and stay conv2d;
+  Projections (C_out < C_in) on maps over 28x28 go through the op where the CPU has
+  AVX-512, where the op's weight gradient is its own dot-product kernel (fwd + bwd
+  against conv2d: 32->16 at 112x112 13.6 -> 11.7 ms, 96->24 at 56x56 8.1 -> 6.8, 144->24
+  at 56x56 10.7 -> 9.3, each with a multiply and sum for the upstream gradient); elsewhere
+  conv2d, which beat the op's MKL products there (144->24 at 56x56 9.6 -> 11.0, 32->16 at
+  112x112 9.8 -> 10.7);
 * without the op, up to 16x16 (H*W <= 256): one batched product, weight [C_out, C_in]
   broadcast over x as [N, C_in, H*W], no transposes (144->32 at 4x4 0.29 ms vs conv2d 0.69,
   96->24 at 8x8 0.52 vs 0.99, batch 128), and Paddle's conv2d on larger maps (which beat
@@ -23,24 +27,34 @@ passes for the input and weight gradients. The paths here (measured on this proj
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import paddle
 import paddle.nn.functional as F
 
 from mbv2.ops import depthwise as _dw
+from mbv2.runtime import AVX512_FLAGS, cpu_flags
 
 # largest H*W that goes through the single product with the batch in the rows (2x2)
 MAX_PLANE = 4
 # largest H*W that goes through the batched product when the op is unavailable (16x16)
 MAX_BATCHED_PLANE = 256
-# largest H*W on which a projection (C_out < C_in) goes through the op (28x28)
+# largest H*W on which a projection (C_out < C_in) goes through the op (28x28) on CPUs
+# without AVX-512 (with it, the op's weight-gradient kernel takes every plane size)
 OP_MAX_PROJECTION_PLANE = 28 * 28
+
+
+@functools.cache
+def _projection_plane_limit() -> float:
+    return math.inf if AVX512_FLAGS <= cpu_flags() else OP_MAX_PROJECTION_PLANE
 
 OP_NAME = "mbv2_pointwise_conv2d"
 
 
 def _use_op(x: paddle.Tensor, weight: paddle.Tensor) -> bool:
     c_out, c_in = weight.shape[0], weight.shape[1]
-    if c_out < c_in and x.shape[2] * x.shape[3] > OP_MAX_PROJECTION_PLANE:
+    if c_out < c_in and x.shape[2] * x.shape[3] > _projection_plane_limit():
         return False
     if x.dtype != paddle.float32 or weight.dtype != paddle.float32 or not x.place.is_cpu_place():
         return False
