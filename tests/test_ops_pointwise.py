@@ -112,11 +112,14 @@ def test_op_without_grad_and_fallback_without_mkl(monkeypatch, hw):
         np.testing.assert_allclose(pointwise_conv2d(x, w).numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stride,hw,x_grad", [(2, 32, False), (1, 17, True), (2, 33, True)])
-def test_stem_as_unfold_and_op_matches_conv2d(stride, hw, x_grad, op_calls):
-    """The stem (3 -> 8, 3x3, pad 1) through im2col and the op: values, the weight's
-    gradient and, where the input wants one, the input's."""
-    from mbv2.ops.pointwise import OP_NAME, stem_conv2d
+# stride 2 / 1, outputs from 16x16 to 70x70 (several 1,024-pixel blocks and a tail)
+@pytest.mark.parametrize("stride,hw,x_grad", [(2, 32, False), (1, 70, False), (2, 33, False),
+                                              (1, 17, True), (2, 33, True)])
+def test_stem_ops_match_conv2d(stride, hw, x_grad, op_calls):
+    """The stem (3 -> 8, 3x3, pad 1): through the stem op when the input needs no
+    gradient (im2col inside the op, the weight's gradient only), through unfold and the 1x1
+    op when it does: values, the weight's gradient and, where wanted, the input's."""
+    from mbv2.ops.pointwise import OP_NAME, STEM_OP_NAME, stem_conv2d
 
     rng = np.random.default_rng(4)
     x_np = rng.standard_normal((3, 3, hw, hw)).astype("float32")
@@ -130,6 +133,10 @@ def test_stem_as_unfold_and_op_matches_conv2d(stride, hw, x_grad, op_calls):
         (y * g).sum().backward()
         results.append([y.numpy(), conv.weight.grad.numpy()] + ([x.grad.numpy()] if x_grad else []))
         conv.clear_gradients()
-    assert OP_NAME in op_calls
+    assert op_calls == [OP_NAME if x_grad else STEM_OP_NAME]
     for ref, got in zip(*results):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    with paddle.no_grad():
+        x = paddle.to_tensor(x_np)
+        np.testing.assert_allclose(stem_conv2d(x, conv).numpy(), conv(x).numpy(), rtol=1e-4,
+                                   atol=1e-4)

@@ -89,14 +89,19 @@ def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
 
 
 # Dense convolutions with at most this many input channels (the network's stem, 3 -> 32,
-# 3x3) go through im2col (Paddle's unfold) and the op when it is built: batch 128 at
-# 32 px, forward + weight gradient, 2.26 -> 1.38 ms; batch 32 at 224 px 26.9 -> 22.1 ms.
+# 3x3) go through the stem op (im2col a block at a time inside the op, the weight's
+# gradient only) when the input needs no gradient, as the images never do, and through
+# im2col (Paddle's unfold) and the 1x1 op when it does. Against conv2d, forward + weight
+# gradient, batch 128 at 32 px: 2.26 -> 1.38 ms through unfold; batch 32 at 224 px
+# 26.9 -> 22.1 ms through unfold.
 STEM_MAX_IN_CHANNELS = 4
+STEM_OP_NAME = "mbv2_stem_conv2d"
 
 
 def stem_conv2d(x: paddle.Tensor, conv) -> paddle.Tensor:
     """`conv(x)` for a bias-free, ungrouped `nn.Conv2D` with few input channels (the
-    stem): as the 1x1 op over the unfolded input where it applies, else `conv(x)`."""
+    stem): through the stem op or the 1x1 op over the unfolded input where they apply,
+    else `conv(x)`."""
     k, stride, pad = tuple(conv._kernel_size), tuple(conv._stride), conv._padding
     c_out, c_in = conv.weight.shape[0], conv.weight.shape[1]
     if (conv.bias is not None or conv._groups != 1 or c_in > STEM_MAX_IN_CHANNELS
@@ -104,6 +109,11 @@ def stem_conv2d(x: paddle.Tensor, conv) -> paddle.Tensor:
             or getattr(conv, "_data_format", "NCHW") != "NCHW"
             or not _use_op(x, conv.weight)):
         return conv(x)
+    if x.stop_gradient and k[0] == k[1] and stride[0] == stride[1]:
+        weight = conv.weight
+        if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
+            x, weight = x.detach(), weight.detach()  # as in _op
+        return paddle._C_ops._run_custom_op(STEM_OP_NAME, x, weight, int(stride[0]), int(pad))[0]
     n, _, h, w = x.shape
     ho = (h + 2 * pad - k[0]) // stride[0] + 1
     wo = (w + 2 * pad - k[1]) // stride[1] + 1

@@ -239,4 +239,146 @@ PD_BUILD_GRAD_OP(mbv2_pointwise_conv2d)
     .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})
     .SetKernelFn(PD_KERNEL(PointwiseBackward));
 
+// The stem: a dense k x k convolution (stride s, zero padding p, no bias) of an input
+// with few channels that needs no gradient (the network's 3 -> 32 first layer on the
+// images). Each (image, block of output pixels) item gathers its im2col block,
+// C_in*k*k x len floats, into a per-thread buffer and runs the block's GEMM on it; the
+// backward (the weight's gradient only) gathers the block again for dw += dy cols^T.
+// Paddle's unfold wrote the whole [N, C_in*k*k, Ho*Wo] tensor (8 ms of a 224 px step,
+// batch 32) that the 1x1 op then read, and the op computed an input gradient nobody used.
+namespace {
+
+struct StemShape {
+  int64_t n, c, h, w, co, k, stride, pad, ho, wo;
+  int64_t kk() const { return c * k * k; }
+  Shape Blocks() const { return {n, kk(), co, ho * wo}; }
+};
+
+StemShape GetStemShape(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad) {
+  const auto xs = x.shape(), ws = w.shape();
+  PD_CHECK(xs.size() == 4 && ws.size() == 4 && ws[1] == xs[1] && ws[2] == ws[3] && stride > 0 &&
+               pad >= 0,
+           "stem_conv2d: x must be NCHW, weight [C_out, C_in, k, k], stride > 0, pad >= 0");
+  const int64_t ho = (xs[2] + 2 * pad - ws[2]) / stride + 1;
+  const int64_t wo = (xs[3] + 2 * pad - ws[3]) / stride + 1;
+  PD_CHECK(ho > 0 && wo > 0, "stem_conv2d: the kernel is larger than the padded input");
+  return {xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], stride, pad, ho, wo};
+}
+
+// cols[r][q], r = (c * k + i) * k + j, for the output pixels p0 .. p0 + len of one image
+// (x: its C_in x H x W planes): x[c][oh * s - p + i][ow * s - p + j], 0 outside.
+void GatherColumns(const float* x, const StemShape& s, int64_t p0, int64_t len, float* cols) {
+  for (int64_t c = 0; c < s.c; ++c) {
+    const float* plane = x + c * s.h * s.w;
+    for (int64_t i = 0; i < s.k; ++i) {
+      for (int64_t j = 0; j < s.k; ++j) {
+        float* row = cols + ((c * s.k + i) * s.k + j) * len;
+        for (int64_t q = 0, p = p0; q < len;) {  // one output row's run at a time
+          const int64_t oh = p / s.wo, ow0 = p % s.wo, run = std::min(len - q, s.wo - ow0);
+          const int64_t ih = oh * s.stride - s.pad + i;
+          if (ih < 0 || ih >= s.h) {
+            std::fill(row + q, row + q + run, 0.f);
+          } else {
+            // iw = base + t * stride: zeros left of the input row, a strided copy, zeros
+            // right of it (a branch a pixel made this gather slower than unfold)
+            const int64_t base = ow0 * s.stride - s.pad + j;
+            const int64_t lo = std::min(run, base >= 0 ? 0 : (-base + s.stride - 1) / s.stride);
+            const int64_t hi =
+                base > s.w - 1 ? lo : std::max(lo, std::min(run, (s.w - 1 - base) / s.stride + 1));
+            float* out = row + q;
+            std::fill(out, out + lo, 0.f);
+            const float* in = plane + ih * s.w + base;
+            if (s.stride == 1) {
+              std::copy(in + lo, in + hi, out + lo);
+            } else {
+              for (int64_t t = lo; t < hi; ++t) out[t] = in[t * s.stride];
+            }
+            std::fill(out + hi, out + run, 0.f);
+          }
+          q += run;
+          p += run;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                        int stride, int pad) {
+  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && w.is_cpu() &&
+               w.dtype() == paddle::DataType::FLOAT32,
+           "stem_conv2d: float32 CPU tensors only");
+  const StemShape s = GetStemShape(x, w, stride, pad);
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const paddle::Tensor wc = w.is_contiguous() ? w : w.contiguous();
+  auto y = paddle::empty({s.n, s.co, s.ho, s.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = xc.data<float>(), *wp = wc.data<float>();
+  float* yp = y.data<float>();
+  const int64_t kk = s.kk(), hwo = s.ho * s.wo;
+  std::vector<float> cols(static_cast<size_t>(omp_get_max_threads() * kk * kBlock));
+  ForBlocks(s.Blocks(), [&](int t, int64_t n, int64_t p0, int64_t len) {
+    float* buf = cols.data() + t * kk * kBlock;
+    GatherColumns(xp + n * s.c * s.h * s.w, s, p0, len, buf);
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, kk, 1.f, wp, kk, buf, len, 0.f,
+                yp + n * s.co * hwo + p0, hwo);
+  });
+  return {y};
+}
+
+std::vector<paddle::Tensor> StemBackward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                         const paddle::Tensor& dy, int stride, int pad) {
+  const StemShape s = GetStemShape(x, w, stride, pad);
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const paddle::Tensor gc = dy.is_contiguous() ? dy : dy.contiguous();
+  auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = xc.data<float>(), *gp = gc.data<float>();
+  const int64_t kk = s.kk(), hwo = s.ho * s.wo, wsize = s.co * kk;
+  const int threads = omp_get_max_threads();
+  std::vector<float> cols(static_cast<size_t>(threads * kk * kBlock));
+  std::vector<float> part(static_cast<size_t>(threads) * wsize, 0.f);
+  const bool dot = UseDotKernel(s.Blocks());
+  ForBlocks(s.Blocks(), [&](int t, int64_t n, int64_t p0, int64_t len) {
+    float* buf = cols.data() + t * kk * kBlock;
+    GatherColumns(xp + n * s.c * s.h * s.w, s, p0, len, buf);
+    const float* g = gp + n * s.co * hwo + p0;
+    if (dot) {
+      DotProducts(g, hwo, buf, len, s.co, kk, len, part.data() + t * wsize);
+    } else {
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, s.co, kk, len, 1.f, g, hwo, buf, len, 1.f,
+                  part.data() + t * wsize, kk);
+    }
+  });
+  float* dwp = dw.data<float>();
+  for (int64_t i = 0; i < wsize; ++i) {
+    float acc = 0.f;
+    for (int t = 0; t < threads; ++t) acc += part[static_cast<size_t>(t) * wsize + i];
+    dwp[i] = acc;
+  }
+  return {dw};
+}
+
+std::vector<std::vector<int64_t>> StemInferShape(const std::vector<int64_t>& x_shape,
+                                                 const std::vector<int64_t>& w_shape, int stride,
+                                                 int pad) {
+  return {{x_shape[0], w_shape[0], (x_shape[2] + 2 * pad - w_shape[2]) / stride + 1,
+           (x_shape[3] + 2 * pad - w_shape[3]) / stride + 1}};
+}
+
+PD_BUILD_OP(mbv2_stem_conv2d)
+    .Inputs({"X", "Weight"})
+    .Outputs({"Y"})
+    .Attrs({"stride: int", "pad: int"})
+    .SetKernelFn(PD_KERNEL(StemForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(StemInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseInferDtype));
+
+// No gradient for X: Python sends only inputs that need none here.
+PD_BUILD_GRAD_OP(mbv2_stem_conv2d)
+    .Inputs({"X", "Weight", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("Weight")})
+    .Attrs({"stride: int", "pad: int"})
+    .SetKernelFn(PD_KERNEL(StemBackward));
+
 #endif  // MBV2_WITH_MKL
