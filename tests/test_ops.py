@@ -310,3 +310,21 @@ def test_works_in_model_fit(kernel):
     assert not np.allclose(layer._conv.weight.numpy(), before)
     out = model.predict_batch([data.x[:2]])[0]
     assert out.shape == (2, 4) and np.isfinite(out).all()
+
+
+def test_global_avg_pool_as_mean_matches_paddle_pool():
+    """The kernels' global average pool (a mean over the flattened plane): values and
+    input gradient as AdaptiveAvgPool2D(1)."""
+    from mbv2.ops import CPU_KERNELS, PADDLE_OPS
+
+    pool = paddle.nn.AdaptiveAvgPool2D(1)
+    x_np = np.random.default_rng(3).standard_normal((3, 20, 7, 5)).astype("float32")
+    results = []
+    for ops in (PADDLE_OPS, CPU_KERNELS):
+        x = paddle.to_tensor(x_np, stop_gradient=False)
+        y = ops.global_avg_pool(pool, x)
+        (y * paddle.arange(60, dtype="float32").reshape([3, 20, 1, 1])).sum().backward()
+        results.append((y.numpy(), x.grad.numpy()))
+    for ref, got in zip(*results):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -154,7 +154,7 @@ class MobileNetV2(nn.Layer):
         # a 1x1 map (32 px input) is its own average: skipped in dygraph only, so an exported
         # program keeps the pool and takes any input size
         if not (paddle.in_dynamic_mode() and tuple(y.shape[2:]) == (1, 1)):
-            y = self.pool2d_avg(y)
+            y = self.ops.global_avg_pool(self.pool2d_avg, y)
         y = paddle.flatten(y, start_axis=1, stop_axis=-1)
         return self.out(y)
 
