@@ -93,6 +93,32 @@ def test_projections_on_large_maps_take_the_op_only_with_avx512(monkeypatch, op_
     pw._projection_plane_limit.cache_clear()  # the real flags again after the test
 
 
+# maps of 1 to 4 pixels, square or not: the rows op (the batch packed into a GEMM's rows)
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(3, 5, 6, 1, 3), (2, 4, 9, 2, 1), (4, 7, 3, 1, 1),
+                                               (2, 9, 17, 2, 2), (1, 3, 4, 1, 2)])
+def test_small_maps_take_the_rows_op(n, c_in, c_out, h, w, op_calls):
+    import mbv2.ops.pointwise as pw
+
+    rng = np.random.default_rng(5)
+    x_np = rng.standard_normal((n, c_in, h, w)).astype("float32")
+    w_np = rng.standard_normal((c_out, c_in, 1, 1)).astype("float32")
+    g_np = rng.standard_normal((n, c_out, h, w)).astype("float32")
+    results = []
+    for fn in (lambda x, wt: F.conv2d(x, wt), pointwise_conv2d):
+        x = paddle.to_tensor(x_np, stop_gradient=False)
+        wt = paddle.to_tensor(w_np, stop_gradient=False)
+        y = fn(x, wt)
+        (y * paddle.to_tensor(g_np)).sum().backward()
+        results.append((y.numpy(), x.grad.numpy(), wt.grad.numpy()))
+    assert op_calls == [pw.ROWS_OP_NAME]
+    for ref, got in zip(*results):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    with paddle.no_grad():
+        np.testing.assert_allclose(pointwise_conv2d(paddle.to_tensor(x_np),
+                                                    paddle.to_tensor(w_np)).numpy(),
+                                   results[0][0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("hw", [8, 20])
 def test_op_without_grad_and_fallback_without_mkl(monkeypatch, hw):
     """no_grad through the op; without it, the batched product (8x8) or conv2d (20x20)."""
