@@ -78,6 +78,20 @@ def test_matches_paddle_conv(kernel, shape, stride, pad, algo):
         assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
 
 
+# by shape (algo 0): one-pixel planes in and out take the single-tap path, others the
+# shape's pick; stride 2 on a 1x1 plane is one pixel as well
+@pytest.mark.parametrize("shape,stride", [((2, 5, 1, 1), 1), ((3, 17, 1, 1), 1),
+                                          ((4, 40, 1, 1), 2), ((2, 9, 2, 2), 1),
+                                          ((2, 9, 2, 2), 2)])
+def test_shape_picked_paths_match_paddle_conv(kernel, shape, stride):
+    n, c, h, w = shape
+    got, ref = run_both(lambda x, wt: kernel(x, wt, [stride, stride], [1] * 4, 0),
+                        n, c, h, w, stride, 1)
+    for name, a, b in zip(("out", "dx", "dw"), got, ref):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
+
+
 @pytest.mark.parametrize("padding", [1, [1, 1], [1, 1, 1, 1], (1, 1)])
 def test_public_fn_padding_forms(kernel, padding):
     """nn.Conv2D._padding arrives as int or list; all mean the same conv."""

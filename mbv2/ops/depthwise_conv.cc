@@ -28,6 +28,9 @@
 //    * Weight gradient: dot products of D with shifted views of the input sub-images, all
 //      taps at once so each D vector is loaded once.
 //
+// 3. One-pixel planes in and out (picked by shape only): a single tap meets the pixel, so
+//    the conv is a per-channel scale (PixelTap).
+//
 // Threads: OpenMP over (channel group, image) work items. Weight gradients go to
 // per-thread partial sums reduced at the end: race-free and deterministic for a fixed
 // thread count. The Python side links this against the OpenMP runtime Paddle uses
@@ -643,6 +646,50 @@ bool UseCL(const Geom& g, int algo) {
   return g.c >= kLanes || g.w <= kClMaxWidth || (g.sh == 2 && g.sw == 2);
 }
 
+// One-pixel planes in and out (MobileNetV2's last stage at 32 px: 960 channels of 1x1):
+// the only tap that meets the pixel is (pt, pl), so y = w[c][tap] * x, a channel-contiguous
+// loop over the batch instead of a padded 3x3 buffer a channel group (batch 128, 960
+// channels: forward 0.13 -> 0.024 ms, backward 0.22 -> 0.046 ms). Returns the tap index,
+// or -1 where the shape is not such a plane. Used by shape (algo 0) only.
+int PixelTap(const Geom& g) {
+  if (g.h != 1 || g.w != 1 || g.ho != 1 || g.wo != 1 || g.pt >= g.kh || g.pl >= g.kw) return -1;
+  return g.pt * g.kw + g.pl;
+}
+
+void PixelForward(const Geom& g, int tap, const float* x, const float* w, float* y) {
+  const int64_t C = g.c, K = static_cast<int64_t>(g.kh) * g.kw;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < g.n; ++n) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[n * C + c] = w[c * K + tap] * x[n * C + c];
+  }
+}
+
+void PixelBackward(const Geom& g, int tap, const float* x, const float* w, const float* dy,
+                   float* dx, float* dw) {
+  const int64_t C = g.c, K = static_cast<int64_t>(g.kh) * g.kw;
+  std::fill(dw, dw + C * K, 0.f);
+  const int threads = omp_get_max_threads();
+  std::vector<double> part(static_cast<size_t>(threads) * C, 0.0);
+#pragma omp parallel
+  {
+    double* acc = part.data() + static_cast<int64_t>(omp_get_thread_num()) * C;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < g.n; ++n) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        dx[n * C + c] = w[c * K + tap] * dy[n * C + c];
+        acc[c] += static_cast<double>(dy[n * C + c]) * x[n * C + c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0.0;
+    for (int t = 0; t < threads; ++t) sum += part[static_cast<size_t>(t) * C + c];
+    dw[c * K + tap] = static_cast<float>(sum);
+  }
+}
+
 void CheckInput(const paddle::Tensor& t, const char* name) {
   PD_CHECK(t.is_cpu(), "depthwise_conv2d: ", name, " must be on CPU");
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, "depthwise_conv2d: ", name, " must be float32");
@@ -662,8 +709,11 @@ std::vector<paddle::Tensor> DepthwiseConvForward(const paddle::Tensor& x, const 
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int tap = algo == 0 ? PixelTap(g) : -1;
   if (g.n * g.c > 0) {
-    if (UseCL(g, algo))
+    if (tap >= 0)
+      PixelForward(g, tap, xc.data<float>(), wc.data<float>(), y.data<float>());
+    else if (UseCL(g, algo))
       ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>());
     else
       ForwardImpl(g, xc.data<float>(), wc.data<float>(), y.data<float>());
@@ -682,8 +732,12 @@ std::vector<paddle::Tensor> DepthwiseConvBackward(const paddle::Tensor& x, const
   const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
   auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int tap = algo == 0 ? PixelTap(g) : -1;
   if (g.n * g.c > 0) {
-    if (UseCL(g, algo))
+    if (tap >= 0)
+      PixelBackward(g, tap, xc.data<float>(), wc.data<float>(), dyc.data<float>(),
+                    dx.data<float>(), dw.data<float>());
+    else if (UseCL(g, algo))
       BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
                  dw.data<float>());
     else
