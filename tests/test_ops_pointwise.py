@@ -16,20 +16,27 @@ from mbv2.ops.pointwise import pointwise_conv2d
                                               (4, 8, 16, 3), (2, 6, 4, 8), (2, 8, 12, 16),
                                               (1, 4, 6, 17)])
 def test_matches_conv2d_forward_and_gradients(n, c_in, c_out, hw):
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((n, c_in, hw, hw)).astype("float32")
+    check_against_conv2d(n, c_in, c_out, hw, hw, seed=0)
+
+
+def check_against_conv2d(n, c_in, c_out, h, w, seed):
+    """pointwise_conv2d's output and input/weight gradients match F.conv2d's; returns
+    the random input and weight used and conv2d's output."""
+    rng = np.random.default_rng(seed)
+    x_np = rng.standard_normal((n, c_in, h, w)).astype("float32")
     w_np = rng.standard_normal((c_out, c_in, 1, 1)).astype("float32")
-    g_np = rng.standard_normal((n, c_out, hw, hw)).astype("float32")
+    g_np = rng.standard_normal((n, c_out, h, w)).astype("float32")
     results = []
-    for fn in (lambda x, w: F.conv2d(x, w), pointwise_conv2d):
+    for fn in (lambda x, wt: F.conv2d(x, wt), pointwise_conv2d):
         x = paddle.to_tensor(x_np, stop_gradient=False)
-        w = paddle.to_tensor(w_np, stop_gradient=False)
-        y = fn(x, w)
+        wt = paddle.to_tensor(w_np, stop_gradient=False)
+        y = fn(x, wt)
         (y * paddle.to_tensor(g_np)).sum().backward()
-        results.append((y.numpy(), x.grad.numpy(), w.grad.numpy()))
+        results.append((y.numpy(), x.grad.numpy(), wt.grad.numpy()))
     for ref, got in zip(results[0], results[1]):
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    return x_np, w_np, results[0][0]
 
 
 def test_model_logits_unchanged_with_fast_paths():
@@ -99,24 +106,12 @@ def test_projections_on_large_maps_take_the_op_only_with_avx512(monkeypatch, op_
 def test_small_maps_take_the_rows_op(n, c_in, c_out, h, w, op_calls):
     import mbv2.ops.pointwise as pw
 
-    rng = np.random.default_rng(5)
-    x_np = rng.standard_normal((n, c_in, h, w)).astype("float32")
-    w_np = rng.standard_normal((c_out, c_in, 1, 1)).astype("float32")
-    g_np = rng.standard_normal((n, c_out, h, w)).astype("float32")
-    results = []
-    for fn in (lambda x, wt: F.conv2d(x, wt), pointwise_conv2d):
-        x = paddle.to_tensor(x_np, stop_gradient=False)
-        wt = paddle.to_tensor(w_np, stop_gradient=False)
-        y = fn(x, wt)
-        (y * paddle.to_tensor(g_np)).sum().backward()
-        results.append((y.numpy(), x.grad.numpy(), wt.grad.numpy()))
+    x_np, w_np, ref = check_against_conv2d(n, c_in, c_out, h, w, seed=5)
     assert op_calls == [pw.ROWS_OP_NAME]
-    for ref, got in zip(*results):
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     with paddle.no_grad():
         np.testing.assert_allclose(pointwise_conv2d(paddle.to_tensor(x_np),
                                                     paddle.to_tensor(w_np)).numpy(),
-                                   results[0][0], rtol=1e-4, atol=1e-4)
+                                   ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("hw", [8, 20])

@@ -161,37 +161,66 @@ bool UseDotKernel(const Shape& s) {
   return avx512 && (s.hw >= 56 * 56 || (s.hw >= 28 * 28 && s.co < s.ci));
 }
 
-}  // namespace
+// t, or a contiguous copy of it.
+paddle::Tensor Contiguous(const paddle::Tensor& t) {
+  return t.is_contiguous() ? t : t.contiguous();
+}
 
-std::vector<paddle::Tensor> PointwiseForward(const paddle::Tensor& x, const paddle::Tensor& w) {
+void CheckFloat32(const paddle::Tensor& x, const paddle::Tensor& w) {
   PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && w.is_cpu() &&
                w.dtype() == paddle::DataType::FLOAT32,
            "pointwise_conv2d: float32 CPU tensors only");
+}
+
+// A 1x1 forward's tensors: the inputs checked and made contiguous, y allocated.
+struct ForwardIo {
+  paddle::Tensor x, w, y;
+  ForwardIo(const paddle::Tensor& x_in, const paddle::Tensor& w_in, const Shape& s)
+      : x(Contiguous(x_in)), w(Contiguous(w_in)),
+        y(paddle::empty({s.n, s.co, x_in.shape()[2], x_in.shape()[3]},
+                        paddle::DataType::FLOAT32, paddle::CPUPlace())) {}
+};
+
+// A 1x1 backward's tensors: the inputs made contiguous, dx and dw allocated.
+struct BackwardIo {
+  paddle::Tensor x, w, dy, dx, dw;
+  BackwardIo(const paddle::Tensor& x_in, const paddle::Tensor& w_in, const paddle::Tensor& dy_in)
+      : x(Contiguous(x_in)), w(Contiguous(w_in)), dy(Contiguous(dy_in)),
+        dx(paddle::empty(x_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace())),
+        dw(paddle::empty(w_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace())) {}
+};
+
+// dw[i] = sum over threads t of part[t * size + i], in thread order.
+void SumPartials(const std::vector<float>& part, int threads, int64_t size, float* dw) {
+  for (int64_t i = 0; i < size; ++i) {
+    float acc = 0.f;
+    for (int t = 0; t < threads; ++t) acc += part[static_cast<size_t>(t) * size + i];
+    dw[i] = acc;
+  }
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> PointwiseForward(const paddle::Tensor& x, const paddle::Tensor& w) {
+  CheckFloat32(x, w);
   const Shape s = GetShape(x, w);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor wc = w.is_contiguous() ? w : w.contiguous();
-  auto y = paddle::empty({s.n, s.co, x.shape()[2], x.shape()[3]}, paddle::DataType::FLOAT32,
-                         paddle::CPUPlace());
-  const float *xp = xc.data<float>(), *wp = wc.data<float>();
-  float* yp = y.data<float>();
+  ForwardIo io(x, w, s);
+  const float *xp = io.x.data<float>(), *wp = io.w.data<float>();
+  float* yp = io.y.data<float>();
   const int hw = static_cast<int>(s.hw);
   ForBlocks(s, [&](int, int64_t n, int64_t p0, int64_t len) {
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, s.ci, 1.f, wp, s.ci,
                 xp + n * s.ci * s.hw + p0, hw, 0.f, yp + n * s.co * s.hw + p0, hw);
   });
-  return {y};
+  return {io.y};
 }
 
 std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& w,
                                               const paddle::Tensor& dy) {
   const Shape s = GetShape(x, w);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor wc = w.is_contiguous() ? w : w.contiguous();
-  const paddle::Tensor gc = dy.is_contiguous() ? dy : dy.contiguous();
-  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
-  const float *xp = xc.data<float>(), *wp = wc.data<float>(), *gp = gc.data<float>();
-  float *dxp = dx.data<float>(), *dwp = dw.data<float>();
+  BackwardIo io(x, w, dy);
+  const float *xp = io.x.data<float>(), *wp = io.w.data<float>(), *gp = io.dy.data<float>();
+  float *dxp = io.dx.data<float>(), *dwp = io.dw.data<float>();
   const int hw = static_cast<int>(s.hw);
   const int64_t wsize = s.co * s.ci;
   const int threads = omp_get_max_threads();
@@ -209,12 +238,8 @@ std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const pad
                   part.data() + t * wsize, s.ci);
     }
   });
-  for (int64_t i = 0; i < wsize; ++i) {
-    float acc = 0.f;
-    for (int t = 0; t < threads; ++t) acc += part[static_cast<size_t>(t) * wsize + i];
-    dwp[i] = acc;
-  }
-  return {dx, dw};
+  SumPartials(part, threads, wsize, dwp);
+  return {io.dx, io.dw};
 }
 
 std::vector<std::vector<int64_t>> PointwiseInferShape(const std::vector<int64_t>& x_shape,
@@ -227,17 +252,20 @@ std::vector<paddle::DataType> PointwiseInferDtype(const paddle::DataType& x_dtyp
   return {x_dtype};
 }
 
-PD_BUILD_OP(mbv2_pointwise_conv2d)
-    .Inputs({"X", "Weight"})
-    .Outputs({"Y"})
-    .SetKernelFn(PD_KERNEL(PointwiseForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(PointwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseInferDtype));
+// A 1x1 conv op: Y = conv(X, Weight), gradients for both inputs.
+#define MBV2_POINTWISE_OP(name, forward, backward)                    \
+  PD_BUILD_OP(name)                                                   \
+      .Inputs({"X", "Weight"})                                        \
+      .Outputs({"Y"})                                                 \
+      .SetKernelFn(PD_KERNEL(forward))                                \
+      .SetInferShapeFn(PD_INFER_SHAPE(PointwiseInferShape))           \
+      .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseInferDtype));          \
+  PD_BUILD_GRAD_OP(name)                                              \
+      .Inputs({"X", "Weight", paddle::Grad("Y")})                     \
+      .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})           \
+      .SetKernelFn(PD_KERNEL(backward))
 
-PD_BUILD_GRAD_OP(mbv2_pointwise_conv2d)
-    .Inputs({"X", "Weight", paddle::Grad("Y")})
-    .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})
-    .SetKernelFn(PD_KERNEL(PointwiseBackward));
+MBV2_POINTWISE_OP(mbv2_pointwise_conv2d, PointwiseForward, PointwiseBackward);
 
 // Maps of at most 2x2 (P = H*W <= 4 pixels, MobileNetV2's last stages at 32 px): the
 // batch folded into the rows of one GEMM, rows[n*P + p][c] = x[n][c][p], MKL threading
@@ -301,56 +329,37 @@ const float* AsRows(const float* t, const Shape& s, int64_t c, paddle::Tensor& b
 }  // namespace
 
 std::vector<paddle::Tensor> RowsForward(const paddle::Tensor& x, const paddle::Tensor& w) {
-  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && w.is_cpu() &&
-               w.dtype() == paddle::DataType::FLOAT32,
-           "pointwise_conv2d: float32 CPU tensors only");
+  CheckFloat32(x, w);
   const Shape s = GetShape(x, w);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor wc = w.is_contiguous() ? w : w.contiguous();
-  auto y = paddle::empty({s.n, s.co, x.shape()[2], x.shape()[3]}, paddle::DataType::FLOAT32,
-                         paddle::CPUPlace());
+  ForwardIo io(x, w, s);
   const int m = static_cast<int>(s.n * s.hw);
   paddle::Tensor xbuf, ybuf;
-  const float* rows = AsRows(xc.data<float>(), s, s.ci, xbuf);
-  float* yrows = s.hw == 1 ? y.data<float>() : Scratch(ybuf, m * s.co);
-  cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, s.co, s.ci, 1.f, rows, s.ci, wc.data<float>(),
-              s.ci, 0.f, yrows, s.co);
-  if (s.hw > 1) UnpackRows(yrows, s.n, s.co, s.hw, y.data<float>());
-  return {y};
+  const float* rows = AsRows(io.x.data<float>(), s, s.ci, xbuf);
+  float* yrows = s.hw == 1 ? io.y.data<float>() : Scratch(ybuf, m * s.co);
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, s.co, s.ci, 1.f, rows, s.ci,
+              io.w.data<float>(), s.ci, 0.f, yrows, s.co);
+  if (s.hw > 1) UnpackRows(yrows, s.n, s.co, s.hw, io.y.data<float>());
+  return {io.y};
 }
 
 std::vector<paddle::Tensor> RowsBackward(const paddle::Tensor& x, const paddle::Tensor& w,
                                          const paddle::Tensor& dy) {
   const Shape s = GetShape(x, w);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor wc = w.is_contiguous() ? w : w.contiguous();
-  const paddle::Tensor gc = dy.is_contiguous() ? dy : dy.contiguous();
-  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  BackwardIo io(x, w, dy);
   const int m = static_cast<int>(s.n * s.hw);
   paddle::Tensor xbuf, gbuf, dxbuf;
-  const float* grows = AsRows(gc.data<float>(), s, s.co, gbuf);
-  const float* xrows = AsRows(xc.data<float>(), s, s.ci, xbuf);
-  float* dxrows = s.hw == 1 ? dx.data<float>() : Scratch(dxbuf, m * s.ci);
-  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.ci, s.co, 1.f, grows, s.co, wc.data<float>(),
-              s.ci, 0.f, dxrows, s.ci);
+  const float* grows = AsRows(io.dy.data<float>(), s, s.co, gbuf);
+  const float* xrows = AsRows(io.x.data<float>(), s, s.ci, xbuf);
+  float* dxrows = s.hw == 1 ? io.dx.data<float>() : Scratch(dxbuf, m * s.ci);
+  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.ci, s.co, 1.f, grows, s.co,
+              io.w.data<float>(), s.ci, 0.f, dxrows, s.ci);
   cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.co, s.ci, m, 1.f, grows, s.co, xrows, s.ci, 0.f,
-              dw.data<float>(), s.ci);
-  if (s.hw > 1) UnpackRows(dxrows, s.n, s.ci, s.hw, dx.data<float>());
-  return {dx, dw};
+              io.dw.data<float>(), s.ci);
+  if (s.hw > 1) UnpackRows(dxrows, s.n, s.ci, s.hw, io.dx.data<float>());
+  return {io.dx, io.dw};
 }
 
-PD_BUILD_OP(mbv2_pointwise_rows)
-    .Inputs({"X", "Weight"})
-    .Outputs({"Y"})
-    .SetKernelFn(PD_KERNEL(RowsForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(PointwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseInferDtype));
-
-PD_BUILD_GRAD_OP(mbv2_pointwise_rows)
-    .Inputs({"X", "Weight", paddle::Grad("Y")})
-    .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})
-    .SetKernelFn(PD_KERNEL(RowsBackward));
+MBV2_POINTWISE_OP(mbv2_pointwise_rows, RowsForward, RowsBackward);
 
 // The stem: a dense k x k convolution (stride s, zero padding p, no bias) of an input
 // with few channels that needs no gradient (the network's 3 -> 32 first layer on the
@@ -443,8 +452,8 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::T
                w.dtype() == paddle::DataType::FLOAT32,
            "stem_conv2d: float32 CPU tensors only");
   const StemShape s = GetStemShape(x, w, stride, pad);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor wc = w.is_contiguous() ? w : w.contiguous();
+  const paddle::Tensor xc = Contiguous(x);
+  const paddle::Tensor wc = Contiguous(w);
   auto y = paddle::empty({s.n, s.co, s.ho, s.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float *xp = xc.data<float>(), *wp = wc.data<float>();
   float* yp = y.data<float>();
@@ -462,8 +471,8 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::T
 std::vector<paddle::Tensor> StemBackward(const paddle::Tensor& x, const paddle::Tensor& w,
                                          const paddle::Tensor& dy, int stride, int pad) {
   const StemShape s = GetStemShape(x, w, stride, pad);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor gc = dy.is_contiguous() ? dy : dy.contiguous();
+  const paddle::Tensor xc = Contiguous(x);
+  const paddle::Tensor gc = Contiguous(dy);
   auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float *xp = xc.data<float>(), *gp = gc.data<float>();
   const int64_t kk = s.kk(), hwo = s.ho * s.wo, wsize = s.co * kk;
@@ -483,11 +492,7 @@ std::vector<paddle::Tensor> StemBackward(const paddle::Tensor& x, const paddle::
     }
   });
   float* dwp = dw.data<float>();
-  for (int64_t i = 0; i < wsize; ++i) {
-    float acc = 0.f;
-    for (int t = 0; t < threads; ++t) acc += part[static_cast<size_t>(t) * wsize + i];
-    dwp[i] = acc;
-  }
+  SumPartials(part, threads, wsize, dwp);
   return {dw};
 }
 
