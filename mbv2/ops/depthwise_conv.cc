@@ -472,10 +472,22 @@ inline void Scatter8(const float* src, int64_t len, float* dst, int64_t stride) 
     for (int l = 0; l < kLanes; ++l) dst[l * stride + p] = src[p * kLanes + l];
 }
 
+// Planes up to this many pixels with rows narrower than kLanes are gathered whole.
+constexpr int64_t kNarrowPlane = 64;
+
 // buf[(y + pt) * wp + x + pl][l] = planes[l][y][x] for l < lanes; lanes >= `lanes` zero.
 inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, int64_t plane,
                          int lanes, v8* buf) {
   float* b = reinterpret_cast<float*>(buf);
+  if (lanes == kLanes && g.w < kLanes && plane <= kNarrowPlane) {
+    // Rows narrower than a transpose: gather the whole plane (contiguous in NCHW) at once,
+    // then place its rows (a row at a time left every pixel to Gather8's scalar tail).
+    v8 dense[kNarrowPlane];
+    Gather8(planes, plane, plane, reinterpret_cast<float*>(dense));
+    for (int64_t yy = 0; yy < g.h; ++yy)
+      std::copy(dense + yy * g.w, dense + (yy + 1) * g.w, buf + (yy + g.pt) * cg.wp + g.pl);
+    return;
+  }
   if (lanes == kLanes) {
     for (int64_t yy = 0; yy < g.h; ++yy)
       Gather8(planes + yy * g.w, plane, g.w, b + ((yy + g.pt) * cg.wp + g.pl) * kLanes);
@@ -498,6 +510,10 @@ inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, i
 inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t row_stride,
                           int64_t offset, int lanes, float* planes, int64_t plane) {
   const float* b = reinterpret_cast<const float*>(buf);
+  if (lanes == kLanes && row_stride == width) {  // dense rows: the whole plane at once
+    Scatter8(b + offset * kLanes, rows * width, planes, plane);
+    return;
+  }
   if (lanes == kLanes) {
     for (int64_t r = 0; r < rows; ++r)
       Scatter8(b + (offset + r * row_stride) * kLanes, width, planes + r * width, plane);
