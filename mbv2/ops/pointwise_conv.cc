@@ -156,9 +156,15 @@ __attribute__((target("avx512f"))) void DotProducts(const float* g, int64_t ldg,
 // 1.3 vs 1.9, measured in C++), where the per-block sums and the load-bound tiles lose
 // to its packed kernels. Masked loads on every step instead of a masked tail only made
 // the kernel slower than MKL's here.
+// Whether this CPU runs AVX-512F (asked once; __builtin_cpu_init first, as GCC requires
+// before the first __builtin_cpu_supports that may run during the library's load).
+bool HasAvx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return yes;
+}
+
 bool UseDotKernel(const Shape& s) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && (s.hw >= 56 * 56 || (s.hw >= 28 * 28 && s.co < s.ci));
+  return HasAvx512() && (s.hw >= 56 * 56 || (s.hw >= 28 * 28 && s.co < s.ci));
 }
 
 // t, or a contiguous copy of it.
@@ -387,8 +393,6 @@ StemShape GetStemShape(const paddle::Tensor& x, const paddle::Tensor& w, int str
   return {xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], stride, pad, ho, wo};
 }
 
-const bool kAvx512 = __builtin_cpu_supports("avx512f");
-
 // out[t] = in[2 t] for t from lo, 16 at a time while 17 more fit before hi (two loads and
 // one permute; the scalar stride-2 loop was most of the stem's gather). Returns where it
 // stopped. The loads reach in[2 t + 31] <= in[2 hi - 3]: inside what the row holds (the
@@ -431,7 +435,7 @@ void GatherColumns(const float* x, const StemShape& s, int64_t p0, int64_t len, 
               std::copy(in + lo, in + hi, out + lo);
             } else {
               int64_t t = lo;
-              if (s.stride == 2 && kAvx512) t = EvenElements(in, lo, hi, out);
+              if (s.stride == 2 && HasAvx512()) t = EvenElements(in, lo, hi, out);
               for (; t < hi; ++t) out[t] = in[t * s.stride];
             }
             std::fill(out + hi, out + run, 0.f);
