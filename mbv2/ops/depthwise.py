@@ -72,8 +72,8 @@ class DepthwiseKernel:
 
     def __call__(self, x: paddle.Tensor, weight: paddle.Tensor, strides: list[int],
                  paddings: list[int], algo: int = 0) -> paddle.Tensor:
-        """algo: 0 picks by plane size (one-pixel planes: a single-tap loop), 1 forces the
-        flat path, 2 the channel-lane path."""
+        """algo: 0 picks by plane size (1x1 and 2x2 planes: per-channel matrices), 1 forces
+        the flat path, 2 the channel-lane path."""
         if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
             # Paddle 3.3 builds a grad node for custom ops even under no_grad (keeping the
             # inputs alive); inputs that need no gradient make it skip that.

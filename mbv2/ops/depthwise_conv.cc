@@ -28,9 +28,8 @@
 //    * Weight gradient: dot products of D with shifted views of the input sub-images, all
 //      taps at once so each D vector is loaded once.
 //
-// 3. Picked by shape only: one-pixel planes in and out, where a single tap meets the pixel
-//    and the conv is a per-channel scale (PixelTap), and 2x2 planes, where it is a small
-//    per-channel matrix (QuadTaps).
+// 3. Picked by shape only: 1x1 and 2x2 planes, where the conv is a small per-channel
+//    matrix over the plane's pixels (SmallPlane).
 //
 // Threads: OpenMP over (channel group, image) work items. Weight gradients go to
 // per-thread partial sums reduced at the end: race-free and deterministic for a fixed
@@ -663,134 +662,95 @@ bool UseCL(const Geom& g, int algo) {
   return g.c >= kLanes || g.w <= kClMaxWidth || (g.sh == 2 && g.sw == 2);
 }
 
-// One-pixel planes in and out (MobileNetV2's last stage at 32 px: 960 channels of 1x1):
-// the only tap that meets the pixel is (pt, pl), so y = w[c][tap] * x, a channel-contiguous
-// loop over the batch instead of a padded 3x3 buffer a channel group (batch 128, 960
-// channels: forward 0.13 -> 0.024 ms, backward 0.22 -> 0.046 ms). Returns the tap index,
-// or -1 where the shape is not such a plane. Used by shape (algo 0) only.
-int PixelTap(const Geom& g) {
-  if (g.h != 1 || g.w != 1 || g.ho != 1 || g.wo != 1 || g.pt >= g.kh || g.pl >= g.kw) return -1;
-  return g.pt * g.kw + g.pl;
-}
+// Planes of 1x1 or 2x2 (3x3 kernel, outputs of 1x1 or 2x2: MobileNetV2's stages 4-7 at 32
+// px): every output pixel sees all P input pixels of its plane through fixed taps, so the
+// conv is a per-channel PO x P matrix (zero where no tap meets a pair), applied
+// channel-vectorised with a channel's pixels interleaved. Measured at batch 128: 960
+// channels 1x1 -> 1x1 forward 0.13 -> 0.024 ms and backward 0.22 -> 0.046 ms, 384 channels
+// 2x2 -> 2x2 forward 0.113 -> 0.081 ms, 576 channels 2x2 -> 1x1 forward 0.113 -> 0.034 ms
+// and backward 0.19 -> 0.065 ms, against the channel-lane path. The backward runs here only
+// for one output pixel (PO = 1): with 2x2 outputs its 16 partial sums a channel were slower
+// than the channel-lane path (0.25 vs 0.19 ms), which keeps them.
+struct SmallPlane {
+  int p = 0, po = 0;     // input and output pixels of a plane
+  std::vector<int> tap;  // tap[o * p + q]: the kernel tap from input q to output o, or -1
+};
 
-void PixelForward(const Geom& g, int tap, const float* x, const float* w, float* y) {
-  const int64_t C = g.c, K = static_cast<int64_t>(g.kh) * g.kw;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < g.n; ++n) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) y[n * C + c] = w[c * K + tap] * x[n * C + c];
-  }
-}
-
-void PixelBackward(const Geom& g, int tap, const float* x, const float* w, const float* dy,
-                   float* dx, float* dw) {
-  const int64_t C = g.c, K = static_cast<int64_t>(g.kh) * g.kw;
-  std::fill(dw, dw + C * K, 0.f);
-  const int threads = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(threads) * C, 0.0);
-#pragma omp parallel
-  {
-    double* acc = part.data() + static_cast<int64_t>(omp_get_thread_num()) * C;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < g.n; ++n) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        dx[n * C + c] = w[c * K + tap] * dy[n * C + c];
-        acc[c] += static_cast<double>(dy[n * C + c]) * x[n * C + c];
-      }
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    double sum = 0.0;
-    for (int t = 0; t < threads; ++t) sum += part[static_cast<size_t>(t) * C + c];
-    dw[c * K + tap] = static_cast<float>(sum);
-  }
-}
-
-// Planes of 2x2 (3x3 kernel; 2x2 or 1x1 out, MobileNetV2's stages 4-6 at 32 px): every
-// output pixel sees the whole input plane, so the conv is a per-channel PO x 4 matrix (the
-// taps that meet each pair, zero elsewhere), applied channel-vectorised with the 4 pixels
-// of a channel interleaved (batch 128, forward: 384 channels 2x2 -> 2x2 0.113 -> 0.081 ms,
-// 576 channels 2x2 -> 1x1 0.113 -> 0.034 ms; backward of the latter 0.19 -> 0.065 ms).
-// Returns false where the shape is not such a plane.
-bool QuadTaps(const Geom& g, std::vector<int>& tap) {
-  if (g.h != 2 || g.w != 2 || g.kh != 3 || g.kw != 3 || g.ho > 2 || g.wo > 2) return false;
-  const int po = g.ho * g.wo;
-  if (po != 4 && po != 1) return false;
-  tap.assign(static_cast<size_t>(po) * 4, -1);
+// The shape as a SmallPlane, or false where it is not one (used by shape, algo 0, only).
+bool GetSmallPlane(const Geom& g, SmallPlane& sp) {
+  if (g.h != g.w || g.h > 2 || g.ho != g.wo || g.ho > g.h || g.kh != 3 || g.kw != 3)
+    return false;
+  sp.p = static_cast<int>(g.h * g.w);
+  sp.po = g.ho * g.wo;
+  sp.tap.assign(static_cast<size_t>(sp.po * sp.p), -1);
   for (int i = 0; i < g.ho; ++i)
     for (int j = 0; j < g.wo; ++j)
-      for (int r = 0; r < 2; ++r)
-        for (int c = 0; c < 2; ++c) {
+      for (int r = 0; r < g.h; ++r)
+        for (int c = 0; c < g.w; ++c) {
           const int a = r - i * g.sh + g.pt, b = c - j * g.sw + g.pl;
-          if (a >= 0 && a < 3 && b >= 0 && b < 3) tap[(i * g.wo + j) * 4 + r * 2 + c] = a * 3 + b;
+          if (a >= 0 && a < 3 && b >= 0 && b < 3)
+            sp.tap[(i * g.wo + j) * sp.p + r * static_cast<int>(g.w) + c] = a * 3 + b;
         }
   return true;
 }
 
 // m[c][o][q]: channel c's weight for output pixel o from input pixel q (0 where none).
-std::vector<float> QuadMatrices(const Geom& g, const std::vector<int>& tap, const float* w) {
-  const int64_t mo = static_cast<int64_t>(tap.size());
+std::vector<float> SmallMatrices(const Geom& g, const SmallPlane& sp, const float* w) {
+  const int64_t mo = static_cast<int64_t>(sp.tap.size());
   std::vector<float> m(static_cast<size_t>(g.c * mo));
   for (int64_t c = 0; c < g.c; ++c)
-    for (int64_t k = 0; k < mo; ++k) m[c * mo + k] = tap[k] < 0 ? 0.f : w[c * 9 + tap[k]];
+    for (int64_t k = 0; k < mo; ++k) m[c * mo + k] = sp.tap[k] < 0 ? 0.f : w[c * 9 + sp.tap[k]];
   return m;
 }
 
-template <int PO>
-void QuadForward(const Geom& g, const float* x, const float* m, float* y) {
+template <int P, int PO>
+void SmallForward(const Geom& g, const float* x, const float* m, float* y) {
   const int64_t C = g.c;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < g.n; ++n) {
-    const float* xn = x + n * C * 4;
+    const float* xn = x + n * C * P;
     float* yn = y + n * C * PO;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c)
       for (int o = 0; o < PO; ++o) {
         float acc = 0.f;
-        for (int q = 0; q < 4; ++q) acc += m[(c * PO + o) * 4 + q] * xn[c * 4 + q];
+        for (int q = 0; q < P; ++q) acc += m[(c * PO + o) * P + q] * xn[c * P + q];
         yn[c * PO + o] = acc;
       }
   }
 }
 
-// The backward for one output pixel (2x2 -> 1x1, stride 2): dx[q] = m[q] dy,
-// dm[q] = sum_n dy x[q] (per-thread float sums over a thread's images, then double),
-// folded into dw by tap. With 2x2 outputs the 16 partial sums a channel made it slower
-// than the channel-lane path (384 channels, batch 128: 0.25 vs 0.19 ms), which keeps them.
-void QuadBackward(const Geom& g, const std::vector<int>& tap, const float* x, const float* m,
-                  const float* dy, float* dx, float* dw) {
-  constexpr int PO = 1;
+// One output pixel: dx[q] = m[q] dy, dm[q] = sum_n dy x[q] (per-thread float sums over a
+// thread's images, then double), folded into dw by tap.
+template <int P>
+void SmallBackward(const Geom& g, const SmallPlane& sp, const float* x, const float* m,
+                   const float* dy, float* dx, float* dw) {
   const int64_t C = g.c;
   const int threads = omp_get_max_threads();
-  std::vector<float> part(static_cast<size_t>(threads) * C * PO * 4, 0.f);
+  std::vector<float> part(static_cast<size_t>(threads) * C * P, 0.f);
 #pragma omp parallel
   {
-    float* acc = part.data() + static_cast<int64_t>(omp_get_thread_num()) * C * PO * 4;
+    float* acc = part.data() + static_cast<int64_t>(omp_get_thread_num()) * C * P;
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < g.n; ++n) {
-      const float* xn = x + n * C * 4;
-      const float* gn = dy + n * C * PO;
-      float* dn = dx + n * C * 4;
+      const float* xn = x + n * C * P;
+      const float* gn = dy + n * C;
+      float* dn = dx + n * C * P;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c)
-        for (int q = 0; q < 4; ++q) {
-          float v = 0.f;
-          for (int o = 0; o < PO; ++o) {
-            v += m[(c * PO + o) * 4 + q] * gn[c * PO + o];
-            acc[(c * PO + o) * 4 + q] += gn[c * PO + o] * xn[c * 4 + q];
-          }
-          dn[c * 4 + q] = v;
+        for (int q = 0; q < P; ++q) {
+          dn[c * P + q] = m[c * P + q] * gn[c];
+          acc[c * P + q] += gn[c] * xn[c * P + q];
         }
     }
   }
   std::fill(dw, dw + C * 9, 0.f);
   for (int64_t c = 0; c < C; ++c)
-    for (int k = 0; k < PO * 4; ++k) {
-      if (tap[k] < 0) continue;
+    for (int q = 0; q < P; ++q) {
+      if (sp.tap[q] < 0) continue;
       double sum = 0.0;
-      for (int t = 0; t < threads; ++t) sum += part[(static_cast<int64_t>(t) * C + c) * PO * 4 + k];
-      dw[c * 9 + tap[k]] += static_cast<float>(sum);
+      for (int t = 0; t < threads; ++t) sum += part[(static_cast<int64_t>(t) * C + c) * P + q];
+      dw[c * 9 + sp.tap[q]] += static_cast<float>(sum);
     }
 }
 
@@ -813,15 +773,12 @@ std::vector<paddle::Tensor> DepthwiseConvForward(const paddle::Tensor& x, const 
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  const int tap = algo == 0 ? PixelTap(g) : -1;
-  std::vector<int> taps;
+  SmallPlane sp;
   if (g.n * g.c > 0) {
-    if (tap >= 0) {
-      PixelForward(g, tap, xc.data<float>(), wc.data<float>(), y.data<float>());
-    } else if (algo == 0 && QuadTaps(g, taps)) {
-      const std::vector<float> m = QuadMatrices(g, taps, wc.data<float>());
-      (taps.size() == 4 ? QuadForward<1> : QuadForward<4>)(g, xc.data<float>(), m.data(),
-                                                           y.data<float>());
+    if (algo == 0 && GetSmallPlane(g, sp)) {
+      const std::vector<float> m = SmallMatrices(g, sp, wc.data<float>());
+      (sp.p == 1 ? SmallForward<1, 1> : sp.po == 1 ? SmallForward<4, 1> : SmallForward<4, 4>)(
+          g, xc.data<float>(), m.data(), y.data<float>());
     } else if (UseCL(g, algo))
       ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>());
     else
@@ -841,16 +798,13 @@ std::vector<paddle::Tensor> DepthwiseConvBackward(const paddle::Tensor& x, const
   const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
   auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  const int tap = algo == 0 ? PixelTap(g) : -1;
-  std::vector<int> taps;
+  SmallPlane sp;
   if (g.n * g.c > 0) {
-    if (tap >= 0) {
-      PixelBackward(g, tap, xc.data<float>(), wc.data<float>(), dyc.data<float>(),
-                    dx.data<float>(), dw.data<float>());
-    } else if (algo == 0 && QuadTaps(g, taps) && taps.size() == 4) {
-      const std::vector<float> m = QuadMatrices(g, taps, wc.data<float>());
-      QuadBackward(g, taps, xc.data<float>(), m.data(), dyc.data<float>(), dx.data<float>(),
-                   dw.data<float>());
+    if (algo == 0 && GetSmallPlane(g, sp) && sp.po == 1) {
+      const std::vector<float> m = SmallMatrices(g, sp, wc.data<float>());
+      (sp.p == 1 ? SmallBackward<1> : SmallBackward<4>)(g, sp, xc.data<float>(), m.data(),
+                                                         dyc.data<float>(), dx.data<float>(),
+                                                         dw.data<float>());
     } else if (UseCL(g, algo))
       BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
                  dw.data<float>());
