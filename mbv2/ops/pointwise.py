@@ -37,20 +37,22 @@ import paddle
 import paddle.nn.functional as F
 
 from mbv2.ops import depthwise as _dw
-from mbv2.runtime import AVX512_FLAGS, cpu_flags
+from mbv2.runtime import cpu_flags
 
 # largest H*W that goes through the single product with the batch in the rows (2x2)
 MAX_PLANE = 4
 # largest H*W that goes through the batched product when the op is unavailable (16x16)
 MAX_BATCHED_PLANE = 256
 # largest H*W on which a projection (C_out < C_in) goes through the op (28x28) on CPUs
-# without AVX-512 (with it, the op's weight-gradient kernel takes every plane size)
+# without AVX-512F (with it, the op's weight-gradient kernel takes every plane size)
 OP_MAX_PROJECTION_PLANE = 28 * 28
 
 
 @functools.cache
 def _projection_plane_limit() -> float:
-    return math.inf if AVX512_FLAGS <= cpu_flags() else OP_MAX_PROJECTION_PLANE
+    # the flag the op checks (HasAvx512 in pointwise_conv.cc) before its own kernel runs
+    return math.inf if "avx512f" in cpu_flags() else OP_MAX_PROJECTION_PLANE
+
 
 OP_NAME = "mbv2_pointwise_conv2d"
 ROWS_OP_NAME = "mbv2_pointwise_rows"
@@ -66,11 +68,11 @@ def _use_op(x: paddle.Tensor, weight: paddle.Tensor) -> bool:
     return kernel is not None and kernel.pointwise
 
 
-def _op(x: paddle.Tensor, weight: paddle.Tensor, name: str = OP_NAME) -> paddle.Tensor:
+def _op(x: paddle.Tensor, weight: paddle.Tensor, name: str = OP_NAME, *attrs) -> paddle.Tensor:
     if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
         # as the depthwise wrapper: no grad node under no_grad
         x, weight = x.detach(), weight.detach()
-    return paddle._C_ops._run_custom_op(name, x, weight)[0]
+    return paddle._C_ops._run_custom_op(name, x, weight, *attrs)[0]
 
 
 def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
@@ -116,10 +118,7 @@ def stem_conv2d(x: paddle.Tensor, conv) -> paddle.Tensor:
             or not _use_op(x, conv.weight)):
         return conv(x)
     if x.stop_gradient and k[0] == k[1] and stride[0] == stride[1]:
-        weight = conv.weight
-        if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
-            x, weight = x.detach(), weight.detach()  # as in _op
-        return paddle._C_ops._run_custom_op(STEM_OP_NAME, x, weight, int(stride[0]), int(pad))[0]
+        return _op(x, conv.weight, STEM_OP_NAME, int(stride[0]), int(pad))
     n, _, h, w = x.shape
     ho = (h + 2 * pad - k[0]) // stride[0] + 1
     wo = (w + 2 * pad - k[1]) // stride[1] + 1

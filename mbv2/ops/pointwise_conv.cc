@@ -1,7 +1,8 @@
-// 1x1 convolution (NCHW, float32, CPU, no bias) on large maps as a Paddle custom operator,
-// built into the same library as the depthwise conv, on the MKL that Paddle ships
-// (libmklml_intel.so; without it this file registers nothing and Python keeps Paddle's
-// conv2d).
+// 1x1 convolutions (NCHW, float32, CPU, no bias) and the network's stem as Paddle custom
+// operators, built into the same library as the depthwise conv, on the MKL that Paddle
+// ships (libmklml_intel.so; without it this file registers nothing and Python keeps
+// Paddle's conv2d and matmul): mbv2_pointwise_conv2d (maps over 2x2, described here),
+// mbv2_pointwise_rows (maps up to 2x2) and mbv2_stem_conv2d (further down).
 //
 // Paddle's conv2d runs a 1x1 convolution per image: y[n] = W x[n], a GEMM with K = C_in.
 // MobileNetV2's 1x1 layers on 28x28 to 112x112 maps have thin weights (16-32 channels on
@@ -147,6 +148,13 @@ __attribute__((target("avx512f"))) void DotProducts(const float* g, int64_t ldg,
   }
 }
 
+// Whether this CPU runs AVX-512F (asked once; __builtin_cpu_init first, as GCC requires
+// before the first __builtin_cpu_supports that may run during the library's load).
+bool HasAvx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return yes;
+}
+
 // The dot-product kernel for dw where it beat MKL (backward in a Paddle process, batch
 // 32, 2 threads, the AMD EPYC with AVX-512 of this project's machine, MKL's dx in both):
 // maps of 56x56 and up (16->96 at 112x112 20.4 -> 18.2 ms, the stem's 27->32 10.7 -> 8.0,
@@ -156,13 +164,6 @@ __attribute__((target("avx512f"))) void DotProducts(const float* g, int64_t ldg,
 // 1.3 vs 1.9, measured in C++), where the per-block sums and the load-bound tiles lose
 // to its packed kernels. Masked loads on every step instead of a masked tail only made
 // the kernel slower than MKL's here.
-// Whether this CPU runs AVX-512F (asked once; __builtin_cpu_init first, as GCC requires
-// before the first __builtin_cpu_supports that may run during the library's load).
-bool HasAvx512() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
-  return yes;
-}
-
 bool UseDotKernel(const Shape& s) {
   return HasAvx512() && (s.hw >= 56 * 56 || (s.hw >= 28 * 28 && s.co < s.ci));
 }
@@ -172,10 +173,11 @@ paddle::Tensor Contiguous(const paddle::Tensor& t) {
   return t.is_contiguous() ? t : t.contiguous();
 }
 
-void CheckFloat32(const paddle::Tensor& x, const paddle::Tensor& w) {
+void CheckFloat32(const paddle::Tensor& x, const paddle::Tensor& w,
+                  const char* op = "pointwise_conv2d") {
   PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && w.is_cpu() &&
                w.dtype() == paddle::DataType::FLOAT32,
-           "pointwise_conv2d: float32 CPU tensors only");
+           op, ": float32 CPU tensors only");
 }
 
 // A 1x1 forward's tensors: the inputs checked and made contiguous, y allocated.
@@ -382,13 +384,17 @@ struct StemShape {
   Shape Blocks() const { return {n, kk(), co, ho * wo}; }
 };
 
+// Output size of a k-wide kernel over `in` pixels padded by `pad` on both sides.
+int64_t OutSize(int64_t in, int64_t k, int stride, int pad) {
+  return (in + 2 * pad - k) / stride + 1;
+}
+
 StemShape GetStemShape(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad) {
   const auto xs = x.shape(), ws = w.shape();
   PD_CHECK(xs.size() == 4 && ws.size() == 4 && ws[1] == xs[1] && ws[2] == ws[3] && stride > 0 &&
                pad >= 0,
            "stem_conv2d: x must be NCHW, weight [C_out, C_in, k, k], stride > 0, pad >= 0");
-  const int64_t ho = (xs[2] + 2 * pad - ws[2]) / stride + 1;
-  const int64_t wo = (xs[3] + 2 * pad - ws[3]) / stride + 1;
+  const int64_t ho = OutSize(xs[2], ws[2], stride, pad), wo = OutSize(xs[3], ws[3], stride, pad);
   PD_CHECK(ho > 0 && wo > 0, "stem_conv2d: the kernel is larger than the padded input");
   return {xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], stride, pad, ho, wo};
 }
@@ -452,9 +458,7 @@ void GatherColumns(const float* x, const StemShape& s, int64_t p0, int64_t len, 
 
 std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::Tensor& w,
                                         int stride, int pad) {
-  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && w.is_cpu() &&
-               w.dtype() == paddle::DataType::FLOAT32,
-           "stem_conv2d: float32 CPU tensors only");
+  CheckFloat32(x, w, "stem_conv2d");
   const StemShape s = GetStemShape(x, w, stride, pad);
   const paddle::Tensor xc = Contiguous(x);
   const paddle::Tensor wc = Contiguous(w);
@@ -503,8 +507,8 @@ std::vector<paddle::Tensor> StemBackward(const paddle::Tensor& x, const paddle::
 std::vector<std::vector<int64_t>> StemInferShape(const std::vector<int64_t>& x_shape,
                                                  const std::vector<int64_t>& w_shape, int stride,
                                                  int pad) {
-  return {{x_shape[0], w_shape[0], (x_shape[2] + 2 * pad - w_shape[2]) / stride + 1,
-           (x_shape[3] + 2 * pad - w_shape[3]) / stride + 1}};
+  return {{x_shape[0], w_shape[0], OutSize(x_shape[2], w_shape[2], stride, pad),
+           OutSize(x_shape[3], w_shape[3], stride, pad)}};
 }
 
 PD_BUILD_OP(mbv2_stem_conv2d)
