@@ -92,6 +92,25 @@ def test_shape_picked_paths_match_paddle_conv(kernel, shape, stride):
         assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
 
 
+# channel-lane outputs with planes of a multiple of 8 pixels (the ones that may stream):
+# dense output rows (forward), row by row (input gradient), 16-wide and 8x8 planes
+@pytest.mark.parametrize("shape,stride", [((2, 16, 16, 16), 1), ((2, 16, 16, 16), 2),
+                                          ((1, 24, 8, 24), 1)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_streamed_outputs_equal_cached_ones(kernel, shape, stride, monkeypatch):
+    """Streamed stores (MBV2_STREAM_BYTES: every output from that size up; here all) give
+    bit-identical out, dx and dw to normal stores."""
+    n, c, h, w = shape
+    fn = lambda x, wt: kernel(x, wt, [stride, stride], [1] * 4, 2)  # noqa: E731
+    monkeypatch.setenv("MBV2_STREAM_BYTES", str(1 << 50))
+    cached, ref = run_both(fn, n, c, h, w, stride, 1)
+    monkeypatch.setenv("MBV2_STREAM_BYTES", "0")
+    streamed, _ = run_both(fn, n, c, h, w, stride, 1)
+    for name, a, b, r in zip(("out", "dx", "dw"), streamed, cached, ref):
+        assert np.array_equal(a, b), name
+        assert rel_err(a, r) <= 1e-4, name
+
+
 @pytest.mark.parametrize("padding", [1, [1, 1], [1, 1, 1, 1], (1, 1)])
 def test_public_fn_padding_forms(kernel, padding):
     """nn.Conv2D._padding arrives as int or list; all mean the same conv."""

@@ -104,6 +104,36 @@ def test_gradients_for_every_kind_of_gamma(kernel, act, plane):
             assert np.abs(ac - bc).max() <= 1e-4 * max(np.abs(bc).max(), 1e-2), (name, ch)
 
 
+# hw % 8 == 0 and at least 8 pixels: the gated planes that may stream (mid-size planes in
+# plane order, 56x56 channel by channel), plus a plane that never does (hw % 8 != 0)
+@pytest.mark.parametrize("shape", [(2, 9, 16, 16), (2, 3, 56, 56), (3, 5, 57, 59)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_streamed_outputs_equal_cached_ones(kernel, shape, monkeypatch):
+    """With every output over MBV2_STREAM_BYTES bytes written by streamed stores (here all
+    of them), y, dx and the gate-masked gradients are bit-identical to the normal stores."""
+    monkeypatch.setenv("MBV2_STREAM_BYTES", str(1 << 50))
+    cached, ref = run_both(shape, True)
+    monkeypatch.setenv("MBV2_STREAM_BYTES", "0")
+    streamed, _ = run_both(shape, True)
+    for name, a, b, r in zip(("y", "dx", "dgamma", "dbeta", "running_mean", "running_var"),
+                             streamed, cached, ref):
+        assert np.array_equal(a, b), name
+        assert rel_err(a, r) <= 1e-4, name
+
+
+def test_streamed_outputs_are_aligned_for_the_stream_path(kernel):
+    """The stream path needs 32-byte aligned outputs; Paddle's CPU allocations are, so the
+    test above runs it (an unaligned output quietly takes the normal stores)."""
+    bn = _bn(9, np.random.default_rng(0))
+    for _ in range(4):
+        x = paddle.randn([2, 9, 16, 16])
+        x.stop_gradient = False
+        y = fbn.batch_norm_act(x, bn, True)
+        assert y.data_ptr() % 32 == 0
+        y.sum().backward()
+        assert x.grad.data_ptr() % 32 == 0
+
+
 def test_running_stats_use_biased_variance(kernel):
     """Paddle's CPU kernel: running = 0.9 * running + 0.1 * batch, with the biased
     variance; check against numpy too, so that both cannot drift together."""

@@ -55,6 +55,7 @@ SOURCE = Path(__file__).with_name("depthwise_conv.cc")
 # on large maps of `mbv2.ops.pointwise` (built on Paddle's MKL where Paddle ships it).
 EXTRA_SOURCES = (Path(__file__).with_name("batch_norm_act.cc"),
                  Path(__file__).with_name("pointwise_conv.cc"))
+HEADERS = (Path(__file__).with_name("stream_store.h"),)  # included by the sources
 CACHE_ENV = "MBV2_OPS_CACHE"
 # Only these shapes go to the op; they are what MobileNetV2 uses and what tests cover.
 SUPPORTED_KERNEL = 3
@@ -280,8 +281,9 @@ def _load_uncached(src: Path, root: Path) -> DepthwiseKernel | None:
             raise RuntimeError("no C++ compiler found (set CXX or install g++)")
         flags, ldflags = compile_flags(), link_flags()
         sources = [src, *EXTRA_SOURCES]
-        # Every source's name and bytes are in the key: editing any op rebuilds.
-        blob = b"\x1e".join(s.name.encode() + b"\0" + s.read_bytes() for s in sources)
+        # Every source's and header's name and bytes are in the key: editing any op rebuilds.
+        blob = b"\x1e".join(s.name.encode() + b"\0" + s.read_bytes()
+                            for s in (*sources, *HEADERS))
         entry = root / _cache_key(blob, flags + ldflags, compiler)
         root.mkdir(parents=True, exist_ok=True)
         built = False

@@ -31,6 +31,9 @@
 // 3. Picked by shape only: 1x1 and 2x2 planes, where the conv is a small per-channel
 //    matrix over the plane's pixels (SmallPlane).
 //
+// The channel-lane path writes outputs (y, dx) of at least half the last-level cache with
+// streamed stores (stream_store.h).
+//
 // Threads: OpenMP over (channel group, image) work items. Weight gradients go to
 // per-thread partial sums reduced at the end: race-free and deterministic for a fixed
 // thread count. The Python side links this against the OpenMP runtime Paddle uses
@@ -47,6 +50,7 @@
 #include <vector>
 
 #include "paddle/extension.h"
+#include "stream_store.h"
 
 namespace {
 
@@ -450,6 +454,8 @@ inline void Gather8(const float* src, int64_t stride, int64_t len, float* dst) {
 }
 
 // dst[l * stride + p] = src[p * 8 + l] for p < len, all 8 lanes: Gather8's inverse.
+// STREAM: streamed stores (stream_store.h; dst and stride 32-byte aligned).
+template <bool STREAM = false>
 inline void Scatter8(const float* src, int64_t len, float* dst, int64_t stride) {
   int64_t p = 0;
 #ifdef __AVX2__
@@ -461,11 +467,12 @@ inline void Scatter8(const float* src, int64_t len, float* dst, int64_t stride) 
            r7 = _mm256_loadu_ps(s + 56);
     Transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
     float* d = dst + p;
-    _mm256_storeu_ps(d, r0); _mm256_storeu_ps(d + stride, r1);
-    _mm256_storeu_ps(d + 2 * stride, r2); _mm256_storeu_ps(d + 3 * stride, r3);
-    _mm256_storeu_ps(d + 4 * stride, r4); _mm256_storeu_ps(d + 5 * stride, r5);
-    _mm256_storeu_ps(d + 6 * stride, r6); _mm256_storeu_ps(d + 7 * stride, r7);
+    mbv2::Store<STREAM>(d, r0); mbv2::Store<STREAM>(d + stride, r1);
+    mbv2::Store<STREAM>(d + 2 * stride, r2); mbv2::Store<STREAM>(d + 3 * stride, r3);
+    mbv2::Store<STREAM>(d + 4 * stride, r4); mbv2::Store<STREAM>(d + 5 * stride, r5);
+    mbv2::Store<STREAM>(d + 6 * stride, r6); mbv2::Store<STREAM>(d + 7 * stride, r7);
   }
+  if (STREAM) _mm_sfence();
 #endif
   for (; p < len; ++p)
     for (int l = 0; l < kLanes; ++l) dst[l * stride + p] = src[p * kLanes + l];
@@ -505,17 +512,29 @@ inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, i
       for (int64_t xx = 0; xx < g.w; ++xx) b[((yy + g.pt) * cg.wp + g.pl + xx) * kLanes + l] = 0.f;
 }
 
-// Dense [pixel][lane] (row stride `width`) to `lanes` planes.
+// Dense [pixel][lane] (row stride `width`) to `lanes` planes; stream: the output is large
+// enough for streamed stores (StreamOut), taken where every row starts 32-byte aligned.
 inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t row_stride,
-                          int64_t offset, int lanes, float* planes, int64_t plane) {
+                          int64_t offset, int lanes, float* planes, int64_t plane,
+                          bool stream = false) {
   const float* b = reinterpret_cast<const float*>(buf);
+  stream = stream && plane % 8 == 0 && reinterpret_cast<uintptr_t>(planes) % 32 == 0;
   if (lanes == kLanes && row_stride == width) {  // dense rows: the whole plane at once
-    Scatter8(b + offset * kLanes, rows * width, planes, plane);
+    if (stream)
+      Scatter8<true>(b + offset * kLanes, rows * width, planes, plane);
+    else
+      Scatter8(b + offset * kLanes, rows * width, planes, plane);
     return;
   }
   if (lanes == kLanes) {
-    for (int64_t r = 0; r < rows; ++r)
-      Scatter8(b + (offset + r * row_stride) * kLanes, width, planes + r * width, plane);
+    stream = stream && width % 8 == 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = b + (offset + r * row_stride) * kLanes;
+      if (stream)
+        Scatter8<true>(src, width, planes + r * width, plane);
+      else
+        Scatter8(src, width, planes + r * width, plane);
+    }
     return;
   }
   for (int l = 0; l < lanes; ++l) {
@@ -528,6 +547,11 @@ inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t ro
   }
 }
 
+// Whether `floats` outputs at `p` are streamed (stream_store.h).
+inline bool StreamOut(int64_t floats, const float* p) {
+  return mbv2::StreamOutput(floats * static_cast<int64_t>(sizeof(float)), p);
+}
+
 inline void LoadLaneWeights(const float* w, int64_t c0, int lanes, v8* w8) {
   for (int k = 0; k < 9; ++k)
     for (int l = 0; l < kLanes; ++l) w8[k][l] = l < lanes ? w[(c0 + l) * 9 + k] : 0.f;
@@ -535,6 +559,7 @@ inline void LoadLaneWeights(const float* w, int64_t c0, int lanes, v8* w8) {
 
 void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
   const ClGeom cg = MakeClGeom(g);
+  const bool stream = StreamOut(g.n * g.c * g.ho * g.wo, y);
   const int64_t items = cg.groups * g.n;  // group-major: weights change rarely per thread
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
 #pragma omp parallel
@@ -561,7 +586,8 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
                  w8[6] * r2[q] + w8[7] * r2[q + 1] + w8[8] * r2[q + 2];
         }
       }
-      InterleaveOut(out.data(), g.ho, g.wo, g.wo, 0, lanes, y + (n * g.c + c0) * oplane, oplane);
+      InterleaveOut(out.data(), g.ho, g.wo, g.wo, 0, lanes, y + (n * g.c + c0) * oplane, oplane,
+                    stream);
     }
   }
 }
@@ -569,6 +595,7 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
 void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, float* dx,
                 float* dw) {
   const ClGeom cg = MakeClGeom(g);
+  const bool stream = StreamOut(g.n * g.c * g.h * g.w, dx);
   const int64_t items = cg.groups * g.n;
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
   const int max_threads = omp_get_max_threads();
@@ -636,7 +663,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
         }
       }
       InterleaveOut(dbuf.data(), g.h, g.w, wp, static_cast<int64_t>(g.pt) * wp + g.pl, lanes,
-                    dx + (n * g.c + c0) * plane, plane);
+                    dx + (n * g.c + c0) * plane, plane, stream);
     }
     flush();
   }
