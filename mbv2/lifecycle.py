@@ -10,7 +10,9 @@ trained over, an interrupted one continued, and a sweep that ends telling the tr
   from the start. Holding a run of another config -> error, naming the dir and the choices.
   A rerun of a sweep's command with `hydra.sweep.dir=<its dir>` is how a sweep is resumed.
 * `SweepEnd` (a Hydra callback, conf/hydra/default.yaml): one closing line with every job's
-  outcome; exit status 1 when any job failed.
+  outcome; exit status 1 when any job failed or refused its dir (`note_refused`: a rerun
+  whose job dir holds a run of another config, or one in use, trains nothing there, and
+  the old run's "completed" must not read as this launch's result).
 """
 from __future__ import annotations
 
@@ -168,6 +170,30 @@ def parallel_jobs(hydra_cfg: Any) -> int:
     return max(1, n_jobs)
 
 
+# in a sweep dir: one note per job of the current launch that refused its dir
+REFUSED_DIR = ".mbv2_refused"
+
+
+def note_refused(job_dir: Path, reason: str) -> None:
+    """Job `job_dir` of a sweep refused its dir (RunDirError): noted beside the jobs, in the
+    sweep dir, for SweepEnd; the job dir itself stays as it was."""
+    from mbv2.files import write_text_atomic
+
+    notes = job_dir.parent / REFUSED_DIR
+    notes.mkdir(exist_ok=True)
+    write_text_atomic(notes / f"{job_dir.name}.txt", reason)
+
+
+def _take_refused(sweep_dir: Path) -> dict[str, str]:
+    """job name -> reason, for the jobs this launch refused; the notes are consumed."""
+    import shutil
+
+    notes = Path(sweep_dir) / REFUSED_DIR
+    out = {p.stem: p.read_text() for p in sorted(notes.glob("*.txt"))}
+    shutil.rmtree(notes, ignore_errors=True)
+    return out
+
+
 def job_outcomes(sweep_dir: Path) -> dict[str, str]:
     """job name -> status, for every job dir below `sweep_dir` (a dir with .hydra/)."""
     import json
@@ -188,11 +214,17 @@ except ImportError:  # pragma: no cover - Hydra < 1.2
 
 
 class SweepEnd(_HydraCallback):
-    """After a multirun: one line with every job's outcome; exit status 1 if any failed."""
+    """After a multirun: one line with every job's outcome; exit status 1 if any failed or
+    refused its dir."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _take_refused(Path(str(config.hydra.sweep.dir)))  # notes of a launch killed before its end
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        refused = _take_refused(sweep_dir)
         outcomes = job_outcomes(sweep_dir)
+        outcomes.update(dict.fromkeys(refused, "refused"))
         counts: dict[str, int] = {}
         for status in outcomes.values():
             counts[status] = counts.get(status, 0) + 1
@@ -202,6 +234,8 @@ class SweepEnd(_HydraCallback):
         if bad:
             line += f"; not finished: {', '.join(bad)}"
         line += f". Table: python -m mbv2.summary {sweep_dir}"
+        if refused:
+            line += "\n" + "\n".join(f"  refused {n}: {r}" for n, r in refused.items())
         log.info(line)
         print(line, flush=True)
         if bad:

@@ -93,6 +93,10 @@ def main(cfg: DictConfig) -> float | None:
         # One bad job must not end the sweep: record it and return no value. The Optuna
         # sweeper tells a non-number to the study as a failed trial and carries on; a NaN
         # would make it raise.
+        if isinstance(e, lifecycle.RunDirError):  # nothing was written there: no traceback
+            log.error("job %s refused its dir: %s", run_name, e)
+            lifecycle.note_refused(run_dir, str(e))
+            return None
         log.error("job %s failed after %.0f s: %s\n%s", run_name, time.time() - started, e,
                   traceback.format_exc())
         _mark_failed(run_dir, e)
@@ -141,7 +145,6 @@ def cli() -> None:
     runtime.configure_process()
     rundirs.check_explicit_dirs(sys.argv)
     sys.argv = rundirs.resume_argv(sys.argv)
-    sys.argv += rundirs.keep_recorded_config(sys.argv)
     os.environ[rundirs.LAUNCH_ARGS_ENV] = json.dumps(sys.argv[1:])
     if not distributed.is_primary():
         # ranks > 0 share rank 0's run dir (see distributed.shared_choice) but leave its

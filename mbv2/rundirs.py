@@ -245,16 +245,13 @@ def check_explicit_dirs(argv: list[str]) -> None:
                              f"directory path (it is created if missing)")
 
 
-def keep_recorded_config(argv: list[str]) -> list[str]:
-    """Overrides that keep Hydra from rewriting the `.hydra/` record of a run already in an
-    explicit `hydra.run.dir` (not a resume): that run's config stays as it was whatever this
-    process then decides (lifecycle.plan_job: skip, continue, or refuse)."""
-    if any(a.startswith("trainer.resume=") and a != "trainer.resume=null" for a in argv):
-        return []
-    given = _given(argv, "hydra.run.dir")
-    if given and holds_run(Path(given).expanduser()):
-        return ["hydra.output_subdir=null"]
-    return []
+def record_subdir(output_dir: str) -> str | None:
+    """hydra.output_subdir of a job (conf/hydra/default.yaml): `.hydra`, or None - Hydra
+    leaves `.hydra/` alone - where `output_dir` already holds a run. A rerun into such a
+    dir (a sweep rerun after a conf/ file was edited, an explicit hydra.run.dir) must not
+    replace that run's record before lifecycle.plan_job has decided (skip, continue, or
+    refuse); a job that then trains there records its own (setup.record_run)."""
+    return None if holds_run(Path(output_dir)) else ".hydra"
 
 
 def register_resolvers() -> None:
@@ -262,3 +259,4 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mbv2_unique_dir"):
         OmegaConf.register_new_resolver("mbv2_unique_dir", unique_dir, use_cache=True)
         OmegaConf.register_new_resolver("mbv2_job_dir_name", job_dir_name)
+        OmegaConf.register_new_resolver("mbv2_record_subdir", record_subdir)

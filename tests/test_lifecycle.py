@@ -152,6 +152,38 @@ def test_a_finished_run_dir_is_never_trained_over(tmp_path):
     assert after == before  # nothing there changed, .hydra/ included
 
 
+def _job_files(sweep: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(sweep)): p.read_bytes() for p in sweep.glob("*/**/*")
+            if p.is_file() and p.name not in SKIP}
+
+
+def test_sweep_rerun_after_a_conf_edit_leaves_its_jobs_as_they_were(tmp_path):
+    """The same sweep command after a config file changed (here an experiment file found
+    through hydra.searchpath): every job's dir holds a run of the old config, so each job
+    refuses it - .hydra/ included, which the sweep summary reads - and the sweep says so
+    with exit status 1 instead of reporting the old runs as this launch's results."""
+    study = tmp_path / "mine" / "experiment" / "study.yaml"
+    study.parent.mkdir(parents=True)
+    study.write_text("# @package _global_\ntrainer:\n  epochs: 1\n")
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "experiment=study", f"hydra.searchpath=[file://{tmp_path / 'mine'}]",
+            "optim.lr=0.1,0.01", f"hydra.sweep.dir={sweep}"]
+    run_cli(args, cwd=tmp_path)
+    before = _job_files(sweep)
+    assert sum(name.endswith(".hydra/config.yaml") for name in before) == 2
+    study.write_text("# @package _global_\ntrainer:\n  epochs: 2\n")
+    rerun = run_cli(args, cwd=tmp_path, check=False)
+    assert rerun.returncode == 1, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "2 jobs: 2 refused" in rerun.stdout
+    assert "refused optim.lr=0.1: " in rerun.stdout and "trainer.epochs: 1 -> 2" in rerun.stdout
+    assert _job_files(sweep) == before
+    assert not (sweep / ".mbv2_refused").exists()
+    # the edit undone, the same command finds both jobs finished and trains nothing
+    study.write_text("# @package _global_\ntrainer:\n  epochs: 1\n")
+    again = run_cli(args, cwd=tmp_path)
+    assert "2 jobs: 2 completed" in again.stdout and _job_files(sweep) == before
+
+
 def test_sigterm_marks_terminated_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = [*SLOW, "data.num_samples=1500", f"hydra.run.dir={run_dir}"]

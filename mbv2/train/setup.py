@@ -81,8 +81,11 @@ def prepare_model(net: paddle.nn.Layer, optimizer, loss: paddle.nn.Layer, traine
 def record_run(cfg: DictConfig, run_dir: Path, class_names, resumed: Resumed | None, net) -> None:
     """The run's resolved config, class names and layer-by-layer model summary beside it,
     once everything it needs was built (a resume that cannot go on leaves the dir as it
-    was). A resume also records its own overrides in .hydra/ (which Hydra was told not to
-    rewrite: rundirs.resume_argv), so the next resume replays them."""
+    was), and its `.hydra/` record (overrides.yaml: what a resume replays; config.yaml:
+    what the sweep summary reads), which Hydra does not write into a dir that already held
+    a run (rundirs.record_subdir): a resume, or a job that starts over there, is recorded
+    here once it is sure to train."""
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from mbv2.artifacts import write_class_names
@@ -92,13 +95,10 @@ def record_run(cfg: DictConfig, run_dir: Path, class_names, resumed: Resumed | N
     write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_class_names(class_names, run_dir)
     write_summary_csv(layer_summary(net, int(cfg.data.image_size)), run_dir / "model_summary.csv")
-    if resumed is not None:
-        from hydra.core.hydra_config import HydraConfig
-
-        kept = [o for o in HydraConfig.get().overrides.task
-                if not o.startswith(("trainer.resume=", "hydra."))]
-        write_text_atomic(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(kept))
-        write_text_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    kept = [o for o in HydraConfig.get().overrides.task
+            if not o.startswith(("trainer.resume=", "hydra."))]
+    write_text_atomic(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(kept))
+    write_text_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def run_facts(net, data, image_size: int, device: str, plan: BatchPlan, lr: float) -> dict[str, Any]:
