@@ -162,7 +162,8 @@ class TrainerConfig:
     keep_top_k: int = 3
     # decay of an exponential moving average of the weights (e.g. 0.999); None: off
     ema_decay: Optional[float] = None
-    # automatic mixed precision on GPU: O1 or O2; None: off. Ignored on CPU
+    # mixed precision, O1 or O2; None: off. GPU: Paddle's AMP. CPU: the kernels' larger 1x1
+    # convs multiply in bfloat16 (CPUs with AVX512-BF16 or AMX; else a warning, FP32)
     amp: Optional[str] = None
     # end the run after this many evaluated epochs without a better eval/acc_top1 (status
     # stopped_early, the epoch in metrics.json); None: train every epoch

@@ -1,5 +1,6 @@
 """eval, export and predict as a user runs them, on one tiny trained run (with EMA and
-trainer.amp, which CPU ignores): files, numbers and agreement between the paths."""
+trainer.amp: mixed precision where the CPU has bfloat16 dot products, else ignored):
+files, numbers and agreement between the paths."""
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,16 @@ def images(tmp_path_factory) -> Path:
     return d
 
 
-def test_amp_is_ignored_on_cpu_and_ema_is_logged(trained):
-    assert "trainer.amp=O1 is ignored on cpu" in (trained / "run.log").read_text()
+def test_amp_on_cpu_says_what_it_did_and_ema_is_logged(trained):
+    from mbv2.ops import CPU_KERNELS, mixed_precision
+
+    log = (trained / "run.log").read_text()
+    why_not = mixed_precision(CPU_KERNELS)[1]
+    if why_not:  # no bfloat16 here (or no kernels): float32, and the log says why
+        assert f"trainer.amp=O1 is ignored on this CPU: {why_not}" in log
+    else:
+        assert "trainer.amp=O1 on CPU: 1x1 convs multiply bfloat16" in log
+        assert "(cpu_kernels_bf16)" in log
     reader = LogReader(file_path=str(trained / "vdlrecords.mbv2.log"))
     assert [r.id for r in reader.get_data("scalar", "eval_ema/acc_top1")] == [1, 2]
     m = json.loads((trained / "metrics.json").read_text())

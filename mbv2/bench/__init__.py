@@ -19,8 +19,8 @@ predictor); torch_side (the PyTorch reference, timed twice); workers (timing in 
 processes, the default experiment, the data loader); driver (run_case, the command line,
 the JSON report).
 """
-from mbv2.bench.cases import (PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result, best_torch,
-                              default_cases, format_table, table)
+from mbv2.bench.cases import (BF16_BACKENDS, PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result,
+                              best_torch, default_cases, format_table, table)
 from mbv2.bench.peak import (ASSUMED_FMA_UNITS_PER_CORE, achieved_gflops, cpu_peak, fp32_lanes,
                              fp32_peak_gflops)
 from mbv2.bench.driver import main, run_case
@@ -28,7 +28,7 @@ from mbv2.bench.paddle_side import paddle_fns, predictor_fn
 from mbv2.bench.torch_side import torch_available, torch_fns, torch_model
 from mbv2.bench.workers import backend_worker, default_run, in_subprocess, loader_speed
 
-__all__ = ["ASSUMED_FMA_UNITS_PER_CORE", "PADDLE_BACKENDS", "TORCH_BACKENDS", "Case", "Result",
+__all__ = ["ASSUMED_FMA_UNITS_PER_CORE", "BF16_BACKENDS", "PADDLE_BACKENDS", "TORCH_BACKENDS", "Case", "Result",
            "achieved_gflops", "backend_worker", "best_torch", "cpu_peak",
            "fp32_lanes", "fp32_peak_gflops",
            "default_cases", "default_run", "format_table", "in_subprocess", "loader_speed",

@@ -23,9 +23,14 @@ from mbv2.bench.peak import achieved_gflops
 # "torch_bf16" (channels_last + bfloat16 autocast; n/a without avx512_bf16/amx_bf16).
 # "paddle_predictor_bf16": the exported predictor with oneDNN's bfloat16 kernels
 # (`python -m mbv2.predict precision=bf16`; n/a without avx512_bf16/amx_bf16).
-PADDLE_BACKENDS = ("paddle_native", "paddle_kernel", "paddle_predictor", "paddle_predictor_bf16")
+# "paddle_kernel_bf16": training on the kernels with mixed precision (`trainer.amp=O1` on
+# CPU: the larger 1x1 convs multiply in bfloat16), beside PyTorch's bf16 autocast.
+PADDLE_BACKENDS = ("paddle_native", "paddle_kernel", "paddle_kernel_bf16", "paddle_predictor",
+                   "paddle_predictor_bf16")
 PREDICTORS = ("paddle_predictor", "paddle_predictor_bf16")  # inference only
-BF16_BACKENDS = ("torch_bf16", "paddle_predictor_bf16")  # n/a without bf16 instructions
+TRAIN_ONLY = ("paddle_kernel_bf16",)
+# n/a without bf16 instructions
+BF16_BACKENDS = ("torch_bf16", "paddle_kernel_bf16", "paddle_predictor_bf16")
 EAGER_TORCH = ("torch", "torch_kept_heap")
 TORCH_BACKENDS = EAGER_TORCH + ("torch_channels_last", "torch_compile", "torch_bf16")
 TORCH_VARIANTS = {"torch": "eager", "torch_kept_heap": "eager",
@@ -86,7 +91,7 @@ def _ratios(row: dict[str, Any]) -> None:
             if t and row.get(b):
                 row[f"{b}_vs_{ref}"] = round(row[b] / t, 2)
     row["best_torch_backend"], row["best_torch"] = best_torch(row)
-    for b in ("paddle_kernel",) + PREDICTORS:
+    for b in ("paddle_kernel", "paddle_kernel_bf16") + PREDICTORS:
         if row["best_torch"] and row.get(b):
             row[f"{b}_vs_best_torch"] = round(row[b] / row["best_torch"], 2)
 
@@ -136,7 +141,7 @@ def _cell(row: dict[str, Any], key: str, w: int, p: int = 1) -> str:
 
 # (header, row key, width, decimals) of the img/s table and of the GFLOP/s table
 _SPEED_COLS = (("native", "paddle_native", 8, 1), ("kernel", "paddle_kernel", 8, 1),
-               ("predict", "paddle_predictor", 8, 1), ("pred16", "paddle_predictor_bf16", 8, 1),
+               ("kern16", "paddle_kernel_bf16", 8, 1), ("predict", "paddle_predictor", 8, 1), ("pred16", "paddle_predictor_bf16", 8, 1),
                ("torch", "torch", 8, 1),
                ("torch*", "torch_kept_heap", 8, 1), ("t_cl", "torch_channels_last", 8, 1),
                ("t_comp", "torch_compile", 8, 1), ("t_bf16", "torch_bf16", 8, 1),
@@ -145,6 +150,7 @@ _SPEED_COLS = (("native", "paddle_native", 8, 1), ("kernel", "paddle_kernel", 8,
                ("kern/t*", "paddle_kernel_vs_torch_kept_heap", 7, 2),
                ("pred/t", "paddle_predictor_vs_torch", 6, 2),
                ("kern/best", "paddle_kernel_vs_best_torch", 9, 2),
+               ("k16/best", "paddle_kernel_bf16_vs_best_torch", 8, 2),
                ("pred/best", "paddle_predictor_vs_best_torch", 9, 2),
                ("p16/best", "paddle_predictor_bf16_vs_best_torch", 8, 2))
 
@@ -169,7 +175,8 @@ def _gflops_view(row: dict[str, Any], key: str) -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]], threads: int,
                  peak: dict[str, Any] | None = None) -> str:
     lines = [f"MobileNetV2 img/s, {threads} threads (median of timed steps; higher is better)",
-             "native/kernel: dygraph on Paddle's ops / mbv2's CPU kernels; predict/pred16: the "
+             "native/kernel: dygraph on Paddle's ops / mbv2's CPU kernels; kern16: the kernels "
+             "with trainer.amp=O1 (bfloat16 1x1 products, training); predict/pred16: the "
              "exported model in Paddle Inference (oneDNN), FP32 / bfloat16 kernels"]
     lines += _lines(rows, _SPEED_COLS, lambda r, k: r)
     best = sorted({r["best_torch_backend"] for r in rows if r.get("best_torch_backend")})
@@ -182,7 +189,8 @@ def format_table(rows: list[dict[str, Any]], threads: int,
     if any("not installed" in w for r in rows for w in r.get("unavailable", {}).values()):
         notes.insert(0, "no torch: torch not installed")
     lines += notes
-    gcols = tuple((h, k, w, 1) for h, k, w, _ in _SPEED_COLS[:10])
+    speeds = _SPEED_COLS[:[k for _, k, _, _ in _SPEED_COLS].index(None)]  # before the "|"
+    gcols = tuple((h, k, w, 1) for h, k, w, _ in speeds)
     lines += ["", "achieved GFLOP/s (2 x forward MACs/image x img/s)"]
     lines += _lines(rows, gcols, lambda r, k: _gflops_view(r, k))
     lines += ["", "% of this CPU's FP32 peak"]

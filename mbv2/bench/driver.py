@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mbv2.bench.cases import (BF16_BACKENDS, NA_PREFIX, PADDLE_BACKENDS, PREDICTORS,
+from mbv2.bench.cases import (BF16_BACKENDS, NA_PREFIX, PADDLE_BACKENDS, PREDICTORS, TRAIN_ONLY,
                               TORCH_BACKENDS, Case, Result, default_cases, format_table, table)
 from mbv2.bench.peak import cpu_peak
 from mbv2.bench.torch_side import torch_available
@@ -49,7 +49,9 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
     backends = PADDLE_BACKENDS + (TORCH_BACKENDS if with_torch else ())
     results: dict[tuple[str, str], Result] = {}
     for backend in backends:
-        for m in (("infer",) if backend in PREDICTORS else ("train", "infer")):
+        modes = ("infer",) if backend in PREDICTORS else ("train",) if backend in TRAIN_ONLY \
+            else ("train", "infer")
+        for m in modes:
             results[(backend, m)] = Result(case, m, backend, load_before=_loadavg())
             if backend in BF16_BACKENDS and not has_bf16():
                 results[(backend, m)].error = _NO_BF16

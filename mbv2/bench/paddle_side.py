@@ -14,9 +14,11 @@ from typing import Any
 from mbv2.bench.cases import Case
 
 
-def paddle_fns(case: Case, fast: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def paddle_fns(case: Case, fast: bool,
+               bf16: bool = False) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """(train step, inference step) of MobileNetV2 in dygraph; `fast`: on mbv2's CPU
-    kernels (RuntimeError when they cannot be built here), else on Paddle's own ops."""
+    kernels (RuntimeError when they cannot be built here), else on Paddle's own ops;
+    `bf16`: the kernels with mixed precision, as trainer.amp on CPU runs them."""
     import paddle
     import paddle.nn.functional as F
 
@@ -26,6 +28,13 @@ def paddle_fns(case: Case, fast: bool) -> tuple[Callable[[], Any], Callable[[], 
     net = MobileNetV2(class_num=case.class_num, scale=case.scale)
     if net.use_cpu_kernels(fast) != fast:
         raise RuntimeError("depthwise op unavailable")
+    if bf16:
+        from mbv2.ops import mixed_precision
+
+        ops, why_not = mixed_precision(net.ops)
+        if why_not:
+            raise RuntimeError(f"no mixed precision: {why_not}")
+        net.use_ops(ops)
     opt = paddle.optimizer.Momentum(learning_rate=0.01, momentum=0.9, parameters=net.parameters())
     x = paddle.randn([case.batch, 3, case.image_size, case.image_size], dtype="float32")
     y = paddle.randint(0, case.class_num, [case.batch], dtype="int64")

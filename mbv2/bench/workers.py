@@ -40,6 +40,8 @@ def _step_fns(backend: str, case: Case, threads: int,
     if backend in ("paddle_native", "paddle_kernel"):
         train, infer = paddle_fns(case, backend == "paddle_kernel")
         return {"train": train, "infer": infer}
+    if backend == "paddle_kernel_bf16":
+        return {"train": paddle_fns(case, True, bf16=True)[0]}
     if backend in PREDICTORS:
         precision = "bf16" if backend.endswith("_bf16") else "fp32"
         return {"infer": predictor_fn(case, threads, workdir, precision)}

@@ -8,7 +8,8 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
   fused batch norm + ReLU6 in training and eval), 1x1 convs on small maps as one matrix
   product and on large ones as per-block MKL GEMMs (`pointwise`), and the global average
   pool as a mean over the flattened plane. Each wrapper sends a shape it does not cover
-  to Paddle's op.
+  to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
+  (`trainer.amp` on CPU, `mixed_precision`).
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
 `select_ops(mode, device)` turns the `model.cpu_kernels` setting into an `Ops`.
@@ -25,6 +26,7 @@ import paddle.nn.functional as F
 from mbv2.ops.batch_norm import batch_norm_act
 from mbv2.ops.depthwise import depthwise_conv2d, load_kernel
 from mbv2.ops.pointwise import pointwise_conv2d, stem_conv2d
+from mbv2.runtime import has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +48,20 @@ class Ops:
 
 
 class CpuKernels(Ops):
-    """mbv2's CPU kernels; the wrappers fall back to Paddle's ops for what they do not cover."""
+    """mbv2's CPU kernels; the wrappers fall back to Paddle's ops for what they do not cover.
+    bf16: the 1x1 convs on maps up to 28x28 multiply bfloat16 copies of their operands
+    (mixed precision on CPU: `mixed_precision`)."""
 
-    name = "cpu_kernels"
+    def __init__(self, bf16: bool = False):
+        self.bf16 = bf16
+        self.name = "cpu_kernels_bf16" if bf16 else "cpu_kernels"
 
     def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
         groups, c_in, c_out = conv._groups, conv._in_channels, conv._out_channels
         if groups == c_in == c_out and groups > 1:
             y = depthwise_conv2d(x, conv.weight, conv._stride[0], conv._padding)
         elif groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
-            y = pointwise_conv2d(x, conv.weight)
+            y = pointwise_conv2d(x, conv.weight, bf16=self.bf16)
         else:
             y = stem_conv2d(x, conv)
         return batch_norm_act(y, bn, act)
@@ -72,6 +78,21 @@ class CpuKernels(Ops):
 
 PADDLE_OPS = Ops()
 CPU_KERNELS = CpuKernels()
+CPU_KERNELS_BF16 = CpuKernels(bf16=True)
+
+
+def mixed_precision(ops: Ops) -> tuple[Ops, str]:
+    """(the ops that multiply in bfloat16 in place of `ops`, "") for mixed precision on
+    CPU, or (`ops`, why not): needs the kernels, a CPU with bfloat16 dot products
+    (AVX512-BF16 or AMX) and the op library built with Paddle's oneDNN."""
+    if ops is not CPU_KERNELS:
+        return ops, "it needs mbv2's CPU kernels (model.cpu_kernels auto or on)"
+    if not has_bf16():
+        return ops, "this CPU has no bfloat16 dot products (AVX512-BF16 or AMX)"
+    kernel = load_kernel()
+    if kernel is None or not kernel.pointwise_bf16:
+        return ops, "the kernels were built without Paddle's oneDNN (libdnnl)"
+    return CPU_KERNELS_BF16, ""
 
 
 def select_ops(mode: str, device: str) -> Ops:

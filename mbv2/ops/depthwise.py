@@ -66,10 +66,12 @@ SUPPORTED_PADDINGS = (0, 1)
 class DepthwiseKernel:
     """The loaded op: `kernel(x, weight, strides=[sh, sw], paddings=[t, b, l, r])`."""
 
-    def __init__(self, so_path: Path, built: bool, pointwise: bool = False):
+    def __init__(self, so_path: Path, built: bool, pointwise: bool = False,
+                 pointwise_bf16: bool = False):
         self.so_path = so_path
         self.built = built  # True when this process compiled it, False when cached
         self.pointwise = pointwise  # the library has the 1x1 conv op (built with MKL)
+        self.pointwise_bf16 = pointwise_bf16  # and its bfloat16 variant (with oneDNN)
 
     def __call__(self, x: paddle.Tensor, weight: paddle.Tensor, strides: list[int],
                  paddings: list[int], algo: int = 0) -> paddle.Tensor:
@@ -109,6 +111,8 @@ def compile_flags() -> list[str]:
         flags += ["-mavx2", "-mfma"]
     if mkl_library() is not None:
         flags.append("-DMBV2_WITH_MKL")  # the pointwise op (pointwise_conv.cc)
+        if dnnl_library() is not None:
+            flags.append("-DMBV2_WITH_DNNL")  # its bfloat16 variant (trainer.amp on CPU)
     return flags
 
 
@@ -116,6 +120,13 @@ def mkl_library() -> Path | None:
     """Paddle's own MKL (libmklml_intel.so beside libiomp5), which the pointwise op calls;
     None where this Paddle does not ship it."""
     lib = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
+    return lib if lib.is_file() else None
+
+
+def dnnl_library() -> Path | None:
+    """Paddle's oneDNN (libdnnl.so.3), whose bfloat16 GEMM the pointwise op's bfloat16
+    variant calls; None where this Paddle does not ship it."""
+    lib = Path(paddle.__file__).parent / "libs" / "libdnnl.so.3"
     return lib if lib.is_file() else None
 
 
@@ -127,6 +138,8 @@ def link_flags() -> list[str]:
     libs = Path(paddle.__file__).parent / "libs"
     mkl_lib = mkl_library()
     mkl = [f"-l:{mkl_lib.name}"] if mkl_lib is not None else []
+    if mkl and dnnl_library() is not None:
+        mkl.append(f"-l:{dnnl_library().name}")
     if (libs / "libiomp5.so").is_file():
         return [f"-L{libs}", *mkl, "-liomp5", f"-Wl,-rpath,{libs}"]
     return [f"-L{libs}", *mkl, f"-Wl,-rpath,{libs}", "-fopenmp"] if mkl else ["-fopenmp"]
@@ -298,7 +311,8 @@ def _load_uncached(src: Path, root: Path) -> DepthwiseKernel | None:
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return None
-    kernel = DepthwiseKernel(_so_path(entry), built, "-DMBV2_WITH_MKL" in flags)
+    kernel = DepthwiseKernel(_so_path(entry), built, "-DMBV2_WITH_MKL" in flags,
+                             "-DMBV2_WITH_DNNL" in flags)
     runtime = "libiomp5 (shared with Paddle)" if "-liomp5" in ldflags else "libgomp"
     log.info("depthwise conv op %s in %.1f s (%s, flags %s, OpenMP %s)",
              "built" if built else "loaded from cache", time.perf_counter() - t0, entry,

@@ -63,8 +63,8 @@ def seed_everything(seed: int) -> None:
 
 def prepare_model(net: paddle.nn.Layer, optimizer, loss: paddle.nn.Layer, trainer: DictConfig,
                   image_size: int, device: str) -> paddle.Model:
-    """`paddle.Model` with its inputs, the loss, top-1/top-5 and mixed precision on GPU
-    (`trainer.amp`)."""
+    """`paddle.Model` with its inputs, the loss, top-1/top-5 and mixed precision
+    (`trainer.amp`): Paddle's AMP on GPU; on CPU the kernels' bfloat16 1x1 products."""
     inputs = paddle.static.InputSpec([None, 3, image_size, image_size], "float32", "image")
     labels = paddle.static.InputSpec([None, 1], "int64", "label")
     model = paddle.Model(net, inputs, labels)
@@ -73,9 +73,23 @@ def prepare_model(net: paddle.nn.Layer, optimizer, loss: paddle.nn.Layer, traine
         if device.startswith("gpu"):
             amp_configs = {"level": str(trainer.amp)}
         else:
-            log.warning("trainer.amp=%s is ignored on %s: Paddle's AMP needs a GPU", trainer.amp, device)
+            cpu_mixed_precision(net, str(trainer.amp))
     model.prepare(optimizer, loss, paddle.metric.Accuracy(topk=(1, 5)), amp_configs=amp_configs)
     return model
+
+
+def cpu_mixed_precision(net, level: str) -> None:
+    """trainer.amp on CPU: the 1x1 convs' products in bfloat16 (float32 weights, batch
+    norm, accumulation and everything else) where the CPU and the kernels allow it."""
+    from mbv2.ops import mixed_precision
+
+    ops, why_not = mixed_precision(net.ops)
+    if why_not:
+        log.warning("trainer.amp=%s is ignored on this CPU: %s", level, why_not)
+        return
+    net.use_ops(ops)
+    log.info("trainer.amp=%s on CPU: 1x1 convs multiply bfloat16 copies of their operands "
+             "(float32 master weights and accumulation)", level)
 
 
 def record_run(cfg: DictConfig, run_dir: Path, class_names, resumed: Resumed | None, net) -> None:
