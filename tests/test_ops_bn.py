@@ -62,6 +62,9 @@ SHAPES = [  # (n, c, h, w): HW=1, batch 1 with HW>1, one channel, > 64 channels,
     # and planes of 56x56 and up (whole channels per thread)
     (8, 70, 1, 1), (4, 6, 2, 2), (1, 5, 7, 9), (3, 1, 4, 4), (2, 130, 3, 5), (5, 3, 11, 13),
     (2, 9, 16, 16), (3, 5, 57, 59), (1, 3, 56, 56),
+    # the plane sizes the forward compiles in (4x4, 8x8, 16x16: FixedPlane), with more
+    # planes than threads and channels that do not divide them evenly
+    (5, 7, 4, 4), (3, 10, 8, 8), (4, 3, 16, 16),
 ]
 
 
