@@ -12,7 +12,9 @@ trained over, an interrupted one continued, and a sweep that ends telling the tr
 * `SweepEnd` (a Hydra callback, conf/hydra/default.yaml): one closing line with every job's
   outcome; exit status 1 when any job failed or refused its dir (`note_refused`: a rerun
   whose job dir holds a run of another config, or one in use, trains nothing there, and
-  the old run's "completed" must not read as this launch's result).
+  the old run's "completed" must not read as this launch's result); before a rerun into a
+  sweep dir, a `multirun.yaml` that the new launch would change is kept beside it
+  (`keep_sweep_record`).
 """
 from __future__ import annotations
 
@@ -194,6 +196,34 @@ def _take_refused(sweep_dir: Path) -> dict[str, str]:
     return out
 
 
+SWEEP_RECORD = "multirun.yaml"
+
+
+def keep_sweep_record(sweep_dir: Path, new_text: str) -> Path | None:
+    """Before Hydra's sweeper rewrites `<sweep>/multirun.yaml` for a rerun into the same dir
+    (it saves the launch's config there, `new_text`): a record that says something else (the
+    sweep extended, another setting) is kept as `multirun.<time it was written>.yaml`, so the
+    launches that made the jobs stay on record. Returns the kept copy, if any."""
+    import shutil
+    import time
+
+    record = sweep_dir / SWEEP_RECORD
+    try:
+        if record.read_text() == new_text:
+            return None
+    except OSError:  # no record yet
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.stat().st_mtime))
+    kept = sweep_dir / f"multirun.{stamp}.yaml"
+    i = 1
+    while kept.exists():
+        i += 1
+        kept = sweep_dir / f"multirun.{stamp}-{i}.yaml"
+    shutil.copy2(record, kept)
+    log.info("%s: the previous launch's record is kept as %s", record, kept.name)
+    return kept
+
+
 def job_outcomes(sweep_dir: Path) -> dict[str, str]:
     """job name -> status, for every job dir below `sweep_dir` (a dir with .hydra/)."""
     import json
@@ -218,7 +248,9 @@ class SweepEnd(_HydraCallback):
     refused its dir."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _take_refused(Path(str(config.hydra.sweep.dir)))  # notes of a launch killed before its end
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        _take_refused(sweep_dir)  # notes of a launch killed before its end
+        keep_sweep_record(sweep_dir, OmegaConf.to_yaml(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

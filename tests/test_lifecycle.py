@@ -91,6 +91,7 @@ def test_killed_sweep_rerun_into_its_dir_continues(tmp_path):
     resumed = _metrics(sweep / JOB3)["resumed"]
     assert len(resumed) == 1 and resumed[0]["from_checkpoint"].endswith("last.pdckpt")
     assert resumed[0]["epoch"] >= 1
+    assert not list(sweep.glob("multirun.*.yaml"))  # the same launch: its record stays one file
 
 
 def test_sweep_over_a_path_key_keeps_every_job(tmp_path):
@@ -178,10 +179,15 @@ def test_sweep_rerun_after_a_conf_edit_leaves_its_jobs_as_they_were(tmp_path):
     assert "refused optim.lr=0.1: " in rerun.stdout and "trainer.epochs: 1 -> 2" in rerun.stdout
     assert _job_files(sweep) == before
     assert not (sweep / ".mbv2_refused").exists()
+    # Hydra rewrote multirun.yaml for the new launch; the one that made the jobs is kept
+    kept = list(sweep.glob("multirun.*.yaml"))
+    assert len(kept) == 1 and "epochs: 1" in kept[0].read_text()
+    assert "epochs: 2" in (sweep / "multirun.yaml").read_text()
     # the edit undone, the same command finds both jobs finished and trains nothing
     study.write_text("# @package _global_\ntrainer:\n  epochs: 1\n")
     again = run_cli(args, cwd=tmp_path)
     assert "2 jobs: 2 completed" in again.stdout and _job_files(sweep) == before
+    assert len(list(sweep.glob("multirun.*.yaml"))) == 2  # the epochs-2 launch's record too
 
 
 def test_sigterm_marks_terminated_and_a_rerun_resumes(tmp_path):
