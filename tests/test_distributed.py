@@ -61,9 +61,11 @@ def test_data_parallel_matches_single_process(dp_and_single):
     single = json.loads((single_dir / "metrics.json").read_text())
     # same global batch and steps; batch-norm statistics are per device (batch 16 each), so
     # not bit-equal: measured, the two-process run reaches 0.78 best top-1 on these 64
-    # validation images while the single process reached 0.89 or 0.97 depending only on
-    # the kernels' rounding. Both must learn (chance is 0.25) and stay close.
-    assert single["best_eval_acc_top1"] >= 0.75 and dp["best_eval_acc_top1"] >= 0.6
+    # validation images, and the single process 0.72-0.98 across seeds 42 and 0-3 and
+    # kernel versions (the rounding alone moves one seed by 0.1-0.2: seed 42 0.81 with one
+    # batch norm summation order, 0.72 with the next; means 0.89 with both). Both must
+    # learn (chance is 0.25) and stay close.
+    assert single["best_eval_acc_top1"] >= 0.6 and dp["best_eval_acc_top1"] >= 0.6
     assert abs(dp["best_eval_acc_top1"] - single["best_eval_acc_top1"]) <= 0.25
     assert dp["final_train_loss"] == pytest.approx(single["final_train_loss"], abs=0.5)
     assert [h["epoch"] for h in dp["history"]] == list(range(1, 17))
