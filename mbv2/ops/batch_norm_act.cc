@@ -393,8 +393,21 @@ void GatedDx(const float* x, const float* dy, const uint8_t* gate, int64_t hw, f
 #endif
 }
 
-// s = sum(x - k), q = sum((x - k)^2) over a plane of HW pixels, HW a compile-time multiple
-// of 8 (FixedPlane): unrolled vectors and one horizontal sum each.
+// s = sum(x - k), q = sum((x - k)^2) over the n values at x.
+inline void ShiftedSums(const float* x, int64_t n, float k, float& s, float& q) {
+  float ss = 0.f, qq = 0.f;
+#pragma omp simd reduction(+ : ss, qq)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] - k;
+    ss += v;
+    qq += v * v;
+  }
+  s = ss;
+  q = qq;
+}
+
+// ShiftedSums over a plane of HW pixels, HW a compile-time multiple of 8 (FixedPlane):
+// unrolled vectors and one horizontal sum each.
 template <int64_t HW>
 inline void FixedPlaneSums(const float* x, float k, float& s, float& q) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -409,14 +422,7 @@ inline void FixedPlaneSums(const float* x, float k, float& s, float& q) {
   s = HorizontalSum(vs);
   q = HorizontalSum(vq);
 #else
-  float ss = 0.f, qq = 0.f;
-  for (int64_t i = 0; i < HW; ++i) {
-    const float v = x[i] - k;
-    ss += v;
-    qq += v * v;
-  }
-  s = ss;
-  q = qq;
+  ShiftedSums(x, HW, k, s, q);
 #endif
 }
 
@@ -515,19 +521,10 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
     auto plane = [&](int64_t p, int64_t c, float& s, float& q) {
       const float* xp = x + p * hw;
       const float kc = k[c];
-      if constexpr (HW != 0) {
+      if constexpr (HW != 0)
         FixedPlaneSums<HW>(xp, kc, s, q);
-      } else {
-        float ss = 0.f, qq = 0.f;
-#pragma omp simd reduction(+ : ss, qq)
-        for (int64_t i = 0; i < hw; ++i) {
-          const float v = xp[i] - kc;
-          ss += v;
-          qq += v * v;
-        }
-        s = ss;
-        q = qq;
-      }
+      else
+        ShiftedSums(xp, hw, kc, s, q);
     };
     auto scale_plane = [&](int64_t p, int64_t c) {
       if (act && stream)
