@@ -98,6 +98,32 @@ def test_only_layers_where_bf16_pays_take_it(bf16_op, monkeypatch, c_in, c_out, 
         np.testing.assert_array_equal(y, fp32)
 
 
+# maps up to 2x2: the rows op's variant, from 10M multiply-adds in the batch's product
+@pytest.mark.parametrize("n,c_in,c_out,h,w,routed", [(16, 160, 960, 1, 1, True),
+                                                     (8, 96, 576, 2, 2, True),
+                                                     (3, 33, 40, 1, 2, False),
+                                                     (64, 96, 24, 2, 2, False)])
+def test_small_maps_take_the_rows_variant_where_it_pays(bf16_op, monkeypatch, n, c_in, c_out,
+                                                        h, w, routed):
+    calls: list[str] = []
+    run = paddle._C_ops._run_custom_op
+    monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
+                        lambda name, *a: calls.append(name) or run(name, *a))
+    if routed:  # a batch big enough for the threshold, values checked against conv2d
+        n = max(n, -(-pw.ROWS_BF16_MIN_MACS // (h * w * c_in * c_out)))
+    rng = np.random.default_rng(n)
+    x_np = rng.standard_normal((n, c_in, h, w)).astype("float32")
+    w_np = rng.standard_normal((c_out, c_in, 1, 1)).astype("float32")
+    g_np = rng.standard_normal((n, c_out, h, w)).astype("float32")
+    ref = _both(lambda x, wt: F.conv2d(x, wt), x_np, w_np, g_np)
+    calls.clear()
+    got = _both(lambda x, wt: pw.pointwise_conv2d(x, wt, bf16=True), x_np, w_np, g_np)
+    assert (pw.ROWS_BF16_OP_NAME in calls) == routed
+    for name, a, b in zip(("y", "dx", "dw"), got, ref):
+        err = _rel(a, b)
+        assert (1e-5 < err < 1e-2) if routed else err < 1e-5, (name, err)
+
+
 def test_mixed_precision_needs_kernels_a_bf16_cpu_and_onednn(monkeypatch):
     assert ops.mixed_precision(ops.PADDLE_OPS) == (ops.PADDLE_OPS, "it needs mbv2's CPU "
                                                    "kernels (model.cpu_kernels auto or on)")

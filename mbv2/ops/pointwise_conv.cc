@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -456,7 +457,23 @@ const float* AsRows(const float* t, const Shape& s, int64_t c, paddle::Tensor& b
 
 }  // namespace
 
-std::vector<paddle::Tensor> RowsForward(const paddle::Tensor& x, const paddle::Tensor& w) {
+namespace {
+
+// A bfloat16 copy of the rows x cols contiguous matrix at src, threads splitting the rows.
+std::unique_ptr<uint16_t[]> Bf16Copy(const float* src, int64_t rows, int64_t cols) {
+  std::unique_ptr<uint16_t[]> out(new uint16_t[std::max<int64_t>(rows * cols, 1)]);
+  uint16_t* o = out.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) ToBf16(src + r * cols, 1, cols, cols, o + r * cols);
+  return out;
+}
+
+}  // namespace
+
+// BF16: the products from bfloat16 copies of the packed rows and the weight (the 1x1 op's
+// bfloat16 variant above, for the maps up to 2x2; oneDNN threads the one product).
+template <bool BF16>
+std::vector<paddle::Tensor> RowsForwardT(const paddle::Tensor& x, const paddle::Tensor& w) {
   CheckFloat32(x, w);
   const Shape s = GetShape(x, w);
   ForwardIo io(x, w, s);
@@ -464,14 +481,20 @@ std::vector<paddle::Tensor> RowsForward(const paddle::Tensor& x, const paddle::T
   paddle::Tensor xbuf, ybuf;
   const float* rows = AsRows(io.x.data<float>(), s, s.ci, xbuf);
   float* yrows = s.hw == 1 ? io.y.data<float>() : Scratch(ybuf, m * s.co);
-  cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, s.co, s.ci, 1.f, rows, s.ci,
-              io.w.data<float>(), s.ci, 0.f, yrows, s.co);
+  if (BF16) {
+    const auto xb = Bf16Copy(rows, m, s.ci), wb = Bf16Copy(io.w.data<float>(), s.co, s.ci);
+    GemmBf16('N', 'T', m, s.co, s.ci, xb.get(), s.ci, wb.get(), s.ci, 0.f, yrows, s.co);
+  } else {
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, s.co, s.ci, 1.f, rows, s.ci,
+                io.w.data<float>(), s.ci, 0.f, yrows, s.co);
+  }
   if (s.hw > 1) UnpackRows(yrows, s.n, s.co, s.hw, io.y.data<float>());
   return {io.y};
 }
 
-std::vector<paddle::Tensor> RowsBackward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                         const paddle::Tensor& dy) {
+template <bool BF16>
+std::vector<paddle::Tensor> RowsBackwardT(const paddle::Tensor& x, const paddle::Tensor& w,
+                                          const paddle::Tensor& dy) {
   const Shape s = GetShape(x, w);
   BackwardIo io(x, w, dy);
   const int m = static_cast<int>(s.n * s.hw);
@@ -479,15 +502,44 @@ std::vector<paddle::Tensor> RowsBackward(const paddle::Tensor& x, const paddle::
   const float* grows = AsRows(io.dy.data<float>(), s, s.co, gbuf);
   const float* xrows = AsRows(io.x.data<float>(), s, s.ci, xbuf);
   float* dxrows = s.hw == 1 ? io.dx.data<float>() : Scratch(dxbuf, m * s.ci);
-  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.ci, s.co, 1.f, grows, s.co,
-              io.w.data<float>(), s.ci, 0.f, dxrows, s.ci);
-  cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.co, s.ci, m, 1.f, grows, s.co, xrows, s.ci, 0.f,
-              io.dw.data<float>(), s.ci);
+  if (BF16) {
+    const auto gb = Bf16Copy(grows, m, s.co), xb = Bf16Copy(xrows, m, s.ci);
+    const auto wb = Bf16Copy(io.w.data<float>(), s.co, s.ci);
+    GemmBf16('N', 'N', m, s.ci, s.co, gb.get(), s.co, wb.get(), s.ci, 0.f, dxrows, s.ci);
+    GemmBf16('T', 'N', s.co, s.ci, m, gb.get(), s.co, xb.get(), s.ci, 0.f,
+             io.dw.data<float>(), s.ci);
+  } else {
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.ci, s.co, 1.f, grows, s.co,
+                io.w.data<float>(), s.ci, 0.f, dxrows, s.ci);
+    cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.co, s.ci, m, 1.f, grows, s.co, xrows, s.ci,
+                0.f, io.dw.data<float>(), s.ci);
+  }
   if (s.hw > 1) UnpackRows(dxrows, s.n, s.ci, s.hw, io.dx.data<float>());
   return {io.dx, io.dw};
 }
 
+std::vector<paddle::Tensor> RowsForward(const paddle::Tensor& x, const paddle::Tensor& w) {
+  return RowsForwardT<false>(x, w);
+}
+
+std::vector<paddle::Tensor> RowsBackward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                         const paddle::Tensor& dy) {
+  return RowsBackwardT<false>(x, w, dy);
+}
+
+std::vector<paddle::Tensor> RowsForwardBf16(const paddle::Tensor& x, const paddle::Tensor& w) {
+  return RowsForwardT<true>(x, w);
+}
+
+std::vector<paddle::Tensor> RowsBackwardBf16(const paddle::Tensor& x, const paddle::Tensor& w,
+                                             const paddle::Tensor& dy) {
+  return RowsBackwardT<true>(x, w, dy);
+}
+
 MBV2_POINTWISE_OP(mbv2_pointwise_rows, RowsForward, RowsBackward);
+#ifdef MBV2_WITH_DNNL
+MBV2_POINTWISE_OP(mbv2_pointwise_rows_bf16, RowsForwardBf16, RowsBackwardBf16);
+#endif
 
 // The stem: a dense k x k convolution (stride s, zero padding p, no bias) of an input
 // with few channels that needs no gradient (the network's 3 -> 32 first layer on the
