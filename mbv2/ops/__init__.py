@@ -49,8 +49,8 @@ class Ops:
 
 class CpuKernels(Ops):
     """mbv2's CPU kernels; the wrappers fall back to Paddle's ops for what they do not cover.
-    bf16: the 1x1 convs on maps up to 28x28 multiply bfloat16 copies of their operands
-    (mixed precision on CPU: `mixed_precision`)."""
+    bf16: the 1x1 convs with products large enough to gain multiply bfloat16 copies of
+    their operands (`pointwise` picks them; mixed precision on CPU: `mixed_precision`)."""
 
     def __init__(self, bf16: bool = False):
         self.bf16 = bf16

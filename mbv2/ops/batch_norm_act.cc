@@ -471,8 +471,7 @@ void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, b
 // Whether ScalePlaneGate / GatedDx stream their output (stream_store.h): planes whose
 // starts are all 32-byte aligned.
 bool StreamOutput(const Dims& d, const float* y) {
-  return d.hw % 8 == 0 &&
-         mbv2::StreamOutput(d.n * d.c * d.hw * static_cast<int64_t>(sizeof(float)), y);
+  return d.hw % 8 == 0 && mbv2::StreamOutput(d.n * d.c * d.hw, y);
 }
 
 // gate: the ReLU6 gate of every plane (GateBytes(hw) bytes each), written when act and

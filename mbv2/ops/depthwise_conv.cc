@@ -513,7 +513,7 @@ inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, i
 }
 
 // Dense [pixel][lane] (row stride `width`) to `lanes` planes; stream: the output is large
-// enough for streamed stores (StreamOut), taken where every row starts 32-byte aligned.
+// enough for streamed stores (mbv2::StreamOutput), taken where every row starts 32-byte aligned.
 inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t row_stride,
                           int64_t offset, int lanes, float* planes, int64_t plane,
                           bool stream = false) {
@@ -547,11 +547,6 @@ inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t ro
   }
 }
 
-// Whether `floats` outputs at `p` are streamed (stream_store.h).
-inline bool StreamOut(int64_t floats, const float* p) {
-  return mbv2::StreamOutput(floats * static_cast<int64_t>(sizeof(float)), p);
-}
-
 inline void LoadLaneWeights(const float* w, int64_t c0, int lanes, v8* w8) {
   for (int k = 0; k < 9; ++k)
     for (int l = 0; l < kLanes; ++l) w8[k][l] = l < lanes ? w[(c0 + l) * 9 + k] : 0.f;
@@ -559,7 +554,7 @@ inline void LoadLaneWeights(const float* w, int64_t c0, int lanes, v8* w8) {
 
 void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
   const ClGeom cg = MakeClGeom(g);
-  const bool stream = StreamOut(g.n * g.c * g.ho * g.wo, y);
+  const bool stream = mbv2::StreamOutput(g.n * g.c * g.ho * g.wo, y);
   const int64_t items = cg.groups * g.n;  // group-major: weights change rarely per thread
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
 #pragma omp parallel
@@ -595,7 +590,7 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
 void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, float* dx,
                 float* dw) {
   const ClGeom cg = MakeClGeom(g);
-  const bool stream = StreamOut(g.n * g.c * g.h * g.w, dx);
+  const bool stream = mbv2::StreamOutput(g.n * g.c * g.h * g.w, dx);
   const int64_t items = cg.groups * g.n;
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
   const int max_threads = omp_get_max_threads();

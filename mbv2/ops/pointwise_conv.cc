@@ -258,7 +258,19 @@ void ToBf16(const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* 
   }
 }
 
-// Only the bfloat16 op calls it, registered where oneDNN is linked (MBV2_WITH_DNNL).
+// A bfloat16 copy of the rows x cols contiguous matrix at src (threads splitting the rows
+// outside a parallel region), or nullptr when !yes.
+std::unique_ptr<uint16_t[]> Bf16Copy(const float* src, int64_t rows, int64_t cols,
+                                     bool yes = true) {
+  if (!yes) return nullptr;
+  std::unique_ptr<uint16_t[]> out(new uint16_t[std::max<int64_t>(rows * cols, 1)]);
+  uint16_t* o = out.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) ToBf16(src + r * cols, 1, cols, cols, o + r * cols);
+  return out;
+}
+
+// Only the bfloat16 ops call it, registered where oneDNN is linked (MBV2_WITH_DNNL).
 void GemmBf16(char ta, char tb, int64_t m, int64_t n, int64_t k, const uint16_t* a,
               int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
 #ifdef MBV2_WITH_DNNL
@@ -280,22 +292,21 @@ struct Bf16Scratch {
 }  // namespace
 
 template <bool BF16>
-std::vector<paddle::Tensor> PointwiseForwardT(const paddle::Tensor& x, const paddle::Tensor& w) {
+std::vector<paddle::Tensor> PointwiseForward(const paddle::Tensor& x, const paddle::Tensor& w) {
   CheckFloat32(x, w);
   const Shape s = GetShape(x, w);
   ForwardIo io(x, w, s);
   const float *xp = io.x.data<float>(), *wp = io.w.data<float>();
   float* yp = io.y.data<float>();
   const int hw = static_cast<int>(s.hw);
-  std::vector<uint16_t> wb(BF16 ? s.co * s.ci : 0);
-  if (BF16) ToBf16(wp, s.co, s.ci, s.ci, wb.data());
+  const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   Bf16Scratch xs(BF16 ? omp_get_max_threads() : 0, s.ci * std::min(kBlock, s.hw));
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
     const float* xb = xp + n * s.ci * s.hw + p0;
     float* yb = yp + n * s.co * s.hw + p0;
     if (BF16) {
       ToBf16(xb, s.ci, len, s.hw, xs.of(t));
-      GemmBf16('N', 'N', s.co, len, s.ci, wb.data(), s.ci, xs.of(t), len, 0.f, yb, s.hw);
+      GemmBf16('N', 'N', s.co, len, s.ci, wb.get(), s.ci, xs.of(t), len, 0.f, yb, s.hw);
     } else {
       cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, s.ci, 1.f, wp, s.ci, xb, hw, 0.f,
                   yb, hw);
@@ -307,7 +318,7 @@ std::vector<paddle::Tensor> PointwiseForwardT(const paddle::Tensor& x, const pad
 // dx = W^T dy and dw = dy x^T a block at a time. BF16: both products from bfloat16 copies
 // of the block, except a weight gradient the dot kernel takes (float32: memory-bound).
 template <bool BF16>
-std::vector<paddle::Tensor> PointwiseBackwardT(const paddle::Tensor& x, const paddle::Tensor& w,
+std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& w,
                                                const paddle::Tensor& dy) {
   const Shape s = GetShape(x, w);
   BackwardIo io(x, w, dy);
@@ -318,8 +329,7 @@ std::vector<paddle::Tensor> PointwiseBackwardT(const paddle::Tensor& x, const pa
   const int threads = omp_get_max_threads();
   std::vector<float> part(static_cast<size_t>(threads) * wsize, 0.f);
   const bool dot = UseDotKernel(s);
-  std::vector<uint16_t> wb(BF16 ? wsize : 0);
-  if (BF16) ToBf16(wp, s.co, s.ci, s.ci, wb.data());
+  const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
@@ -329,7 +339,7 @@ std::vector<paddle::Tensor> PointwiseBackwardT(const paddle::Tensor& x, const pa
     float* acc = part.data() + t * wsize;
     if (BF16) {
       ToBf16(g, s.co, len, s.hw, gs.of(t));
-      GemmBf16('T', 'N', s.ci, len, s.co, wb.data(), s.ci, gs.of(t), len, 0.f, dxb, s.hw);
+      GemmBf16('T', 'N', s.ci, len, s.co, wb.get(), s.ci, gs.of(t), len, 0.f, dxb, s.hw);
     } else {
       cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.ci, len, s.co, 1.f, wp, s.ci, g, hw, 0.f, dxb,
                   hw);
@@ -348,25 +358,6 @@ std::vector<paddle::Tensor> PointwiseBackwardT(const paddle::Tensor& x, const pa
   return {io.dx, io.dw};
 }
 
-std::vector<paddle::Tensor> PointwiseForward(const paddle::Tensor& x, const paddle::Tensor& w) {
-  return PointwiseForwardT<false>(x, w);
-}
-
-std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                              const paddle::Tensor& dy) {
-  return PointwiseBackwardT<false>(x, w, dy);
-}
-
-std::vector<paddle::Tensor> PointwiseForwardBf16(const paddle::Tensor& x,
-                                                 const paddle::Tensor& w) {
-  return PointwiseForwardT<true>(x, w);
-}
-
-std::vector<paddle::Tensor> PointwiseBackwardBf16(const paddle::Tensor& x,
-                                                  const paddle::Tensor& w,
-                                                  const paddle::Tensor& dy) {
-  return PointwiseBackwardT<true>(x, w, dy);
-}
 
 std::vector<std::vector<int64_t>> PointwiseInferShape(const std::vector<int64_t>& x_shape,
                                                       const std::vector<int64_t>& w_shape) {
@@ -391,9 +382,9 @@ std::vector<paddle::DataType> PointwiseInferDtype(const paddle::DataType& x_dtyp
       .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})           \
       .SetKernelFn(PD_KERNEL(backward))
 
-MBV2_POINTWISE_OP(mbv2_pointwise_conv2d, PointwiseForward, PointwiseBackward);
+MBV2_POINTWISE_OP(mbv2_pointwise_conv2d, PointwiseForward<false>, PointwiseBackward<false>);
 #ifdef MBV2_WITH_DNNL
-MBV2_POINTWISE_OP(mbv2_pointwise_conv2d_bf16, PointwiseForwardBf16, PointwiseBackwardBf16);
+MBV2_POINTWISE_OP(mbv2_pointwise_conv2d_bf16, PointwiseForward<true>, PointwiseBackward<true>);
 #endif
 
 // Maps of at most 2x2 (P = H*W <= 4 pixels, MobileNetV2's last stages at 32 px): the
@@ -457,23 +448,10 @@ const float* AsRows(const float* t, const Shape& s, int64_t c, paddle::Tensor& b
 
 }  // namespace
 
-namespace {
-
-// A bfloat16 copy of the rows x cols contiguous matrix at src, threads splitting the rows.
-std::unique_ptr<uint16_t[]> Bf16Copy(const float* src, int64_t rows, int64_t cols) {
-  std::unique_ptr<uint16_t[]> out(new uint16_t[std::max<int64_t>(rows * cols, 1)]);
-  uint16_t* o = out.get();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) ToBf16(src + r * cols, 1, cols, cols, o + r * cols);
-  return out;
-}
-
-}  // namespace
-
 // BF16: the products from bfloat16 copies of the packed rows and the weight (the 1x1 op's
 // bfloat16 variant above, for the maps up to 2x2; oneDNN threads the one product).
 template <bool BF16>
-std::vector<paddle::Tensor> RowsForwardT(const paddle::Tensor& x, const paddle::Tensor& w) {
+std::vector<paddle::Tensor> RowsForward(const paddle::Tensor& x, const paddle::Tensor& w) {
   CheckFloat32(x, w);
   const Shape s = GetShape(x, w);
   ForwardIo io(x, w, s);
@@ -493,7 +471,7 @@ std::vector<paddle::Tensor> RowsForwardT(const paddle::Tensor& x, const paddle::
 }
 
 template <bool BF16>
-std::vector<paddle::Tensor> RowsBackwardT(const paddle::Tensor& x, const paddle::Tensor& w,
+std::vector<paddle::Tensor> RowsBackward(const paddle::Tensor& x, const paddle::Tensor& w,
                                           const paddle::Tensor& dy) {
   const Shape s = GetShape(x, w);
   BackwardIo io(x, w, dy);
@@ -518,27 +496,10 @@ std::vector<paddle::Tensor> RowsBackwardT(const paddle::Tensor& x, const paddle:
   return {io.dx, io.dw};
 }
 
-std::vector<paddle::Tensor> RowsForward(const paddle::Tensor& x, const paddle::Tensor& w) {
-  return RowsForwardT<false>(x, w);
-}
 
-std::vector<paddle::Tensor> RowsBackward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                         const paddle::Tensor& dy) {
-  return RowsBackwardT<false>(x, w, dy);
-}
-
-std::vector<paddle::Tensor> RowsForwardBf16(const paddle::Tensor& x, const paddle::Tensor& w) {
-  return RowsForwardT<true>(x, w);
-}
-
-std::vector<paddle::Tensor> RowsBackwardBf16(const paddle::Tensor& x, const paddle::Tensor& w,
-                                             const paddle::Tensor& dy) {
-  return RowsBackwardT<true>(x, w, dy);
-}
-
-MBV2_POINTWISE_OP(mbv2_pointwise_rows, RowsForward, RowsBackward);
+MBV2_POINTWISE_OP(mbv2_pointwise_rows, RowsForward<false>, RowsBackward<false>);
 #ifdef MBV2_WITH_DNNL
-MBV2_POINTWISE_OP(mbv2_pointwise_rows_bf16, RowsForwardBf16, RowsBackwardBf16);
+MBV2_POINTWISE_OP(mbv2_pointwise_rows_bf16, RowsForward<true>, RowsBackward<true>);
 #endif
 
 // The stem: a dense k x k convolution (stride s, zero padding p, no bias) of an input

@@ -37,12 +37,13 @@ inline int64_t StreamThresholdBytes() {
   return half_llc;
 }
 
-// Whether an output of `bytes` at `p` takes streamed 32-byte stores.
-inline bool StreamOutput(int64_t bytes, const void* p) {
+// Whether an output of `floats` float32 values at `p` takes streamed 32-byte stores.
+inline bool StreamOutput(int64_t floats, const float* p) {
 #if defined(__AVX2__)
-  return bytes >= StreamThresholdBytes() && reinterpret_cast<uintptr_t>(p) % 32 == 0;
+  return floats * static_cast<int64_t>(sizeof(float)) >= StreamThresholdBytes() &&
+         reinterpret_cast<uintptr_t>(p) % 32 == 0;
 #else
-  (void)bytes;
+  (void)floats;
   (void)p;
   return false;
 #endif
