@@ -35,6 +35,21 @@ TINY = [
 ]
 
 
+# Math threads for the op tests: what every run uses on this machine's 2 cores (entry
+# points set them; a bare Paddle process computes on one, and the ops' thread splits and
+# per-thread partial sums would go untested).
+OP_TEST_THREADS = 2
+
+
+@pytest.fixture(scope="module")
+def op_threads():
+    from mbv2.runtime import set_cpu_threads
+
+    set_cpu_threads(OP_TEST_THREADS)
+    yield OP_TEST_THREADS
+    set_cpu_threads(1)  # a bare process's count, for the modules after
+
+
 def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False):
     register_configs()
     register_resolvers()

@@ -19,6 +19,9 @@ import paddle.nn.functional as F
 from mbv2.model import MobileNetV2
 from mbv2.ops import depthwise as dw
 
+# the ops at the thread count the runs use (conftest.op_threads)
+pytestmark = pytest.mark.usefixtures("op_threads")
+
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_COMPILER = dw._compiler() is not None
 

@@ -14,6 +14,9 @@ from mbv2.model import ConvBNLayer, MobileNetV2
 from mbv2.ops import batch_norm as fbn
 from mbv2.ops import depthwise as dw
 
+# the ops at the thread count the runs use (conftest.op_threads)
+pytestmark = pytest.mark.usefixtures("op_threads")
+
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))

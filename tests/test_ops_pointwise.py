@@ -9,6 +9,9 @@ import pytest
 from mbv2.model import MobileNetV2
 from mbv2.ops.pointwise import pointwise_conv2d
 
+# the ops at the thread count the runs use (conftest.op_threads)
+pytestmark = pytest.mark.usefixtures("op_threads")
+
 
 # 1x1 and 2x2: batch-in-rows product; 3x3 and up: the op (or, without it, the batched
 # product up to 16x16 and conv2d beyond)

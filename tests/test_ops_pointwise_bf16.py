@@ -14,6 +14,9 @@ from mbv2 import ops
 from mbv2.ops import depthwise as dw
 from mbv2.runtime import cpu_flags, has_bf16
 
+# the ops at the thread count the runs use (conftest.op_threads)
+pytestmark = pytest.mark.usefixtures("op_threads")
+
 
 @pytest.fixture(scope="module")
 def bf16_op():
