@@ -50,6 +50,18 @@ def op_threads():
     set_cpu_threads(1)  # a bare process's count, for the modules after
 
 
+@pytest.fixture(scope="module")
+def kernel():
+    """The op library, built or loaded (skips where no C++ compiler is present)."""
+    from mbv2.ops import depthwise as dw
+
+    if dw._compiler() is None:
+        pytest.skip("no C++ compiler: the op cannot be built here")
+    k = dw.load_kernel()
+    assert k is not None, "the op library failed to build although a compiler is present"
+    return k
+
+
 def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False):
     register_configs()
     register_resolvers()

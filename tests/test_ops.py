@@ -30,15 +30,6 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.fixture(scope="module")
-def kernel() -> dw.DepthwiseKernel:
-    if not HAVE_COMPILER:
-        pytest.skip("no C++ compiler: the op cannot be built here")
-    k = dw.load_kernel()
-    assert k is not None, "the op failed to build although a compiler is present"
-    return k
-
-
 def run_both(fast_fn, n, c, h, w, stride, pad, seed=0):
     """(out, dx, dw) of `fast_fn` and of F.conv2d(groups=C) for the same data."""
     rng = np.random.default_rng(seed)

@@ -22,15 +22,6 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.fixture(scope="module")
-def kernel() -> dw.DepthwiseKernel:
-    if dw._compiler() is None:
-        pytest.skip("no C++ compiler: the op cannot be built here")
-    k = dw.load_kernel()
-    assert k is not None, "the op library failed to build although a compiler is present"
-    return k
-
-
 def _bn(c: int, rng) -> paddle.nn.BatchNorm2D:
     bn = paddle.nn.BatchNorm2D(c)
     bn.weight.set_value(rng.uniform(0.5, 2.0, c).astype("float32"))

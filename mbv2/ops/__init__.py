@@ -7,8 +7,9 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
 * `CPU_KERNELS`: mbv2's JIT-built C++ ops (`depthwise`: 3x3 depthwise conv, `batch_norm`:
   fused batch norm + ReLU6 in training and eval), 1x1 convs on small maps as one matrix
   product and on large ones as per-block MKL GEMMs (`pointwise`), and the global average
-  pool as a mean over the flattened plane. Each wrapper sends a shape it does not cover
-  to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
+  pool as a mean over the flattened plane. In training, an inverted residual unit's
+  expand batch norm + ReLU6 is folded into its depthwise conv (`fused`: that activation
+  is never written). Each wrapper sends a shape it does not cover to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
   (`trainer.amp` on CPU, `mixed_precision`).
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
@@ -23,6 +24,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from mbv2.ops import fused
 from mbv2.ops.batch_norm import batch_norm_act
 from mbv2.ops.depthwise import depthwise_conv2d, load_kernel
 from mbv2.ops.pointwise import pointwise_conv2d, stem_conv2d
@@ -42,6 +44,10 @@ class Ops:
         y = bn(conv(x))
         return F.relu6(y) if act else y
 
+    def expand_depthwise(self, expand: nn.Layer, depthwise: nn.Layer, x):
+        """The first two ConvBNLayers of an inverted residual unit, both with ReLU6."""
+        return depthwise(expand(x, if_act=True), if_act=True)
+
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         """`pool(x)` for the network's AdaptiveAvgPool2D(1)."""
         return pool(x)
@@ -56,15 +62,31 @@ class CpuKernels(Ops):
         self.bf16 = bf16
         self.name = "cpu_kernels_bf16" if bf16 else "cpu_kernels"
 
-    def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
+    def conv(self, conv: nn.Conv2D, x):
+        """`conv(x)` for the network's bias-free convs, through the kernels."""
         groups, c_in, c_out = conv._groups, conv._in_channels, conv._out_channels
         if groups == c_in == c_out and groups > 1:
-            y = depthwise_conv2d(x, conv.weight, conv._stride[0], conv._padding)
-        elif groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
-            y = pointwise_conv2d(x, conv.weight, bf16=self.bf16)
+            return depthwise_conv2d(x, conv.weight, conv._stride[0], conv._padding)
+        if groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
+            return pointwise_conv2d(x, conv.weight, bf16=self.bf16)
+        return stem_conv2d(x, conv)
+
+    def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
+        return batch_norm_act(self.conv(conv, x), bn, act)
+
+    def expand_depthwise(self, expand: nn.Layer, depthwise: nn.Layer, x):
+        """As Ops', with the expand layer's batch norm + ReLU6 folded into the depthwise
+        conv where the fused op covers it (`fused`). Layers with forward hooks run as
+        layers, so the hooks see their calls."""
+        if _hooked(expand) or _hooked(depthwise):
+            return super().expand_depthwise(expand, depthwise, x)
+        y = self.conv(expand._conv, x)
+        bn, dconv = expand._batch_norm, depthwise._conv
+        if fused.covers(y, bn, dconv):
+            z = fused.bn_relu6_depthwise(y, bn, dconv)
         else:
-            y = stem_conv2d(x, conv)
-        return batch_norm_act(y, bn, act)
+            z = self.conv(dconv, batch_norm_act(y, bn, True))
+        return batch_norm_act(z, depthwise._batch_norm, True)
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         # A mean over the flattened plane: Paddle's CPU pool2d took 1.96 ms forward +
@@ -74,6 +96,10 @@ class CpuKernels(Ops):
             return pool(x)
         n, c, h, w = x.shape
         return x.reshape([n, c, h * w]).mean(2, keepdim=True).reshape([n, c, 1, 1])
+
+
+def _hooked(layer: nn.Layer) -> bool:
+    return bool(getattr(layer, "_forward_pre_hooks", None) or getattr(layer, "_forward_post_hooks", None))
 
 
 PADDLE_OPS = Ops()

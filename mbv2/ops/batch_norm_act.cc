@@ -44,6 +44,7 @@
 #include <immintrin.h>
 #endif
 
+#include "batch_norm_act.h"
 #include "paddle/extension.h"
 #include "stream_store.h"
 
@@ -264,6 +265,17 @@ void ByChannel(const Dims& d, Plane plane, Apply apply) {
   }
 }
 
+// TwoPasses' first pass alone, in its order (the fused op's statistics: no second pass).
+template <class Plane, class Finish>
+void FirstPass(const Dims& d, Plane plane, Finish finish) {
+  if (d.hw < kChannelPassPlane) {
+    const std::vector<double> tot = PlaneOrderSums(d, plane);
+    for (int64_t c = 0; c < d.c; ++c) finish(c, tot[c], tot[d.c + c]);
+    return;
+  }
+  ByChannel(d, plane, finish);
+}
+
 // The two passes over planes of kSmallPlane pixels and up: plane(p, c, s, q) gives plane
 // p's sums, finish(c, s, q) turns channel c's totals into its coefficients, apply(p, c)
 // makes the second pass over plane p. Mid-size planes: PlaneOrderSums, then all planes;
@@ -271,8 +283,7 @@ void ByChannel(const Dims& d, Plane plane, Apply apply) {
 template <class Plane, class Finish, class Apply>
 void TwoPasses(const Dims& d, Plane plane, Finish finish, Apply apply) {
   if (d.hw < kChannelPassPlane) {
-    const std::vector<double> tot = PlaneOrderSums(d, plane);
-    for (int64_t c = 0; c < d.c; ++c) finish(c, tot[c], tot[d.c + c]);
+    FirstPass(d, plane, finish);
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < d.n * d.c; ++p) apply(p, p % d.c);
     return;
@@ -349,24 +360,54 @@ void ScalePlaneGate(const float* x, int64_t hw, float a, float b, float* y, uint
 #endif
 }
 
+// Where the ReLU6 passes the gradient, two ways: BitGate reads the gate the forward wrote;
+// RecomputedGate recomputes it from x and the forward's folded a, b (0 < x * a + b < 6,
+// the forward's own arithmetic, so the same pixels), for the fused batch norm ->
+// depthwise op, which writes no y and no gate. lanes(i, xv): 8 lanes of all-ones where
+// pixels i .. i + 7 pass (i a multiple of 8); pass(i, xi): whether pixel i does.
+struct BitGate {
+  const uint8_t* bits;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 lanes(int64_t i, __m256) const { return GateLanes(bits[i >> 3]); }
+#endif
+  bool pass(int64_t i, float) const { return Passes(bits, i); }
+};
+
+struct RecomputedGate {
+  float a, b;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 lanes(int64_t, __m256 xv) const {
+    const __m256 v = _mm256_fmadd_ps(xv, _mm256_set1_ps(a), _mm256_set1_ps(b));
+    return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ),
+                         _mm256_cmp_ps(v, _mm256_set1_ps(6.f), _CMP_LT_OQ));
+  }
+#endif
+  bool pass(int64_t, float xi) const {
+    const float v = xi * a + b;
+    return v > 0.f && v < 6.f;
+  }
+};
+
 // s = sum(g), q = sum(g * (x - mu)), g = dy where the gate passes.
-void GatedSums(const float* x, const float* dy, const uint8_t* gate, int64_t hw, float mu,
-               float& s, float& q) {
+template <class Gate>
+void GatedSums(const float* x, const float* dy, Gate gate, int64_t hw, float mu, float& s,
+               float& q) {
   int64_t i = 0;
   float ss = 0.f, qq = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 vmu = _mm256_set1_ps(mu);
   __m256 vs = _mm256_setzero_ps(), vq = _mm256_setzero_ps();
   for (; i + 8 <= hw; i += 8) {
-    const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dy + i), GateLanes(gate[i >> 3]));
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dy + i), gate.lanes(i, xv));
     vs = _mm256_add_ps(vs, g);
-    vq = _mm256_fmadd_ps(g, _mm256_sub_ps(_mm256_loadu_ps(x + i), vmu), vq);
+    vq = _mm256_fmadd_ps(g, _mm256_sub_ps(xv, vmu), vq);
   }
   ss = HorizontalSum(vs);
   qq = HorizontalSum(vq);
 #endif
   for (; i < hw; ++i) {
-    const float g = Gated(dy[i], Passes(gate, i));
+    const float g = Gated(dy[i], gate.pass(i, x[i]));
     ss += g;
     qq += g * (x[i] - mu);
   }
@@ -374,20 +415,22 @@ void GatedSums(const float* x, const float* dy, const uint8_t* gate, int64_t hw,
   q = qq;
 }
 
-// dx = a * g + b * x + c0, g = dy where the gate passes; STREAM as in ScalePlaneGate.
-template <bool STREAM>
-void GatedDx(const float* x, const float* dy, const uint8_t* gate, int64_t hw, float a,
-             float b, float c0, float* dx) {
+// dx = a * g + b * x + c0, g = dy where the gate passes; STREAM as in ScalePlaneGate. dx
+// may be dy itself (each pixel is read before it is written).
+template <bool STREAM, class Gate>
+void GatedDx(const float* x, const float* dy, Gate gate, int64_t hw, float a, float b,
+             float c0, float* dx) {
   int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c0);
   for (; i + 8 <= hw; i += 8) {
-    const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dy + i), GateLanes(gate[i >> 3]));
-    const __m256 bx = _mm256_fmadd_ps(vb, _mm256_loadu_ps(x + i), vc);
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dy + i), gate.lanes(i, xv));
+    const __m256 bx = _mm256_fmadd_ps(vb, xv, vc);
     mbv2::Store<STREAM>(dx + i, _mm256_fmadd_ps(va, g, bx));
   }
 #endif
-  for (; i < hw; ++i) dx[i] = a * Gated(dy[i], Passes(gate, i)) + b * x[i] + c0;
+  for (; i < hw; ++i) dx[i] = a * Gated(dy[i], gate.pass(i, x[i])) + b * x[i] + c0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (STREAM) _mm_sfence();
 #endif
@@ -475,14 +518,15 @@ bool StreamOutput(const Dims& d, const float* y) {
 }
 
 // gate: the ReLU6 gate of every plane (GateBytes(hw) bytes each), written when act and
-// hw >= kSmallPlane (Backward reads it there instead of y).
+// hw >= kSmallPlane (Backward reads it there instead of y). av, bv: C floats each, the
+// folded y = x * av + bv. y == nullptr: the statistics only (no second pass, no gate).
 void Forward(const Dims& d, const float* x, const float* gamma, const float* beta, float eps,
              float momentum, bool act, float* y, uint8_t* gate, float* saved_mean,
-             float* saved_invstd, float* run_mean, float* run_var) {
+             float* saved_invstd, float* run_mean, float* run_var, float* av, float* bv) {
   const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
   const float hi = act ? 6.f : INFINITY, lo = act ? 0.f : -INFINITY;
-  std::vector<float> shift(C), av(C), bv(C);
+  std::vector<float> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = x[c * hw];
   const float* k = shift.data();
   // Channel c's statistics from its sums of (x - K) and (x - K)^2: saved, running, and
@@ -510,11 +554,11 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
       MBV2_DISPATCH_HW(hw, SmallStatsFwd, x, n0, n1, C, k, s, q);
     });
     for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
-    ScaleShift(d, x, av.data(), bv.data(), act, y);
+    if (y != nullptr) ScaleShift(d, x, av, bv, act, y);
     return;
   }
   const int64_t gb = GateBytes(hw);
-  const bool stream = StreamOutput(d, y);
+  const bool stream = y != nullptr && StreamOutput(d, y);
   FixedPlane(hw, [&](auto fixed) {
     constexpr int64_t HW = decltype(fixed)::value;
     auto plane = [&](int64_t p, int64_t c, float& s, float& q) {
@@ -533,7 +577,10 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
       else
         ScalePlane(x + p * hw, hw, av[c], bv[c], lo, hi, y + p * hw);
     };
-    TwoPasses(d, plane, finish, scale_plane);
+    if (y == nullptr)
+      FirstPass(d, plane, finish);
+    else
+      TwoPasses(d, plane, finish, scale_plane);
   });
 }
 
@@ -544,11 +591,13 @@ void DxPlane(const float* x, const float* dy, int64_t hw, float a, float b, floa
   for (int64_t i = 0; i < hw; ++i) dx[i] = a * dy[i] + b * x[i] + c0;
 }
 
-// y: read (its ReLU6 test) only for planes under kSmallPlane; larger planes read `gate`.
+// y: read (its ReLU6 test) only for planes under kSmallPlane; larger planes read `gate`,
+// or, where fa is not null (the fused op: ACT, planes of kSmallPlane and up), recompute
+// it from x and the forward's folded fa, fb (RecomputedGate). dx may be dy itself.
 template <bool ACT>
 void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
-              const uint8_t* gate, const float* mean, const float* invstd, const float* dy,
-              float* dx, float* dgamma, float* dbeta) {
+              const uint8_t* gate, const float* fa, const float* fb, const float* mean,
+              const float* invstd, const float* dy, float* dx, float* dgamma, float* dbeta) {
   const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
   // dx = A * g + B * x + C0 per channel, from the channel's sums of g and g * (x - mean).
@@ -585,8 +634,12 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
     const float* xp = x + p * hw;
     const float* gp = dy + p * hw;
     const float mu = mean[c];
+    if (ACT && fa != nullptr) {
+      GatedSums(xp, gp, RecomputedGate{fa[c], fb[c]}, hw, mu, s, q);
+      return;
+    }
     if (ACT) {
-      GatedSums(xp, gp, gate + p * gb, hw, mu, s, q);
+      GatedSums(xp, gp, BitGate{gate + p * gb}, hw, mu, s, q);
       return;
     }
     float ss = 0.f, qq = 0.f;
@@ -601,10 +654,15 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
   const bool stream = StreamOutput(d, dx);
   auto dx_plane = [&](int64_t p, int64_t c) {
     const int64_t o = p * hw;
-    if (ACT && stream)
-      GatedDx<true>(x + o, dy + o, gate + p * gb, hw, ca[c], cb[c], cc[c], dx + o);
+    if (ACT && fa != nullptr && stream)
+      GatedDx<true>(x + o, dy + o, RecomputedGate{fa[c], fb[c]}, hw, ca[c], cb[c], cc[c], dx + o);
+    else if (ACT && fa != nullptr)
+      GatedDx<false>(x + o, dy + o, RecomputedGate{fa[c], fb[c]}, hw, ca[c], cb[c], cc[c],
+                     dx + o);
+    else if (ACT && stream)
+      GatedDx<true>(x + o, dy + o, BitGate{gate + p * gb}, hw, ca[c], cb[c], cc[c], dx + o);
     else if (ACT)
-      GatedDx<false>(x + o, dy + o, gate + p * gb, hw, ca[c], cb[c], cc[c], dx + o);
+      GatedDx<false>(x + o, dy + o, BitGate{gate + p * gb}, hw, ca[c], cb[c], cc[c], dx + o);
     else
       DxPlane(x + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
   };
@@ -617,6 +675,24 @@ void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
 }
 
 }  // namespace
+
+void mbv2::BatchNormStats(int64_t n, int64_t c, int64_t hw, const float* x, const float* gamma,
+                          const float* beta, float eps, float momentum, float* saved_mean,
+                          float* saved_invstd, float* run_mean, float* run_var, float* a,
+                          float* b) {
+  PD_CHECK(hw >= kSmallPlane, "batch_norm_act: the fused op needs planes of 8 pixels and up");
+  Forward({n, c, hw}, x, gamma, beta, eps, momentum, true, nullptr, nullptr, saved_mean,
+          saved_invstd, run_mean, run_var, a, b);
+}
+
+void mbv2::BatchNormRelu6Backward(int64_t n, int64_t c, int64_t hw, const float* x,
+                                  const float* gamma, const float* a, const float* b,
+                                  const float* mean, const float* invstd, const float* dy,
+                                  float* dx, float* dgamma, float* dbeta) {
+  PD_CHECK(hw >= kSmallPlane, "batch_norm_act: the fused op needs planes of 8 pixels and up");
+  Backward<true>({n, c, hw}, x, gamma, nullptr, nullptr, a, b, mean, invstd, dy, dx, dgamma,
+                 dbeta);
+}
 
 // Bytes of the ReLU6 gate output: one bit a pixel per plane where Backward reads it (act,
 // planes of kSmallPlane pixels and up), else a 1-byte placeholder.
@@ -648,9 +724,10 @@ std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
   // Running statistics: updated in place, like Paddle's batch_norm MeanOut/VarianceOut.
   float* rm = const_cast<float*>(running_mean.data<float>());
   float* rv = const_cast<float*>(running_var.data<float>());
+  std::vector<float> av(d.c), bv(d.c);
   Forward(d, xc.data<float>(), scale.data<float>(), bias.data<float>(), epsilon, momentum, act,
           y.data<float>(), gate.data<uint8_t>(), mean.data<float>(), invstd.data<float>(), rm,
-          rv);
+          rv, av.data(), bv.data());
   return {y, mean, invstd, gate};
 }
 
@@ -674,7 +751,7 @@ std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
   auto dbeta = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   (act ? Backward<true> : Backward<false>)(
       d, xc.data<float>(), scale.data<float>(), yc.data<float>(), gate.data<uint8_t>(),
-      mean.data<float>(), invstd.data<float>(), dyc.data<float>(), dx.data<float>(),
+      nullptr, nullptr, mean.data<float>(), invstd.data<float>(), dyc.data<float>(), dx.data<float>(),
       dgamma.data<float>(), dbeta.data<float>());
   return {dx, dgamma, dbeta};
 }

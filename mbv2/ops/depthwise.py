@@ -53,9 +53,11 @@ SOURCE = Path(__file__).with_name("depthwise_conv.cc")
 # Further ops compiled into the same library (and so the same cache entry and lock):
 # the fused training-mode batch norm + ReLU6 of `mbv2.ops.batch_norm`, and the 1x1 conv
 # on large maps of `mbv2.ops.pointwise` (built on Paddle's MKL where Paddle ships it).
+# depthwise_conv.cc also holds the batch norm + ReLU6 -> depthwise op of `mbv2.ops.fused`.
 EXTRA_SOURCES = (Path(__file__).with_name("batch_norm_act.cc"),
                  Path(__file__).with_name("pointwise_conv.cc"))
-HEADERS = (Path(__file__).with_name("stream_store.h"),)  # included by the sources
+HEADERS = (Path(__file__).with_name("stream_store.h"),  # included by the sources
+           Path(__file__).with_name("batch_norm_act.h"))
 CACHE_ENV = "MBV2_OPS_CACHE"
 # Only these shapes go to the op; they are what MobileNetV2 uses and what tests cover.
 SUPPORTED_KERNEL = 3

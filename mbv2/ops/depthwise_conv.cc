@@ -49,6 +49,7 @@
 #include <cstring>
 #include <vector>
 
+#include "batch_norm_act.h"
 #include "paddle/extension.h"
 #include "stream_store.h"
 
@@ -552,7 +553,54 @@ inline void LoadLaneWeights(const float* w, int64_t c0, int lanes, v8* w8) {
     for (int l = 0; l < kLanes; ++l) w8[k][l] = l < lanes ? w[(c0 + l) * 9 + k] : 0.f;
 }
 
-void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
+// The fused op's normalisation of the input, relu6(x * a[c] + b[c]) (the batch norm's
+// folded scale and shift; `a` null: none). Shared by the threads, so const: each thread
+// keeps its channel group's lane vectors (LaneCoefs) itself.
+struct LaneCoefs {
+  v8 a{}, b{};
+};
+
+struct LaneNorm {
+  const float *a = nullptr, *b = nullptr;
+
+  void load(int64_t c0, int lanes, LaneCoefs& k) const {
+    if (a == nullptr) return;
+    for (int l = 0; l < kLanes; ++l) {
+      k.a[l] = l < lanes ? a[c0 + l] : 0.f;
+      k.b[l] = l < lanes ? b[c0 + l] : 0.f;
+    }
+  }
+
+  // Normalises the plane inside buf's zero border in place (the border stays zero, as the
+  // conv pads the batch norm's output). The batch norm op's arithmetic (one FMA, then
+  // max with 0 and min with 6, a NaN kept), so the values are its output bit for bit.
+  void apply(const Geom& g, const ClGeom& cg, const LaneCoefs& k, v8* buf) const {
+    if (a == nullptr) return;
+    for (int64_t yy = 0; yy < g.h; ++yy) {
+      float* row = reinterpret_cast<float*>(buf + (yy + g.pt) * cg.wp + g.pl);
+#ifdef __AVX2__
+      const __m256 va = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.a));
+      const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
+      const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+      for (int64_t xx = 0; xx < g.w; ++xx) {
+        const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(row + xx * kLanes), va, vb);
+        _mm256_storeu_ps(row + xx * kLanes, _mm256_min_ps(six, _mm256_max_ps(zero, v)));
+      }
+#else
+      for (int64_t xx = 0; xx < g.w; ++xx)
+        for (int l = 0; l < kLanes; ++l) {
+          float v = row[xx * kLanes + l] * k.a[l] + k.b[l];
+          v = v < 0.f ? 0.f : v;
+          row[xx * kLanes + l] = v > 6.f ? 6.f : v;
+        }
+#endif
+    }
+  }
+};
+
+// norm: the fused op's input normalisation (LaneNorm), else none.
+void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
+               const LaneNorm& norm = {}) {
   const ClGeom cg = MakeClGeom(g);
   const bool stream = mbv2::StreamOutput(g.n * g.c * g.ho * g.wo, y);
   const int64_t items = cg.groups * g.n;  // group-major: weights change rarely per thread
@@ -561,13 +609,19 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
   {
     std::vector<v8> buf(static_cast<size_t>(cg.hp) * cg.wp, v8{}), out(oplane);
     v8 w8[9];
+    LaneCoefs coefs;
     int64_t cur = -1;
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t grp = it / g.n, n = it % g.n, c0 = grp * kLanes;
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.c - c0));
-      if (grp != cur) { LoadLaneWeights(w, c0, lanes, w8); cur = grp; }
+      if (grp != cur) {
+        LoadLaneWeights(w, c0, lanes, w8);
+        norm.load(c0, lanes, coefs);
+        cur = grp;
+      }
       InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
+      norm.apply(g, cg, coefs, buf.data());
       const int wp = cg.wp;
       for (int i = 0; i < g.ho; ++i) {
         const v8* r0 = buf.data() + static_cast<int64_t>(i) * g.sh * wp;
@@ -588,7 +642,7 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y) {
 }
 
 void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, float* dx,
-                float* dw) {
+                float* dw, const LaneNorm& norm = {}) {
   const ClGeom cg = MakeClGeom(g);
   const bool stream = mbv2::StreamOutput(g.n * g.c * g.h * g.w, dx);
   const int64_t items = cg.groups * g.n;
@@ -601,6 +655,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
     const int tid = omp_get_thread_num();
     std::vector<v8> buf(bufn, v8{}), dbuf(bufn), gbuf(oplane);
     v8 w8[9], acc[9];
+    LaneCoefs coefs;
     int64_t cur = -1;
     int cur_lanes = 0;
     // Float lane accumulators are flushed to double per channel group.
@@ -617,11 +672,13 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
       if (grp != cur) {
         flush();
         LoadLaneWeights(w, c0, lanes, w8);
+        norm.load(c0, lanes, coefs);
         for (auto& a : acc) a = v8{};
         cur = grp;
         cur_lanes = lanes;
       }
       InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
+      norm.apply(g, cg, coefs, buf.data());
       // dy as [pixel][lane] (no padding).
       {
         float* b = reinterpret_cast<float*>(gbuf.data());
@@ -870,3 +927,133 @@ PD_BUILD_GRAD_OP(mbv2_depthwise_conv2d)
     .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})
     .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "algo: int"})
     .SetKernelFn(PD_KERNEL(DepthwiseConvBackward));
+
+// ---------------------------------------------------------------------------------------
+// relu6(batch_norm(x)) -> depthwise conv in one op (training), for MobileNetV2's expand ->
+// depthwise pair: the batch norm's statistics pass (mbv2::BatchNormStats), then the
+// channel-lane conv with the normalisation applied to each interleaved plane while it is
+// in cache (LaneNorm), so the batch norm's output, the network's widest activation, is
+// neither written nor read back nor kept for the backward. The backward normalises x the
+// same way for the weight gradient, writes the conv's input gradient and runs the batch
+// norm's backward on it in place with the ReLU6 gate recomputed from x
+// (mbv2::BatchNormRelu6Backward). Outputs and gradients are bit-identical to the two ops.
+// Covered: what the channel-lane path takes by shape (UseCL) on planes of 8 pixels and up;
+// Python sends nothing else.
+
+namespace {
+
+void CheckChannels(const paddle::Tensor& t, int64_t c) {
+  PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32 && t.numel() == c,
+           "bn_relu6_depthwise: batch norm parameters and statistics must be float32 CPU "
+           "vectors of C elements");
+}
+
+Geom FusedGeom(const paddle::Tensor& x, const paddle::Tensor& w, const std::vector<int>& strides,
+               const std::vector<int>& paddings) {
+  CheckInput(x, "x");
+  CheckInput(w, "weight");
+  const Geom g = MakeGeom(x.shape(), w.shape(), strides, paddings);
+  PD_CHECK(g.n > 0 && g.c > 0 && g.h * g.w >= 8 && UseCL(g, 0),
+           "bn_relu6_depthwise: the shape is not one the fused op covers");
+  return g;
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> BnDepthwiseForward(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                               const paddle::Tensor& bias,
+                                               const paddle::Tensor& running_mean,
+                                               const paddle::Tensor& running_var,
+                                               const paddle::Tensor& weight,
+                                               const std::vector<int>& strides,
+                                               const std::vector<int>& paddings, float epsilon,
+                                               float momentum) {
+  const Geom g = FusedGeom(x, weight, strides, paddings);
+  for (auto* t : {&scale, &bias, &running_mean, &running_var}) CheckChannels(*t, g.c);
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
+  auto mean = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto invstd = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto folded = paddle::empty({2 * g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  float* ab = folded.data<float>();
+  // running statistics updated in place, as the batch norm op does
+  mbv2::BatchNormStats(g.n, g.c, g.h * g.w, xc.data<float>(), scale.data<float>(),
+                       bias.data<float>(), epsilon, momentum, mean.data<float>(),
+                       invstd.data<float>(), const_cast<float*>(running_mean.data<float>()),
+                       const_cast<float*>(running_var.data<float>()), ab, ab + g.c);
+  auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  LaneNorm norm;
+  norm.a = ab;
+  norm.b = ab + g.c;
+  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(), norm);
+  return {y, mean, invstd, folded};
+}
+
+std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                                const paddle::Tensor& weight,
+                                                const paddle::Tensor& mean,
+                                                const paddle::Tensor& invstd,
+                                                const paddle::Tensor& folded,
+                                                const paddle::Tensor& dy,
+                                                const std::vector<int>& strides,
+                                                const std::vector<int>& paddings, float epsilon,
+                                                float momentum) {
+  CheckInput(dy, "out_grad");
+  const Geom g = FusedGeom(x, weight, strides, paddings);
+  PD_CHECK(folded.numel() == 2 * g.c, "bn_relu6_depthwise: folded scale/shift of the wrong size");
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
+  const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
+  const float* ab = folded.data<float>();
+  // the conv's input gradient, then the batch norm's input gradient in the same buffer
+  auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  LaneNorm norm;
+  norm.a = ab;
+  norm.b = ab + g.c;
+  BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
+             dw.data<float>(), norm);
+  auto dgamma = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dbeta = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  mbv2::BatchNormRelu6Backward(g.n, g.c, g.h * g.w, xc.data<float>(), scale.data<float>(), ab,
+                               ab + g.c, mean.data<float>(), invstd.data<float>(),
+                               dx.data<float>(), dx.data<float>(), dgamma.data<float>(),
+                               dbeta.data<float>());
+  return {dx, dgamma, dbeta, dw};
+}
+
+std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>& w_shape, const std::vector<int>& strides,
+    const std::vector<int>& paddings, float, float) {
+  const int64_t c = x_shape[1];
+  return {DepthwiseConvInferShape(x_shape, w_shape, strides, paddings, 0)[0], {c}, {c},
+          {c < 0 ? -1 : 2 * c}};
+}
+
+std::vector<paddle::DataType> BnDepthwiseInferDtype(const paddle::DataType& x_dtype,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&) {
+  return {x_dtype, x_dtype, x_dtype, x_dtype};
+}
+
+PD_BUILD_OP(mbv2_bn_relu6_depthwise)
+    .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight"})
+    .Outputs({"Out", "SavedMean", "SavedInvStd", "Folded"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
+            "momentum: float"})
+    .SetKernelFn(PD_KERNEL(BnDepthwiseForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(BnDepthwiseInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(BnDepthwiseInferDtype));
+
+PD_BUILD_GRAD_OP(mbv2_bn_relu6_depthwise)
+    .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias"),
+              paddle::Grad("Weight")})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
+            "momentum: float"})
+    .SetKernelFn(PD_KERNEL(BnDepthwiseBackward));
