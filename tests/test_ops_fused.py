@@ -14,6 +14,8 @@ import paddle.nn.functional as F
 from mbv2.model import MobileNetV2
 from mbv2.ops import CPU_KERNELS, fused
 from mbv2.ops import batch_norm as fbn
+from mbv2.ops import depthwise as dw
+from mbv2.ops import pointwise as pw
 
 # the ops at the thread count the runs use (conftest.op_threads)
 pytestmark = pytest.mark.usefixtures("op_threads")
@@ -43,7 +45,7 @@ def run(shape, stride, fuse: bool, seed=0):
     bn, conv = _layers(shape[1], stride, rng)
     x = paddle.to_tensor(xn, stop_gradient=False)
     if fuse:
-        assert fused.covers(x, bn, conv)
+        assert fused.depthwise_covers(x, bn, conv)
         z = fused.bn_relu6_depthwise(x, bn, conv)
     else:
         z = CPU_KERNELS.conv(conv, fbn.batch_norm_act(x, bn, True))
@@ -116,27 +118,31 @@ def test_covers_only_what_the_op_takes(kernel):
     rng = np.random.default_rng(1)
     bn, conv = _layers(16, 1, rng)
     x = paddle.randn([2, 16, 8, 8])
-    assert fused.covers(x, bn, conv)
-    assert not fused.covers(paddle.randn([2, 16, 2, 2]), bn, conv)  # planes under 8 pixels
+    assert fused.depthwise_covers(x, bn, conv)
+    assert not fused.depthwise_covers(paddle.randn([2, 16, 2, 2]), bn, conv)  # planes under 8 pixels
     bn.eval()
-    assert not fused.covers(x, bn, conv)  # running statistics: the inference op's business
+    assert not fused.depthwise_covers(x, bn, conv)  # running statistics: the inference op's business
     bn.train()
     bn3, conv3 = _layers(3, 1, rng)
-    assert not fused.covers(paddle.randn([2, 3, 40, 40]), bn3, conv3)  # the flat path's shape
-    assert not fused.covers(x.astype("float64"), bn, conv)
+    assert not fused.depthwise_covers(paddle.randn([2, 3, 40, 40]), bn3, conv3)  # the flat path's shape
+    assert not fused.depthwise_covers(x.astype("float64"), bn, conv)
 
 
-def test_network_uses_the_fused_op_in_training(kernel, monkeypatch):
-    """A training forward of the network runs the fused op for its expand -> depthwise pairs
-    and gives the same loss and gradients as with it turned off; eval mode never calls it."""
+def test_network_uses_the_fused_ops_in_training(kernel, monkeypatch):
+    """A training step of the network runs both fused ops for its units' pairs and gives
+    the loss, gradients and running statistics of the ops run apart (the depthwise pairs
+    bit for bit, the 1x1 products to MKL's rounding); eval mode calls neither."""
     calls = []
     real = paddle._C_ops._run_custom_op
     monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
                         lambda name, *a: calls.append(name) or real(name, *a))
     x = paddle.to_tensor(np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype("float32"))
+    real_covers, real_pointwise = fused.depthwise_covers, fused.pointwise_op
+    fused_ops = (fused.OP_NAME, *fused.POINTWISE_OPS.values())
 
-    def loss_and_grads(fuse: bool):
-        monkeypatch.setattr(fused, "covers", real_covers if fuse else (lambda *a: False))
+    def step(depthwise: bool, pointwise: bool):
+        monkeypatch.setattr(fused, "depthwise_covers", real_covers if depthwise else (lambda *a: False))
+        monkeypatch.setattr(fused, "pointwise_op", real_pointwise if pointwise else (lambda *a: None))
         paddle.seed(4)
         net = MobileNetV2(class_num=10, scale=0.5)
         assert net.use_cpu_kernels(True)
@@ -144,24 +150,101 @@ def test_network_uses_the_fused_op_in_training(kernel, monkeypatch):
         calls.clear()
         loss = net(x).mean()
         loss.backward()
-        used = calls.count(fused.OP_NAME)
+        used = {op: calls.count(op) for op in fused_ops}
         # gradients of the trainable parameters, and the running statistics
         state = [p.grad.numpy() if not p.stop_gradient else p.numpy() for p in net.parameters()]
         return float(loss), state, used, net
 
-    real_covers = fused.covers
-    loss_f, grads_f, used_f, net = loss_and_grads(True)
-    loss_u, grads_u, used_u, _ = loss_and_grads(False)
-    # x0.5 at 32 px: the expand -> depthwise pairs on planes of 8 pixels and up (16x16 .. 4x4)
-    assert used_f >= 5 and used_u == 0
-    assert loss_f == loss_u
-    for a, b in zip(grads_f, grads_u):
+    loss_a, state_a, used_a, _ = step(False, False)
+    loss_d, state_d, used_d, _ = step(True, False)
+    loss_f, state_f, used_f, net = step(True, True)
+    # x0.5 at 32 px: the pairs on planes of 8 pixels and up (16x16 .. 3x3 maps)
+    assert used_a == dict.fromkeys(fused_ops, 0)
+    assert used_d[fused.OP_NAME] >= 5 and used_f[fused.OP_NAME] == used_d[fused.OP_NAME]
+    assert used_f[fused.POINTWISE_OPS[pw.OP_NAME]] >= 5
+    assert loss_d == loss_a
+    for a, b in zip(state_d, state_a):
         assert np.array_equal(a, b)
+    assert abs(loss_f - loss_a) <= 1e-5 * abs(loss_a)
+    for a, b in zip(state_f, state_a):
+        assert np.linalg.norm(a - b) <= 1e-4 * max(np.linalg.norm(b), 1e-6)
     net.eval()
     calls.clear()
     with paddle.no_grad():
         net(x)
-    assert fused.OP_NAME not in calls
+    assert not set(fused_ops) & set(calls)
+
+
+def run_pointwise(shape, c_out, fuse: bool, bf16: bool = False, seed=0):
+    """[y, dx, dgamma, dbeta, dweight, running mean, running var] of relu6(bn(x)) -> 1x1
+    conv: the fused op or the two ops."""
+    rng = np.random.default_rng(seed)
+    xn = (rng.standard_normal(shape) * 2 + 1).astype("float32")
+    bn, _ = _layers(shape[1], 1, rng)
+    conv = paddle.nn.Conv2D(shape[1], c_out, 1, bias_attr=False)
+    conv.weight.set_value((rng.standard_normal((c_out, shape[1], 1, 1)) * 0.3).astype("float32"))
+    x = paddle.to_tensor(xn, stop_gradient=False)
+    if fuse:
+        op = fused.pointwise_op(x, bn, conv, bf16)
+        assert op == fused.POINTWISE_OPS[pw.BF16_OP_NAME if bf16 else pw.OP_NAME]
+        y = fused.bn_relu6_pointwise(x, bn, conv, op)
+    else:
+        y = pw.pointwise_conv2d(fbn.batch_norm_act(x, bn, True), conv.weight, bf16=bf16)
+    up = rng.standard_normal(y.shape).astype("float32")
+    (y * paddle.to_tensor(up)).sum().backward()
+    return [y.numpy(), x.grad.numpy(), bn.weight.grad.numpy(), bn.bias.grad.numpy(),
+            conv.weight.grad.numpy(), bn._mean.numpy(), bn._variance.numpy()]
+
+
+# (n, c_in, h, w), c_out: projections and expansions, odd maps (pixel tails), maps over one
+# 1024-pixel block (a partial last block), 28x28 and 56x56 projections (the op's own
+# weight-gradient kernel on AVX-512 CPUs), 3x3 maps (the smallest it takes)
+POINTWISE_CASES = [((2, 16, 8, 8), 8), ((3, 12, 9, 11), 40), ((2, 24, 35, 35), 16),
+                   ((2, 48, 28, 28), 16), ((1, 32, 56, 56), 8), ((4, 40, 3, 3), 24),
+                   ((2, 8, 16, 16), 48)]
+
+
+@pytest.mark.parametrize("shape,c_out", POINTWISE_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_pointwise_fused_op_matches_the_two_ops(kernel, shape, c_out):
+    """The same values (the products' rounding apart), the running statistics exactly."""
+    if pw.block_op(paddle.zeros(shape), paddle.zeros([c_out, shape[1], 1, 1])) is None:
+        pytest.skip("the 1x1 op is not used for this shape here (no MKL, or no AVX-512)")
+    got, ref = run_pointwise(shape, c_out, True), run_pointwise(shape, c_out, False)
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.shape == b.shape, name
+        err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+        assert err <= 1e-5, (name, err)
+    for name, a, b in zip(NAMES[-2:], got[-2:], ref[-2:]):
+        assert np.array_equal(a, b), name
+
+
+def test_pointwise_fused_op_bf16(kernel):
+    """trainer.amp: the bfloat16 variant where the 1x1 op would take its bfloat16 products,
+    the same values as the two ops with bfloat16 products (to bfloat16 rounding)."""
+    k = dw.load_kernel()
+    if not k.pointwise_bf16:
+        pytest.skip("no bfloat16 op here (needs Paddle's oneDNN)")
+    shape, c_out = (2, 64, 14, 14), 384
+    got, ref = run_pointwise(shape, c_out, True, True), run_pointwise(shape, c_out, False, True)
+    for name, a, b in zip(NAMES, got, ref):
+        err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+        assert err <= 1e-5, (name, err)
+
+
+def test_pointwise_op_covers_only_what_it_takes(kernel):
+    rng = np.random.default_rng(3)
+    bn, _ = _layers(16, 1, rng)
+    conv = paddle.nn.Conv2D(16, 8, 1, bias_attr=False)
+    x = paddle.randn([2, 16, 8, 8])
+    if pw.block_op(x, conv.weight) is None:
+        pytest.skip("the 1x1 op is not used here")
+    assert fused.pointwise_op(x, bn, conv) == fused.POINTWISE_OPS[pw.OP_NAME]
+    assert fused.pointwise_op(paddle.randn([2, 16, 2, 2]), bn, conv) is None  # the rows op's maps
+    strided = paddle.nn.Conv2D(16, 8, 1, stride=2, bias_attr=False)
+    assert fused.pointwise_op(x, bn, strided) is None
+    bn.eval()
+    assert fused.pointwise_op(x, bn, conv) is None
 
 
 def test_layers_with_forward_hooks_run_as_layers(kernel, monkeypatch):

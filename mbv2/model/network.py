@@ -58,8 +58,8 @@ class InvertedResidualUnit(nn.Layer):
         self._linear_conv = ConvBNLayer(hidden, out_channels, 1, 1, 0)
 
     def forward(self, x, ifshortcut: bool):
-        y = self._expand_conv._ops.expand_depthwise(self._expand_conv, self._bottleneck_conv, x)
-        y = self._linear_conv(y, if_act=False)
+        y = self._expand_conv._ops.inverted_residual(self._expand_conv, self._bottleneck_conv,
+                                                     self._linear_conv, x)
         return paddle.add(x, y) if ifshortcut else y
 
 

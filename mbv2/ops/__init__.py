@@ -7,9 +7,9 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
 * `CPU_KERNELS`: mbv2's JIT-built C++ ops (`depthwise`: 3x3 depthwise conv, `batch_norm`:
   fused batch norm + ReLU6 in training and eval), 1x1 convs on small maps as one matrix
   product and on large ones as per-block MKL GEMMs (`pointwise`), and the global average
-  pool as a mean over the flattened plane. In training, an inverted residual unit's
-  expand batch norm + ReLU6 is folded into its depthwise conv (`fused`: that activation
-  is never written). Each wrapper sends a shape it does not cover to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
+  pool as a mean over the flattened plane. In training, an inverted residual unit's two
+  batch norm + ReLU6 outputs are folded into the convs that read them (`fused`: those
+  activations are never written). Each wrapper sends a shape it does not cover to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
   (`trainer.amp` on CPU, `mixed_precision`).
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
@@ -44,9 +44,10 @@ class Ops:
         y = bn(conv(x))
         return F.relu6(y) if act else y
 
-    def expand_depthwise(self, expand: nn.Layer, depthwise: nn.Layer, x):
-        """The first two ConvBNLayers of an inverted residual unit, both with ReLU6."""
-        return depthwise(expand(x, if_act=True), if_act=True)
+    def inverted_residual(self, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer, x):
+        """An inverted residual unit's three ConvBNLayers (ReLU6, ReLU6, linear), before
+        its shortcut."""
+        return linear(depthwise(expand(x, if_act=True), if_act=True), if_act=False)
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         """`pool(x)` for the network's AdaptiveAvgPool2D(1)."""
@@ -74,19 +75,25 @@ class CpuKernels(Ops):
     def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
         return batch_norm_act(self.conv(conv, x), bn, act)
 
-    def expand_depthwise(self, expand: nn.Layer, depthwise: nn.Layer, x):
-        """As Ops', with the expand layer's batch norm + ReLU6 folded into the depthwise
-        conv where the fused op covers it (`fused`). Layers with forward hooks run as
-        layers, so the hooks see their calls."""
-        if _hooked(expand) or _hooked(depthwise):
-            return super().expand_depthwise(expand, depthwise, x)
+    def inverted_residual(self, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer, x):
+        """As Ops', with each ReLU6 batch norm folded into the conv after it where a fused
+        op covers the pair (`fused`). Layers with forward hooks run as layers, so the hooks
+        see their calls."""
+        if _hooked(expand) or _hooked(depthwise) or _hooked(linear):
+            return super().inverted_residual(expand, depthwise, linear, x)
         y = self.conv(expand._conv, x)
-        bn, dconv = expand._batch_norm, depthwise._conv
-        if fused.covers(y, bn, dconv):
-            z = fused.bn_relu6_depthwise(y, bn, dconv)
+        bn, conv = expand._batch_norm, depthwise._conv
+        if fused.depthwise_covers(y, bn, conv):
+            z = fused.bn_relu6_depthwise(y, bn, conv)
         else:
-            z = self.conv(dconv, batch_norm_act(y, bn, True))
-        return batch_norm_act(z, depthwise._batch_norm, True)
+            z = self.conv(conv, batch_norm_act(y, bn, True))
+        bn, conv = depthwise._batch_norm, linear._conv
+        op = fused.pointwise_op(z, bn, conv, self.bf16)
+        if op is not None:
+            p = fused.bn_relu6_pointwise(z, bn, conv, op)
+        else:
+            p = self.conv(conv, batch_norm_act(z, bn, True))
+        return batch_norm_act(p, linear._batch_norm, False)
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         # A mean over the flattened plane: Paddle's CPU pool2d took 1.96 ms forward +

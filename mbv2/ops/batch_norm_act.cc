@@ -676,22 +676,47 @@ void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
 
 }  // namespace
 
-void mbv2::BatchNormStats(int64_t n, int64_t c, int64_t hw, const float* x, const float* gamma,
-                          const float* beta, float eps, float momentum, float* saved_mean,
-                          float* saved_invstd, float* run_mean, float* run_var, float* a,
-                          float* b) {
-  PD_CHECK(hw >= kSmallPlane, "batch_norm_act: the fused op needs planes of 8 pixels and up");
-  Forward({n, c, hw}, x, gamma, beta, eps, momentum, true, nullptr, nullptr, saved_mean,
-          saved_invstd, run_mean, run_var, a, b);
+std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(const paddle::Tensor& x,
+                                                      const paddle::Tensor& scale,
+                                                      const paddle::Tensor& bias,
+                                                      const paddle::Tensor& running_mean,
+                                                      const paddle::Tensor& running_var,
+                                                      float eps, float momentum,
+                                                      const char* op) {
+  const Dims d = GetDims(x);
+  PD_CHECK(d.hw >= kSmallPlane, op, ": planes of 8 pixels and up only");
+  for (auto* t : {&scale, &bias, &running_mean, &running_var})
+    PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32 && t->numel() == d.c, op,
+             ": batch norm parameters and statistics must be float32 CPU vectors of C elements");
+  auto mean = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto invstd = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto folded = paddle::empty({2 * d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  float* ab = folded.data<float>();
+  // running statistics updated in place, as the batch norm op does
+  Forward(d, x.data<float>(), scale.data<float>(), bias.data<float>(), eps, momentum, true,
+          nullptr, nullptr, mean.data<float>(), invstd.data<float>(),
+          const_cast<float*>(running_mean.data<float>()),
+          const_cast<float*>(running_var.data<float>()), ab, ab + d.c);
+  return {mean, invstd, folded};
 }
 
-void mbv2::BatchNormRelu6Backward(int64_t n, int64_t c, int64_t hw, const float* x,
-                                  const float* gamma, const float* a, const float* b,
-                                  const float* mean, const float* invstd, const float* dy,
-                                  float* dx, float* dgamma, float* dbeta) {
-  PD_CHECK(hw >= kSmallPlane, "batch_norm_act: the fused op needs planes of 8 pixels and up");
-  Backward<true>({n, c, hw}, x, gamma, nullptr, nullptr, a, b, mean, invstd, dy, dx, dgamma,
-                 dbeta);
+std::vector<paddle::Tensor> mbv2::FusedBatchNormBackward(const paddle::Tensor& x,
+                                                         const paddle::Tensor& scale,
+                                                         const paddle::Tensor& mean,
+                                                         const paddle::Tensor& invstd,
+                                                         const paddle::Tensor& folded,
+                                                         paddle::Tensor& dy) {
+  const Dims d = GetDims(x);
+  PD_CHECK(d.hw >= kSmallPlane && folded.numel() == 2 * d.c,
+           "batch_norm_act: a fused op's folded scale/shift or plane of the wrong size");
+  auto dgamma = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dbeta = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* ab = folded.data<float>();
+  float* g = dy.data<float>();
+  Backward<true>(d, x.data<float>(), scale.data<float>(), nullptr, nullptr, ab, ab + d.c,
+                 mean.data<float>(), invstd.data<float>(), g, g, dgamma.data<float>(),
+                 dbeta.data<float>());
+  return {dgamma, dbeta};
 }
 
 // Bytes of the ReLU6 gate output: one bit a pixel per plane where Backward reads it (act,

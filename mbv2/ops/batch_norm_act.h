@@ -1,26 +1,49 @@
-// What the fused batch norm + ReLU6 -> depthwise conv op (depthwise_conv.cc) takes from
-// the batch norm op (batch_norm_act.cc): its training-mode statistics without the pass
-// that writes y, and its backward with the ReLU6 gate recomputed from x. NCHW float32,
-// planes of at least 8 pixels (hw = H * W); OpenMP threads as the batch norm op's.
+// What the fused batch norm + ReLU6 -> conv ops (mbv2_bn_relu6_depthwise in
+// depthwise_conv.cc, mbv2_bn_relu6_pointwise in pointwise_conv.cc) take from the batch norm
+// op (batch_norm_act.cc): its training-mode statistics without the pass that writes y, and
+// its backward with the ReLU6 gate recomputed from x. NCHW float32 CPU tensors, planes of
+// at least 8 pixels; the batch norm op's arithmetic and threads, so its results bit for bit.
 #pragma once
 
 #include <cstdint>
+#include <vector>
+
+#include "paddle/extension.h"
 
 namespace mbv2 {
 
-// Batch statistics of x (n x c x hw): saved mean and 1/sqrt(var + eps), the running
-// statistics updated in place, and the folded a, b of relu6(bn(x)) = clamp(x * a + b, 0, 6)
-// (c floats each), the same values the batch norm op computes.
-void BatchNormStats(int64_t n, int64_t c, int64_t hw, const float* x, const float* gamma,
-                    const float* beta, float eps, float momentum, float* saved_mean,
-                    float* saved_invstd, float* run_mean, float* run_var, float* a, float* b);
+// x's batch statistics (x contiguous), the running statistics updated in place: {saved
+// mean, saved 1/sqrt(var + eps), folded [a (C), b (C)]} with relu6(bn(x)) = clamp(x * a +
+// b, 0, 6). `op` names the caller in errors.
+std::vector<paddle::Tensor> FusedBatchNormStats(const paddle::Tensor& x,
+                                                const paddle::Tensor& scale,
+                                                const paddle::Tensor& bias,
+                                                const paddle::Tensor& running_mean,
+                                                const paddle::Tensor& running_var, float eps,
+                                                float momentum, const char* op);
 
-// The backward of relu6(bn(x)) from dy, the gradient of its output, with the ReLU6 gate
-// recomputed from x, a and b: dx (which may be dy itself), dgamma and dbeta, bit-identical
-// to the batch norm op's backward.
-void BatchNormRelu6Backward(int64_t n, int64_t c, int64_t hw, const float* x, const float* gamma,
-                            const float* a, const float* b, const float* mean,
-                            const float* invstd, const float* dy, float* dx, float* dgamma,
-                            float* dbeta);
+// dy, the gradient of relu6(bn(x)) (contiguous, x's shape), turned into x's gradient in
+// place, the ReLU6 gate recomputed from x and the folded a, b; returns {dgamma, dbeta}.
+std::vector<paddle::Tensor> FusedBatchNormBackward(const paddle::Tensor& x,
+                                                   const paddle::Tensor& scale,
+                                                   const paddle::Tensor& mean,
+                                                   const paddle::Tensor& invstd,
+                                                   const paddle::Tensor& folded,
+                                                   paddle::Tensor& dy);
+
+// The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
+inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {
+  return {{c}, {c}, {c < 0 ? -1 : 2 * c}};
+}
+
+// The fused ops' output types: {Out, SavedMean, SavedInvStd, Folded}, all x's.
+inline std::vector<paddle::DataType> FusedInferDtype(const paddle::DataType& x_dtype,
+                                                     const paddle::DataType&,
+                                                     const paddle::DataType&,
+                                                     const paddle::DataType&,
+                                                     const paddle::DataType&,
+                                                     const paddle::DataType&) {
+  return {x_dtype, x_dtype, x_dtype, x_dtype};
+}
 
 }  // namespace mbv2

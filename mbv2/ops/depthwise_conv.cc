@@ -930,23 +930,17 @@ PD_BUILD_GRAD_OP(mbv2_depthwise_conv2d)
 
 // ---------------------------------------------------------------------------------------
 // relu6(batch_norm(x)) -> depthwise conv in one op (training), for MobileNetV2's expand ->
-// depthwise pair: the batch norm's statistics pass (mbv2::BatchNormStats), then the
+// depthwise pair: the batch norm's statistics pass (mbv2::FusedBatchNormStats), then the
 // channel-lane conv with the normalisation applied to each interleaved plane while it is
 // in cache (LaneNorm), so the batch norm's output, the network's widest activation, is
 // neither written nor read back nor kept for the backward. The backward normalises x the
 // same way for the weight gradient, writes the conv's input gradient and runs the batch
 // norm's backward on it in place with the ReLU6 gate recomputed from x
-// (mbv2::BatchNormRelu6Backward). Outputs and gradients are bit-identical to the two ops.
+// (mbv2::FusedBatchNormBackward). Outputs and gradients are bit-identical to the two ops.
 // Covered: what the channel-lane path takes by shape (UseCL) on planes of 8 pixels and up;
 // Python sends nothing else.
 
 namespace {
-
-void CheckChannels(const paddle::Tensor& t, int64_t c) {
-  PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32 && t.numel() == c,
-           "bn_relu6_depthwise: batch norm parameters and statistics must be float32 CPU "
-           "vectors of C elements");
-}
 
 Geom FusedGeom(const paddle::Tensor& x, const paddle::Tensor& w, const std::vector<int>& strides,
                const std::vector<int>& paddings) {
@@ -956,6 +950,13 @@ Geom FusedGeom(const paddle::Tensor& x, const paddle::Tensor& w, const std::vect
   PD_CHECK(g.n > 0 && g.c > 0 && g.h * g.w >= 8 && UseCL(g, 0),
            "bn_relu6_depthwise: the shape is not one the fused op covers");
   return g;
+}
+
+LaneNorm Folded(const paddle::Tensor& folded, int64_t c) {
+  LaneNorm norm;
+  norm.a = folded.data<float>();
+  norm.b = norm.a + c;
+  return norm;
 }
 
 }  // namespace
@@ -969,24 +970,13 @@ std::vector<paddle::Tensor> BnDepthwiseForward(const paddle::Tensor& x, const pa
                                                const std::vector<int>& paddings, float epsilon,
                                                float momentum) {
   const Geom g = FusedGeom(x, weight, strides, paddings);
-  for (auto* t : {&scale, &bias, &running_mean, &running_var}) CheckChannels(*t, g.c);
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
-  auto mean = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto invstd = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto folded = paddle::empty({2 * g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  float* ab = folded.data<float>();
-  // running statistics updated in place, as the batch norm op does
-  mbv2::BatchNormStats(g.n, g.c, g.h * g.w, xc.data<float>(), scale.data<float>(),
-                       bias.data<float>(), epsilon, momentum, mean.data<float>(),
-                       invstd.data<float>(), const_cast<float*>(running_mean.data<float>()),
-                       const_cast<float*>(running_var.data<float>()), ab, ab + g.c);
+  auto stats = mbv2::FusedBatchNormStats(xc, scale, bias, running_mean, running_var, epsilon,
+                                         momentum, "bn_relu6_depthwise");
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  LaneNorm norm;
-  norm.a = ab;
-  norm.b = ab + g.c;
-  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(), norm);
-  return {y, mean, invstd, folded};
+  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(), Folded(stats[2], g.c));
+  return {y, stats[0], stats[1], stats[2]};
 }
 
 std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
@@ -1004,22 +994,13 @@ std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const p
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
   const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
-  const float* ab = folded.data<float>();
   // the conv's input gradient, then the batch norm's input gradient in the same buffer
   auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  LaneNorm norm;
-  norm.a = ab;
-  norm.b = ab + g.c;
   BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
-             dw.data<float>(), norm);
-  auto dgamma = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto dbeta = paddle::empty({g.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  mbv2::BatchNormRelu6Backward(g.n, g.c, g.h * g.w, xc.data<float>(), scale.data<float>(), ab,
-                               ab + g.c, mean.data<float>(), invstd.data<float>(),
-                               dx.data<float>(), dx.data<float>(), dgamma.data<float>(),
-                               dbeta.data<float>());
-  return {dx, dgamma, dbeta, dw};
+             dw.data<float>(), Folded(folded, g.c));
+  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, dx);
+  return {dx, dbn[0], dbn[1], dw};
 }
 
 std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
@@ -1027,18 +1008,9 @@ std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
     const std::vector<int64_t>& w_shape, const std::vector<int>& strides,
     const std::vector<int>& paddings, float, float) {
-  const int64_t c = x_shape[1];
-  return {DepthwiseConvInferShape(x_shape, w_shape, strides, paddings, 0)[0], {c}, {c},
-          {c < 0 ? -1 : 2 * c}};
-}
-
-std::vector<paddle::DataType> BnDepthwiseInferDtype(const paddle::DataType& x_dtype,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&) {
-  return {x_dtype, x_dtype, x_dtype, x_dtype};
+  auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
+  shapes.insert(shapes.begin(), DepthwiseConvInferShape(x_shape, w_shape, strides, paddings, 0)[0]);
+  return shapes;
 }
 
 PD_BUILD_OP(mbv2_bn_relu6_depthwise)
@@ -1048,7 +1020,7 @@ PD_BUILD_OP(mbv2_bn_relu6_depthwise)
             "momentum: float"})
     .SetKernelFn(PD_KERNEL(BnDepthwiseForward))
     .SetInferShapeFn(PD_INFER_SHAPE(BnDepthwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(BnDepthwiseInferDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype));
 
 PD_BUILD_GRAD_OP(mbv2_bn_relu6_depthwise)
     .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Out")})

@@ -1,18 +1,21 @@
-"""relu6(batch_norm(x)) folded into the depthwise conv that reads it, in training on CPU:
-the `mbv2_bn_relu6_depthwise` op (`depthwise_conv.cc`, built into the depthwise conv's
-library by `depthwise.load_kernel`).
+"""relu6(batch_norm(x)) folded into the conv that reads it, in training on CPU: the
+`mbv2_bn_relu6_depthwise` op (`depthwise_conv.cc`) and the `mbv2_bn_relu6_pointwise` op
+(`pointwise_conv.cc`, and its bfloat16 variant), built into the depthwise conv's library
+by `depthwise.load_kernel`.
 
-In an inverted residual unit the expand 1x1 conv's batch norm + ReLU6 feeds the 3x3
-depthwise conv; its output is the network's widest activation (6x the unit's channels, at
-the unit's input resolution). The op runs the batch norm's statistics pass, then the
-depthwise conv with the normalisation applied to each input plane while it is in cache,
-so that activation is never written, read back, or kept for the backward (which
-recomputes it the same way). Outputs, gradients and running statistics are bit-identical
-to `batch_norm_act` followed by `depthwise_conv2d`.
+An inverted residual unit has two: the expand 1x1 conv's batch norm + ReLU6 feeds the 3x3
+depthwise conv (the network's widest activation, 6x the unit's channels at its input
+resolution), and the depthwise conv's feeds the projection 1x1 conv. Each op runs the
+batch norm's statistics pass, then the conv with the normalisation applied to each input
+plane or block while it is in cache, so the batch norm's output is never written, read
+back, or kept for the backward (which recomputes it the same way). The depthwise op is
+bit-identical to `batch_norm_act` followed by `depthwise_conv2d`; the 1x1 op computes the
+same values, its products rounded as MKL rounds a contiguous block.
 
-`covers(x, bn, conv)` says where the op applies (training-mode batch statistics on float32
-NCHW CPU tensors, a 3x3 depthwise conv that the op library's channel-lane path takes,
-planes of 8 pixels and up); `CpuKernels.expand_depthwise` runs the two ops elsewhere.
+`depthwise_covers(x, bn, conv)` and `pointwise_op(x, bn, conv, bf16)` say where they apply
+(training-mode batch statistics on float32 NCHW CPU tensors, planes of 8 pixels and up, a
+conv shape the library's own paths take); `CpuKernels.inverted_residual` runs the ops
+apart elsewhere.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ import paddle.nn as nn
 
 from mbv2.ops import batch_norm as _bn
 from mbv2.ops import depthwise as _dw
+from mbv2.ops import pointwise as _pw
 
 OP_NAME = "mbv2_bn_relu6_depthwise"
+POINTWISE_OPS = {_pw.OP_NAME: "mbv2_bn_relu6_pointwise",
+                 _pw.BF16_OP_NAME: "mbv2_bn_relu6_pointwise_bf16"}
 # the op library's channel-lane path by shape (UseCL in depthwise_conv.cc): a full group of
 # channel lanes, or rows up to 32 wide, or stride 2
 LANES, CL_MAX_WIDTH = 8, 32
@@ -42,7 +48,7 @@ def _conv_args(x: paddle.Tensor, conv: nn.Conv2D) -> tuple[list[int], list[int]]
     return strides, pads
 
 
-def covers(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> bool:
+def depthwise_covers(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> bool:
     """Whether `bn_relu6_depthwise(x, bn, conv)` runs the fused op (else the caller runs
     the batch norm and the conv apart)."""
     if not _bn._use_op(x, bn):
@@ -60,7 +66,7 @@ def covers(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> bool:
 
 
 def bn_relu6_depthwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> paddle.Tensor:
-    """`conv(relu6(bn(x)))` through the fused op; only where `covers(x, bn, conv)`."""
+    """`conv(relu6(bn(x)))` through the fused op; only where `depthwise_covers(x, bn, conv)`."""
     strides, pads = _conv_args(x, conv)
     weight, scale, bias = conv.weight, bn.weight, bn.bias
     if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
@@ -68,4 +74,30 @@ def bn_relu6_depthwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) ->
         x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
     outs = paddle._C_ops._run_custom_op(OP_NAME, x, scale, bias, bn._mean, bn._variance, weight,
                                         strides, pads, float(bn._epsilon), float(bn._momentum))
+    return outs[0]
+
+
+def pointwise_op(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
+                 bf16: bool = False) -> str | None:
+    """The fused op that runs `conv(relu6(bn(x)))` for a bias-free 1x1 conv (the float32
+    one, or with bf16 its bfloat16 variant where `pointwise_conv2d` would pick that), or
+    None where the fused op does not apply."""
+    if not _bn._use_op(x, bn) or x.shape[2] * x.shape[3] < MIN_PLANE:
+        return None
+    if (conv._groups != 1 or conv.bias is not None or tuple(conv._kernel_size) != (1, 1)
+            or tuple(conv._stride) != (1, 1) or tuple(conv._dilation) != (1, 1)
+            or _dw._pad4(conv._padding) != [0, 0, 0, 0]
+            or getattr(conv, "_data_format", "NCHW") != "NCHW"):
+        return None
+    return POINTWISE_OPS.get(_pw.block_op(x, conv.weight, bf16))
+
+
+def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
+                       op: str) -> paddle.Tensor:
+    """`conv(relu6(bn(x)))` through `op`, what `pointwise_op` gave."""
+    weight, scale, bias = conv.weight, bn.weight, bn.bias
+    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
+        x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
+    outs = paddle._C_ops._run_custom_op(op, x, scale, bias, bn._mean, bn._variance, weight,
+                                        float(bn._epsilon), float(bn._momentum))
     return outs[0]

@@ -106,6 +106,17 @@ def _op(x: paddle.Tensor, weight: paddle.Tensor, name: str = OP_NAME, *attrs) ->
     return paddle._C_ops._run_custom_op(name, x, weight, *attrs)[0]
 
 
+def block_op(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False) -> str | None:
+    """The per-block op (OP_NAME or its bfloat16 variant) that `pointwise_conv2d` runs for
+    this map over 2x2, or None where it runs something else."""
+    c, h, w = x.shape[1:]
+    if h * w <= MAX_PLANE or not _use_op(x, weight):
+        return None
+    if bf16 and _bf16_pays(c, weight.shape[0], h * w) and _dw.load_kernel().pointwise_bf16:
+        return BF16_OP_NAME
+    return OP_NAME
+
+
 def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False) -> paddle.Tensor:
     """`F.conv2d(x, weight)` for a 1x1, stride 1, bias-free weight [C_out, C_in, 1, 1].
     bf16: the op's products from bfloat16 copies of x, weight and the gradients (float32
@@ -113,10 +124,9 @@ def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False
     n, c, h, w = x.shape
     c_out = weight.shape[0]
     if h * w > MAX_PLANE:
-        if _use_op(x, weight):
-            if bf16 and _bf16_pays(c, c_out, h * w) and _dw.load_kernel().pointwise_bf16:
-                return _op(x, weight, BF16_OP_NAME)
-            return _op(x, weight)
+        op = block_op(x, weight, bf16)
+        if op is not None:
+            return _op(x, weight, op)
         if h * w > MAX_BATCHED_PLANE:
             return F.conv2d(x, weight)
         w2d = weight.reshape([c_out, c])

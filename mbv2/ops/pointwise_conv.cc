@@ -33,6 +33,7 @@
 #include <memory>
 #include <vector>
 
+#include "batch_norm_act.h"
 #include "paddle/extension.h"
 
 #ifdef MBV2_WITH_MKL
@@ -289,41 +290,90 @@ struct Bf16Scratch {
   uint16_t* of(int t) { return buf.data() + t * each; }
 };
 
+// The fused op's normalisation of the input (mbv2_bn_relu6_pointwise below): relu6(x *
+// a[c] + b[c]), the batch norm's folded scale and shift (`a` null: none), one block of
+// x's ci rows (row stride ld) at a time into a contiguous ci x len scratch, with the batch
+// norm op's arithmetic (one FMA, max with 0, min with 6), so its output bit for bit.
+struct BlockNorm {
+  const float *a = nullptr, *b = nullptr;
+
+  // The block to multiply and its row stride: x itself, or its normalised copy in out.
+  const float* apply(const float* x, int64_t ci, int64_t len, int64_t ld, float* out,
+                     int64_t* ld_out) const {
+    *ld_out = a == nullptr ? ld : len;
+    if (a == nullptr) return x;
+    for (int64_t c = 0; c < ci; ++c) {
+      const float* xr = x + c * ld;
+      float* o = out + c * len;
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 va = _mm256_set1_ps(a[c]), vb = _mm256_set1_ps(b[c]);
+      const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+      for (; i + 8 <= len; i += 8) {
+        const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), va, vb);
+        _mm256_storeu_ps(o + i, _mm256_min_ps(six, _mm256_max_ps(zero, v)));
+      }
+#endif
+      for (; i < len; ++i) {
+        float v = xr[i] * a[c] + b[c];
+        v = v < 0.f ? 0.f : v;
+        o[i] = v > 6.f ? 6.f : v;
+      }
+    }
+    return out;
+  }
+};
+
+// Per-thread float32 scratch of `each` values (none when !yes).
+struct FloatScratch {
+  std::vector<float> buf;
+  int64_t each;
+  FloatScratch(bool yes, int64_t each_)
+      : buf(yes ? static_cast<size_t>(omp_get_max_threads()) * each_ : 0), each(each_) {}
+  float* of(int t) { return buf.empty() ? nullptr : buf.data() + t * each; }
+};
+
 }  // namespace
+
+// y = W x a block at a time, x normalised first where `norm` says (the fused op).
+template <bool BF16>
+void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
+                   const BlockNorm& norm) {
+  const int hw = static_cast<int>(s.hw);
+  const int64_t blk = std::min(kBlock, s.hw);
+  const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
+  Bf16Scratch xs(BF16 ? omp_get_max_threads() : 0, s.ci * blk);
+  FloatScratch xn(norm.a != nullptr, s.ci * blk);
+  ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
+    int64_t ldx;
+    const float* xb = norm.apply(xp + n * s.ci * s.hw + p0, s.ci, len, s.hw, xn.of(t), &ldx);
+    float* yb = yp + n * s.co * s.hw + p0;
+    if (BF16) {
+      ToBf16(xb, s.ci, len, ldx, xs.of(t));
+      GemmBf16('N', 'N', s.co, len, s.ci, wb.get(), s.ci, xs.of(t), len, 0.f, yb, s.hw);
+    } else {
+      cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, s.ci, 1.f, wp, s.ci, xb,
+                  static_cast<int>(ldx), 0.f, yb, hw);
+    }
+  });
+}
 
 template <bool BF16>
 std::vector<paddle::Tensor> PointwiseForward(const paddle::Tensor& x, const paddle::Tensor& w) {
   CheckFloat32(x, w);
   const Shape s = GetShape(x, w);
   ForwardIo io(x, w, s);
-  const float *xp = io.x.data<float>(), *wp = io.w.data<float>();
-  float* yp = io.y.data<float>();
-  const int hw = static_cast<int>(s.hw);
-  const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
-  Bf16Scratch xs(BF16 ? omp_get_max_threads() : 0, s.ci * std::min(kBlock, s.hw));
-  ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
-    const float* xb = xp + n * s.ci * s.hw + p0;
-    float* yb = yp + n * s.co * s.hw + p0;
-    if (BF16) {
-      ToBf16(xb, s.ci, len, s.hw, xs.of(t));
-      GemmBf16('N', 'N', s.co, len, s.ci, wb.get(), s.ci, xs.of(t), len, 0.f, yb, s.hw);
-    } else {
-      cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, s.ci, 1.f, wp, s.ci, xb, hw, 0.f,
-                  yb, hw);
-    }
-  });
+  ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(), {});
   return {io.y};
 }
 
-// dx = W^T dy and dw = dy x^T a block at a time. BF16: both products from bfloat16 copies
-// of the block, except a weight gradient the dot kernel takes (float32: memory-bound).
+// dx = W^T dy and dw = dy x^T a block at a time, x normalised first where `norm` says (the
+// fused op: dx is then the gradient of the normalised input). BF16: both products from
+// bfloat16 copies of the block, except a weight gradient the dot kernel takes (float32:
+// memory-bound).
 template <bool BF16>
-std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                               const paddle::Tensor& dy) {
-  const Shape s = GetShape(x, w);
-  BackwardIo io(x, w, dy);
-  const float *xp = io.x.data<float>(), *wp = io.w.data<float>(), *gp = io.dy.data<float>();
-  float *dxp = io.dx.data<float>(), *dwp = io.dw.data<float>();
+void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const float* gp,
+                    float* dxp, float* dwp, const BlockNorm& norm) {
   const int hw = static_cast<int>(s.hw);
   const int64_t wsize = s.co * s.ci;
   const int threads = omp_get_max_threads();
@@ -332,9 +382,11 @@ std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const pad
   const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
+  FloatScratch xn(norm.a != nullptr, s.ci * blk);
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
     const float* g = gp + n * s.co * s.hw + p0;
-    const float* xb = xp + n * s.ci * s.hw + p0;
+    int64_t ldx;
+    const float* xb = norm.apply(xp + n * s.ci * s.hw + p0, s.ci, len, s.hw, xn.of(t), &ldx);
     float* dxb = dxp + n * s.ci * s.hw + p0;
     float* acc = part.data() + t * wsize;
     if (BF16) {
@@ -345,19 +397,27 @@ std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const pad
                   hw);
     }
     if (dot) {
-      DotProducts(g, s.hw, xb, s.hw, s.co, s.ci, len, acc);
+      DotProducts(g, s.hw, xb, ldx, s.co, s.ci, len, acc);
     } else if (BF16) {
-      ToBf16(xb, s.ci, len, s.hw, xs.of(t));
+      ToBf16(xb, s.ci, len, ldx, xs.of(t));
       GemmBf16('N', 'T', s.co, s.ci, len, gs.of(t), len, xs.of(t), len, 1.f, acc, s.ci);
     } else {
-      cblas_sgemm(kRowMajor, kNoTrans, kTrans, s.co, s.ci, len, 1.f, g, hw, xb, hw, 1.f, acc,
-                  s.ci);
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, s.co, s.ci, len, 1.f, g, hw, xb,
+                  static_cast<int>(ldx), 1.f, acc, s.ci);
     }
   });
   SumPartials(part, threads, wsize, dwp);
-  return {io.dx, io.dw};
 }
 
+template <bool BF16>
+std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                               const paddle::Tensor& dy) {
+  const Shape s = GetShape(x, w);
+  BackwardIo io(x, w, dy);
+  BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
+                       io.dx.data<float>(), io.dw.data<float>(), {});
+  return {io.dx, io.dw};
+}
 
 std::vector<std::vector<int64_t>> PointwiseInferShape(const std::vector<int64_t>& x_shape,
                                                       const std::vector<int64_t>& w_shape) {
@@ -385,6 +445,100 @@ std::vector<paddle::DataType> PointwiseInferDtype(const paddle::DataType& x_dtyp
 MBV2_POINTWISE_OP(mbv2_pointwise_conv2d, PointwiseForward<false>, PointwiseBackward<false>);
 #ifdef MBV2_WITH_DNNL
 MBV2_POINTWISE_OP(mbv2_pointwise_conv2d_bf16, PointwiseForward<true>, PointwiseBackward<true>);
+#endif
+
+// ---------------------------------------------------------------------------------------
+// relu6(batch_norm(x)) -> 1x1 conv in one op (training), for MobileNetV2's depthwise ->
+// projection pair: the batch norm's statistics pass (mbv2::FusedBatchNormStats), then the
+// per-block products on each block of x normalised in cache (BlockNorm), so the batch
+// norm's output is neither written nor read back nor kept for the backward, which
+// normalises the blocks again for the weight gradient, writes the gradient of the
+// normalised input and runs the batch norm's backward on it in place, the ReLU6 gate
+// recomputed from x (mbv2::FusedBatchNormBackward). Maps over 2x2 of 8 pixels and up.
+// The same values as the two ops; the products' rounding may differ where MKL's kernels
+// depend on the block's row stride or alignment (the block is now a contiguous copy).
+
+namespace {
+
+Shape FusedShape(const paddle::Tensor& x, const paddle::Tensor& w) {
+  CheckFloat32(x, w, "bn_relu6_pointwise");
+  const Shape s = GetShape(x, w);
+  PD_CHECK(s.n > 0 && s.ci > 0 && s.hw >= 8, "bn_relu6_pointwise: maps of 8 pixels and up only");
+  return s;
+}
+
+BlockNorm Folded(const paddle::Tensor& folded, int64_t c) {
+  BlockNorm norm;
+  norm.a = folded.data<float>();
+  norm.b = norm.a + c;
+  return norm;
+}
+
+}  // namespace
+
+template <bool BF16>
+std::vector<paddle::Tensor> BnPointwiseForward(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                               const paddle::Tensor& bias,
+                                               const paddle::Tensor& running_mean,
+                                               const paddle::Tensor& running_var,
+                                               const paddle::Tensor& w, float epsilon,
+                                               float momentum) {
+  const Shape s = FusedShape(x, w);
+  ForwardIo io(x, w, s);
+  auto stats = mbv2::FusedBatchNormStats(io.x, scale, bias, running_mean, running_var, epsilon,
+                                         momentum, "bn_relu6_pointwise");
+  ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(),
+                      Folded(stats[2], s.ci));
+  return {io.y, stats[0], stats[1], stats[2]};
+}
+
+template <bool BF16>
+std::vector<paddle::Tensor> BnPointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                                const paddle::Tensor& w,
+                                                const paddle::Tensor& mean,
+                                                const paddle::Tensor& invstd,
+                                                const paddle::Tensor& folded,
+                                                const paddle::Tensor& dy, float epsilon,
+                                                float momentum) {
+  const Shape s = FusedShape(x, w);
+  PD_CHECK(folded.numel() == 2 * s.ci, "bn_relu6_pointwise: folded scale/shift of the wrong size");
+  BackwardIo io(x, w, dy);
+  // the gradient of the normalised input, then the batch norm's input gradient in place
+  BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
+                       io.dx.data<float>(), io.dw.data<float>(), Folded(folded, s.ci));
+  auto dbn = mbv2::FusedBatchNormBackward(io.x, scale, mean, invstd, folded, io.dx);
+  return {io.dx, dbn[0], dbn[1], io.dw};
+}
+
+std::vector<std::vector<int64_t>> BnPointwiseInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>& w_shape, float, float) {
+  auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
+  shapes.insert(shapes.begin(), {x_shape[0], w_shape[0], x_shape[2], x_shape[3]});
+  return shapes;
+}
+
+#define MBV2_BN_POINTWISE_OP(name, forward, backward)                                       \
+  PD_BUILD_OP(name)                                                                         \
+      .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight"})                \
+      .Outputs({"Y", "SavedMean", "SavedInvStd", "Folded"})                                 \
+      .Attrs({"epsilon: float", "momentum: float"})                                         \
+      .SetKernelFn(PD_KERNEL(forward))                                                      \
+      .SetInferShapeFn(PD_INFER_SHAPE(BnPointwiseInferShape))                               \
+      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype));                              \
+  PD_BUILD_GRAD_OP(name)                                                                    \
+      .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Y")}) \
+      .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias"),             \
+                paddle::Grad("Weight")})                                                    \
+      .Attrs({"epsilon: float", "momentum: float"})                                         \
+      .SetKernelFn(PD_KERNEL(backward))
+
+MBV2_BN_POINTWISE_OP(mbv2_bn_relu6_pointwise, BnPointwiseForward<false>,
+                     BnPointwiseBackward<false>);
+#ifdef MBV2_WITH_DNNL
+MBV2_BN_POINTWISE_OP(mbv2_bn_relu6_pointwise_bf16, BnPointwiseForward<true>,
+                     BnPointwiseBackward<true>);
 #endif
 
 // Maps of at most 2x2 (P = H*W <= 4 pixels, MobileNetV2's last stages at 32 px): the
