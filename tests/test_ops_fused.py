@@ -1,7 +1,8 @@
-"""The fused batch norm + ReLU6 -> depthwise conv op (`mbv2.ops.fused`) against the two ops
-it replaces (`batch_norm_act`, then `depthwise_conv2d`): bit-identical outputs, gradients
-and running statistics over the shapes it covers, Paddle's own ops within rounding, and the
-network using it where it applies (and only there)."""
+"""The fused batch norm + ReLU6 -> conv ops (`mbv2.ops.fused`) against the two ops each
+replaces (`batch_norm_act`, then `depthwise_conv2d` or `pointwise_conv2d`): the same
+outputs, gradients and running statistics over the shapes they cover (bit for bit where the
+arithmetic is the same), Paddle's own ops within rounding, and the network using them where
+they apply (and only there)."""
 from __future__ import annotations
 
 import numpy as np
@@ -56,6 +57,25 @@ def run(shape, stride, fuse: bool, seed=0):
 
 
 NAMES = ("z", "dx", "dgamma", "dbeta", "dweight", "running_mean", "running_var")
+# summed in another order by the fused op (the batch norm backward's sums are taken as the
+# conv backward makes its input gradient): float rounding apart; the rest bit for bit
+SUMMED = ("dx", "dgamma", "dbeta")
+
+
+def assert_matches_the_two_ops(got, ref, where=""):
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.shape == b.shape, name
+        if name not in SUMMED:
+            assert np.array_equal(a, b, equal_nan=True), (where, name, float(np.abs(a - b).max()))
+            continue
+        if a.ndim == 1:  # dgamma, dbeta: sums that may cancel, against the largest
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (where, name)
+            continue
+        # dx per channel: a channel with a small gradient must not hide in the norm
+        for ch in range(a.shape[1]):
+            ac, bc = a[:, ch], b[:, ch]
+            assert np.abs(ac - bc).max() <= 1e-5 * max(np.abs(bc).max(), 1e-3), (where, name, ch)
+
 # (n, c, h, w), stride: full and partial channel groups, rows under and over a vector, odd
 # plane sizes (pixel tails in both batch norm passes), the fixed plane sizes (4x4, 8x8,
 # 16x16), planes of 56x56 and up (whole channels a thread), stride 2, a wide plane with
@@ -67,11 +87,9 @@ CASES = [((2, 8, 8, 8), 1), ((3, 11, 4, 4), 1), ((2, 16, 16, 16), 2), ((2, 5, 9,
 
 @pytest.mark.parametrize("shape,stride", CASES, ids=lambda v: "x".join(map(str, v))
                          if isinstance(v, tuple) else f"s{v}")
-def test_fused_op_is_bit_identical_to_the_two_ops(kernel, shape, stride):
+def test_fused_op_matches_the_two_ops(kernel, shape, stride):
     got, ref = run(shape, stride, True), run(shape, stride, False)
-    for name, a, b in zip(NAMES, got, ref):
-        assert a.shape == b.shape, name
-        assert np.array_equal(a, b, equal_nan=True), (name, float(np.abs(a - b).max()))
+    assert_matches_the_two_ops(got, ref)
 
 
 def test_threads_keep_their_own_channel_groups(kernel):
@@ -80,8 +98,7 @@ def test_threads_keep_their_own_channel_groups(kernel):
     threads once mixed groups here, and only sometimes: hence the repeats)."""
     for seed in range(4):
         got, ref = run((8, 96, 8, 8), 1, True, seed), run((8, 96, 8, 8), 1, False, seed)
-        for name, a, b in zip(NAMES, got, ref):
-            assert np.array_equal(a, b), (seed, name)
+        assert_matches_the_two_ops(got, ref, f"seed {seed}")
 
 
 def test_fused_op_matches_paddle(kernel):
@@ -130,8 +147,8 @@ def test_covers_only_what_the_op_takes(kernel):
 
 def test_network_uses_the_fused_ops_in_training(kernel, monkeypatch):
     """A training step of the network runs both fused ops for its units' pairs and gives
-    the loss, gradients and running statistics of the ops run apart (the depthwise pairs
-    bit for bit, the 1x1 products to MKL's rounding); eval mode calls neither."""
+    the loss, gradients and running statistics of the ops run apart (to float rounding:
+    the fused ops sum in other orders); eval mode calls neither."""
     calls = []
     real = paddle._C_ops._run_custom_op
     monkeypatch.setattr(paddle._C_ops, "_run_custom_op",
@@ -151,9 +168,9 @@ def test_network_uses_the_fused_ops_in_training(kernel, monkeypatch):
         loss = net(x).mean()
         loss.backward()
         used = {op: calls.count(op) for op in fused_ops}
-        # gradients of the trainable parameters, and the running statistics
-        state = [p.grad.numpy() if not p.stop_gradient else p.numpy() for p in net.parameters()]
-        return float(loss), state, used, net
+        grads = [p.grad.numpy() for p in net.parameters() if not p.stop_gradient]
+        stats = [p.numpy() for p in net.parameters() if p.stop_gradient]  # running mean, var
+        return float(loss), (grads, stats), used, net
 
     loss_a, state_a, used_a, _ = step(False, False)
     loss_d, state_d, used_d, _ = step(True, False)
@@ -162,12 +179,15 @@ def test_network_uses_the_fused_ops_in_training(kernel, monkeypatch):
     assert used_a == dict.fromkeys(fused_ops, 0)
     assert used_d[fused.OP_NAME] >= 5 and used_f[fused.OP_NAME] == used_d[fused.OP_NAME]
     assert used_f[fused.POINTWISE_OPS[pw.OP_NAME]] >= 5
-    assert loss_d == loss_a
-    for a, b in zip(state_d, state_a):
-        assert np.array_equal(a, b)
-    assert abs(loss_f - loss_a) <= 1e-5 * abs(loss_a)
-    for a, b in zip(state_f, state_a):
-        assert np.linalg.norm(a - b) <= 1e-4 * max(np.linalg.norm(b), 1e-6)
+    # some gradients are sums that cancel to ~0 (a linear BN's bias before the next BN):
+    # their rounding is measured against the largest gradient, not their own size
+    floor = 1e-4 * max(np.linalg.norm(b) for b in state_a[0])
+    for loss, (grads, stats) in ((loss_d, state_d), (loss_f, state_f)):
+        assert abs(loss - loss_a) <= 1e-5 * abs(loss_a)
+        for a, b in zip(grads, state_a[0]):
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + floor
+        for a, b in zip(stats, state_a[1]):
+            assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b)
     net.eval()
     calls.clear()
     with paddle.no_grad():

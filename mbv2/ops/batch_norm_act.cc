@@ -592,12 +592,15 @@ void DxPlane(const float* x, const float* dy, int64_t hw, float a, float b, floa
 }
 
 // y: read (its ReLU6 test) only for planes under kSmallPlane; larger planes read `gate`,
-// or, where fa is not null (the fused op: ACT, planes of kSmallPlane and up), recompute
+// or, where fa is not null (the fused ops: ACT, planes of kSmallPlane and up), recompute
 // it from x and the forward's folded fa, fb (RecomputedGate). dx may be dy itself.
+// sums: the channels' sums of g and g * (x - mean) (2C doubles) where the caller already
+// has them (a fused op's conv backward, which made dy), so only the dx pass runs.
 template <bool ACT>
 void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
               const uint8_t* gate, const float* fa, const float* fb, const float* mean,
-              const float* invstd, const float* dy, float* dx, float* dgamma, float* dbeta) {
+              const float* invstd, const float* dy, float* dx, float* dgamma, float* dbeta,
+              const double* sums = nullptr) {
   const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
   // dx = A * g + B * x + C0 per channel, from the channel's sums of g and g * (x - mean).
@@ -666,6 +669,12 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
     else
       DxPlane(x + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
   };
+  if (sums != nullptr) {
+    for (int64_t c = 0; c < C; ++c) finish(c, sums[c], sums[C + c]);
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < d.n * C; ++p) dx_plane(p, p % C);
+    return;
+  }
   TwoPasses(d, plane, finish, dx_plane);
 }
 
@@ -705,7 +714,8 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormBackward(const paddle::Tensor& x
                                                          const paddle::Tensor& mean,
                                                          const paddle::Tensor& invstd,
                                                          const paddle::Tensor& folded,
-                                                         paddle::Tensor& dy) {
+                                                         paddle::Tensor& dy,
+                                                         const double* sums) {
   const Dims d = GetDims(x);
   PD_CHECK(d.hw >= kSmallPlane && folded.numel() == 2 * d.c,
            "batch_norm_act: a fused op's folded scale/shift or plane of the wrong size");
@@ -715,7 +725,7 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormBackward(const paddle::Tensor& x
   float* g = dy.data<float>();
   Backward<true>(d, x.data<float>(), scale.data<float>(), nullptr, nullptr, ab, ab + d.c,
                  mean.data<float>(), invstd.data<float>(), g, g, dgamma.data<float>(),
-                 dbeta.data<float>());
+                 dbeta.data<float>(), sums);
   return {dgamma, dbeta};
 }
 
@@ -777,7 +787,7 @@ std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
   (act ? Backward<true> : Backward<false>)(
       d, xc.data<float>(), scale.data<float>(), yc.data<float>(), gate.data<uint8_t>(),
       nullptr, nullptr, mean.data<float>(), invstd.data<float>(), dyc.data<float>(), dx.data<float>(),
-      dgamma.data<float>(), dbeta.data<float>());
+      dgamma.data<float>(), dbeta.data<float>(), nullptr);
   return {dx, dgamma, dbeta};
 }
 

@@ -2,7 +2,8 @@
 // depthwise_conv.cc, mbv2_bn_relu6_pointwise in pointwise_conv.cc) take from the batch norm
 // op (batch_norm_act.cc): its training-mode statistics without the pass that writes y, and
 // its backward with the ReLU6 gate recomputed from x. NCHW float32 CPU tensors, planes of
-// at least 8 pixels; the batch norm op's arithmetic and threads, so its results bit for bit.
+// at least 8 pixels; the batch norm op's arithmetic and threads (its results bit for bit,
+// but for sums a caller takes itself).
 #pragma once
 
 #include <cstdint>
@@ -24,12 +25,16 @@ std::vector<paddle::Tensor> FusedBatchNormStats(const paddle::Tensor& x,
 
 // dy, the gradient of relu6(bn(x)) (contiguous, x's shape), turned into x's gradient in
 // place, the ReLU6 gate recomputed from x and the folded a, b; returns {dgamma, dbeta}.
+// sums: per channel c, sum(g) at [c] and sum(g * (x - mean)) at [C + c], g = dy where the
+// gate passes, where the caller summed them while making dy (then one pass over x and dy
+// instead of two); nullptr: summed here.
 std::vector<paddle::Tensor> FusedBatchNormBackward(const paddle::Tensor& x,
                                                    const paddle::Tensor& scale,
                                                    const paddle::Tensor& mean,
                                                    const paddle::Tensor& invstd,
                                                    const paddle::Tensor& folded,
-                                                   paddle::Tensor& dy);
+                                                   paddle::Tensor& dy,
+                                                   const double* sums = nullptr);
 
 // The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
 inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {

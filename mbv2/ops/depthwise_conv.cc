@@ -555,46 +555,89 @@ inline void LoadLaneWeights(const float* w, int64_t c0, int lanes, v8* w8) {
 
 // The fused op's normalisation of the input, relu6(x * a[c] + b[c]) (the batch norm's
 // folded scale and shift; `a` null: none). Shared by the threads, so const: each thread
-// keeps its channel group's lane vectors (LaneCoefs) itself.
+// keeps its channel group's lane vectors (LaneCoefs) itself. In the backward, where
+// `sums` is set, the batch norm backward's per-channel sums of g and g * (x - mean)
+// (g: the conv's input gradient where the ReLU6 passes) are taken while g is in cache
+// (Accumulate), so the batch norm backward makes one pass instead of two.
 struct LaneCoefs {
-  v8 a{}, b{};
+  v8 a{}, b{}, mean{};
 };
 
 struct LaneNorm {
   const float *a = nullptr, *b = nullptr;
+  const float* mean = nullptr;  // the batch norm's saved mean (backward with sums)
+  double* sums = nullptr;       // [sum g (C), sum g (x - mean) (C)], written at the end
 
   void load(int64_t c0, int lanes, LaneCoefs& k) const {
     if (a == nullptr) return;
     for (int l = 0; l < kLanes; ++l) {
       k.a[l] = l < lanes ? a[c0 + l] : 0.f;
       k.b[l] = l < lanes ? b[c0 + l] : 0.f;
+      k.mean[l] = l < lanes && mean != nullptr ? mean[c0 + l] : 0.f;
     }
   }
 
-  // Normalises the plane inside buf's zero border in place (the border stays zero, as the
-  // conv pads the batch norm's output). The batch norm op's arithmetic (one FMA, then
-  // max with 0 and min with 6, a NaN kept), so the values are its output bit for bit.
-  void apply(const Geom& g, const ClGeom& cg, const LaneCoefs& k, v8* buf) const {
+  // Normalises the plane inside src's zero border into dst (src itself: in place; the
+  // border stays as it is, zero, as the conv pads the batch norm's output). The batch
+  // norm op's arithmetic (one FMA, then max with 0 and min with 6, a NaN kept), so the
+  // values are its output bit for bit.
+  void apply(const Geom& g, const ClGeom& cg, const LaneCoefs& k, const v8* src, v8* dst) const {
     if (a == nullptr) return;
     for (int64_t yy = 0; yy < g.h; ++yy) {
-      float* row = reinterpret_cast<float*>(buf + (yy + g.pt) * cg.wp + g.pl);
+      const int64_t o = (yy + g.pt) * cg.wp + g.pl;
+      const float* in = reinterpret_cast<const float*>(src + o);
+      float* row = reinterpret_cast<float*>(dst + o);
 #ifdef __AVX2__
       const __m256 va = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.a));
       const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
       const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
       for (int64_t xx = 0; xx < g.w; ++xx) {
-        const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(row + xx * kLanes), va, vb);
+        const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(in + xx * kLanes), va, vb);
         _mm256_storeu_ps(row + xx * kLanes, _mm256_min_ps(six, _mm256_max_ps(zero, v)));
       }
 #else
       for (int64_t xx = 0; xx < g.w; ++xx)
         for (int l = 0; l < kLanes; ++l) {
-          float v = row[xx * kLanes + l] * k.a[l] + k.b[l];
+          float v = in[xx * kLanes + l] * k.a[l] + k.b[l];
           v = v < 0.f ? 0.f : v;
           row[xx * kLanes + l] = v > 6.f ? 6.f : v;
         }
 #endif
     }
+  }
+
+  // s += gm, q += gm * (x - mean) over n pixels, gm = g where 0 < x * a + b < 6 (the
+  // forward's gate, the batch norm op's arithmetic): x raw, g the gradient at the same
+  // pixels, both [pixel][lane].
+  static void Accumulate(const LaneCoefs& k, const v8* x, const v8* g, int64_t n, v8& s, v8& q) {
+#ifdef __AVX2__
+    const __m256 va = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.a));
+    const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
+    const __m256 vm = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.mean));
+    const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+    __m256 vs = _mm256_loadu_ps(reinterpret_cast<const float*>(&s));
+    __m256 vq = _mm256_loadu_ps(reinterpret_cast<const float*>(&q));
+    for (int64_t i = 0; i < n; ++i) {
+      const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(x + i));
+      const __m256 v = _mm256_fmadd_ps(xv, va, vb);
+      const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ),
+                                        _mm256_cmp_ps(v, six, _CMP_LT_OQ));
+      const __m256 gm =
+          _mm256_and_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(g + i)), pass);
+      vs = _mm256_add_ps(vs, gm);
+      vq = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq);
+    }
+    _mm256_storeu_ps(reinterpret_cast<float*>(&s), vs);
+    _mm256_storeu_ps(reinterpret_cast<float*>(&q), vq);
+#else
+    for (int64_t i = 0; i < n; ++i)
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = x[i][l] * k.a[l] + k.b[l];
+        const float gm = (v > 0.f && v < 6.f) ? g[i][l] : 0.f;
+        s[l] += gm;
+        q[l] += gm * (x[i][l] - k.mean[l]);
+      }
+#endif
   }
 };
 
@@ -621,7 +664,7 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
         cur = grp;
       }
       InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
-      norm.apply(g, cg, coefs, buf.data());
+      norm.apply(g, cg, coefs, buf.data(), buf.data());
       const int wp = cg.wp;
       for (int i = 0; i < g.ho; ++i) {
         const v8* r0 = buf.data() + static_cast<int64_t>(i) * g.sh * wp;
@@ -663,6 +706,9 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
   const int max_threads = omp_get_max_threads();
   std::vector<double> partial(static_cast<size_t>(max_threads) * g.c * 9, 0.0);
+  // the fused op's batch norm sums (LaneNorm::sums): per thread, then reduced in order
+  const bool bn_sums = norm.sums != nullptr;
+  std::vector<double> bn_part(bn_sums ? static_cast<size_t>(max_threads) * 2 * g.c : 0, 0.0);
   const int64_t bufn = static_cast<int64_t>(cg.hp) * cg.wp;
   // Stride 1 on planes of 7x7 and up: dx by a gather (a correlation of the bordered dy
   // with the flipped kernel), each dx pixel written once, a row at a time. Elsewhere a
@@ -680,6 +726,9 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
     const int tid = omp_get_thread_num();
     std::vector<v8> buf(bufn, v8{}), dbuf(gather ? 0 : bufn), gbuf(gather ? g.w : oplane);
     std::vector<v8> gpad(gpadn, v8{});
+    // with bn_sums the raw x stays in buf for the sums and the conv reads its normalised copy
+    std::vector<v8> nbuf(bn_sums ? bufn : 0, v8{});
+    v8* const in = bn_sums ? nbuf.data() : buf.data();
     v8 w8[9], f8[9], acc[9];
     LaneCoefs coefs;
     int64_t cur = -1;
@@ -705,7 +754,16 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
         cur_lanes = lanes;
       }
       InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
-      norm.apply(g, cg, coefs, buf.data());
+      norm.apply(g, cg, coefs, buf.data(), in);
+      v8 bs{}, bq{};  // this plane group's batch norm sums (bn_sums)
+      auto add_sums = [&]() {
+        if (!bn_sums) return;
+        double* pb = bn_part.data() + static_cast<int64_t>(tid) * 2 * g.c;
+        for (int l = 0; l < lanes; ++l) {
+          pb[c0 + l] += bs[l];
+          pb[g.c + c0 + l] += bq[l];
+        }
+      };
       const float* dyn = dy + (n * g.c + c0) * oplane;
       float* dxn = dx + (n * g.c + c0) * plane;
       const int wp = cg.wp;
@@ -721,11 +779,14 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
             o[c] = f8[0] * q0[c] + f8[1] * q0[c + 1] + f8[2] * q0[c + 2] +
                    f8[3] * q1[c] + f8[4] * q1[c + 1] + f8[5] * q1[c + 2] +
                    f8[6] * q2[c] + f8[7] * q2[c + 1] + f8[8] * q2[c + 2];
+          if (bn_sums)
+            LaneNorm::Accumulate(coefs, buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
           InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes, dxn + static_cast<int64_t>(r) * g.w,
                         plane, stream);
         }
+        add_sums();
         for (int i = 0; i < g.ho; ++i) {  // dw: dy against the input's shifted views
-          const v8* r0 = buf.data() + static_cast<int64_t>(i) * wp;
+          const v8* r0 = in + static_cast<int64_t>(i) * wp;
           const v8* r1 = r0 + wp;
           const v8* r2 = r1 + wp;
           const v8* gr = gpad.data() + static_cast<int64_t>(i + gd.pt) * gw + gd.pl;
@@ -753,7 +814,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
       std::fill(dbuf.begin(), dbuf.end(), v8{});
       for (int i = 0; i < g.ho; ++i) {
         const int64_t base = static_cast<int64_t>(i) * g.sh * wp;
-        const v8* r0 = buf.data() + base;
+        const v8* r0 = in + base;
         const v8* r1 = r0 + wp;
         const v8* r2 = r1 + wp;
         v8* d0 = dbuf.data() + base;
@@ -771,6 +832,13 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
           acc[6] += gv * r2[q]; acc[7] += gv * r2[q + 1]; acc[8] += gv * r2[q + 2];
         }
       }
+      if (bn_sums) {
+        for (int64_t yy = 0; yy < g.h; ++yy) {
+          const int64_t o = (yy + g.pt) * wp + g.pl;
+          LaneNorm::Accumulate(coefs, buf.data() + o, dbuf.data() + o, g.w, bs, bq);
+        }
+        add_sums();
+      }
       InterleaveOut(dbuf.data(), g.h, g.w, wp, static_cast<int64_t>(g.pt) * wp + g.pl, lanes,
                     dxn, plane, stream);
     }
@@ -780,6 +848,12 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
     double s = 0.0;
     for (int t = 0; t < max_threads; ++t) s += partial[static_cast<int64_t>(t) * g.c * 9 + i];
     dw[i] = static_cast<float>(s);
+  }
+  if (bn_sums) {
+    std::fill(norm.sums, norm.sums + 2 * g.c, 0.0);
+    for (int t = 0; t < max_threads; ++t)
+      for (int64_t i = 0; i < 2 * g.c; ++i)
+        norm.sums[i] += bn_part[static_cast<size_t>(t) * 2 * g.c + i];
   }
 }
 
@@ -991,9 +1065,12 @@ PD_BUILD_GRAD_OP(mbv2_depthwise_conv2d)
 // channel-lane conv with the normalisation applied to each interleaved plane while it is
 // in cache (LaneNorm), so the batch norm's output, the network's widest activation, is
 // neither written nor read back nor kept for the backward. The backward normalises x the
-// same way for the weight gradient, writes the conv's input gradient and runs the batch
-// norm's backward on it in place with the ReLU6 gate recomputed from x
-// (mbv2::FusedBatchNormBackward). Outputs and gradients are bit-identical to the two ops.
+// same way for the weight gradient, writes the conv's input gradient g, taking the batch
+// norm backward's per-channel sums of g while it is in cache (LaneNorm::Accumulate), and
+// runs the batch norm's dx pass on g in place with the ReLU6 gate recomputed from x
+// (mbv2::FusedBatchNormBackward): one pass over x and g where the batch norm op makes two.
+// The output, weight gradient and running statistics are bit-identical to the two ops';
+// dx, dgamma and dbeta sum in another order (float rounding).
 // Covered: what the channel-lane path takes by shape (UseCL) on planes of 8 pixels and up;
 // Python sends nothing else.
 
@@ -1054,9 +1131,14 @@ std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const p
   // the conv's input gradient, then the batch norm's input gradient in the same buffer
   auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  // the batch norm backward's sums taken by the conv backward as it makes dx (LaneNorm)
+  std::vector<double> sums(2 * g.c);
+  LaneNorm norm = Folded(folded, g.c);
+  norm.mean = mean.data<float>();
+  norm.sums = sums.data();
   BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
-             dw.data<float>(), Folded(folded, g.c));
-  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, dx);
+             dw.data<float>(), norm);
+  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, dx, norm.sums);
   return {dx, dbn[0], dbn[1], dw};
 }
 

@@ -8,9 +8,11 @@ depthwise conv (the network's widest activation, 6x the unit's channels at its i
 resolution), and the depthwise conv's feeds the projection 1x1 conv. Each op runs the
 batch norm's statistics pass, then the conv with the normalisation applied to each input
 plane or block while it is in cache, so the batch norm's output is never written, read
-back, or kept for the backward (which recomputes it the same way). The depthwise op is
-bit-identical to `batch_norm_act` followed by `depthwise_conv2d`; the 1x1 op computes the
-same values, its products rounded as MKL rounds a contiguous block.
+back, or kept for the backward (which recomputes it the same way, and takes the batch norm
+backward's sums while the conv's input gradient is in cache: one pass over x and that
+gradient instead of two). They compute what `batch_norm_act` followed by
+`depthwise_conv2d` or `pointwise_conv2d` computes, summed in other orders (float rounding;
+the running statistics and the depthwise op's output and weight gradient bit for bit).
 
 `depthwise_covers(x, bn, conv)` and `pointwise_op(x, bn, conv, bf16)` say where they apply
 (training-mode batch statistics on float32 NCHW CPU tensors, planes of 8 pixels and up, a

@@ -296,6 +296,54 @@ struct Bf16Scratch {
 // norm op's arithmetic (one FMA, max with 0, min with 6), so its output bit for bit.
 struct BlockNorm {
   const float *a = nullptr, *b = nullptr;
+  // backward: the batch norm's saved mean and, where set, the batch norm backward's sums
+  // [sum g (C), sum g (x - mean) (C)] taken per block as the products make g (accumulate)
+  const float* mean = nullptr;
+  double* sums = nullptr;
+
+  // part[c] += sum gm, part[ci + c] += sum gm * (x - mean[c]) over a block, gm = g where
+  // 0 < x * a + b < 6 (the forward's gate, the batch norm op's arithmetic): x raw and g
+  // (the gradient of the normalised block) ci rows of stride ld; float within the block,
+  // double across blocks, as the batch norm op sums within and across planes.
+  void accumulate(const float* x, const float* g, int64_t ci, int64_t len, int64_t ld,
+                  double* part) const {
+    for (int64_t c = 0; c < ci; ++c) {
+      const float* xr = x + c * ld;
+      const float* gr = g + c * ld;
+      const float ac = a[c], bc = b[c], mu = mean[c];
+      float ss = 0.f, qq = 0.f;
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 va = _mm256_set1_ps(ac), vb = _mm256_set1_ps(bc), vm = _mm256_set1_ps(mu);
+      const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+      __m256 vs = zero, vq = zero;
+      for (; i + 8 <= len; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(xr + i);
+        const __m256 v = _mm256_fmadd_ps(xv, va, vb);
+        const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ),
+                                          _mm256_cmp_ps(v, six, _CMP_LT_OQ));
+        const __m256 gm = _mm256_and_ps(_mm256_loadu_ps(gr + i), pass);
+        vs = _mm256_add_ps(vs, gm);
+        vq = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq);
+      }
+      alignas(32) float ls[8], lq[8];
+      _mm256_store_ps(ls, vs);
+      _mm256_store_ps(lq, vq);
+      for (int l = 0; l < 8; ++l) {
+        ss += ls[l];
+        qq += lq[l];
+      }
+#endif
+      for (; i < len; ++i) {
+        const float v = xr[i] * ac + bc;
+        const float gm = (v > 0.f && v < 6.f) ? gr[i] : 0.f;
+        ss += gm;
+        qq += gm * (xr[i] - mu);
+      }
+      part[c] += ss;
+      part[ci + c] += qq;
+    }
+  }
 
   // The block to multiply and its row stride: x itself, or its normalised copy in out.
   const float* apply(const float* x, int64_t ci, int64_t len, int64_t ld, float* out,
@@ -383,10 +431,12 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
   FloatScratch xn(norm.a != nullptr, s.ci * blk);
+  std::vector<double> bn_part(norm.sums ? static_cast<size_t>(threads) * 2 * s.ci : 0, 0.0);
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
     const float* g = gp + n * s.co * s.hw + p0;
     int64_t ldx;
-    const float* xb = norm.apply(xp + n * s.ci * s.hw + p0, s.ci, len, s.hw, xn.of(t), &ldx);
+    const float* xraw = xp + n * s.ci * s.hw + p0;
+    const float* xb = norm.apply(xraw, s.ci, len, s.hw, xn.of(t), &ldx);
     float* dxb = dxp + n * s.ci * s.hw + p0;
     float* acc = part.data() + t * wsize;
     if (BF16) {
@@ -396,6 +446,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
       cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.ci, len, s.co, 1.f, wp, s.ci, g, hw, 0.f, dxb,
                   hw);
     }
+    if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.data() + t * 2 * s.ci);
     if (dot) {
       DotProducts(g, s.hw, xb, ldx, s.co, s.ci, len, acc);
     } else if (BF16) {
@@ -407,6 +458,12 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
     }
   });
   SumPartials(part, threads, wsize, dwp);
+  if (norm.sums) {
+    std::fill(norm.sums, norm.sums + 2 * s.ci, 0.0);
+    for (int t = 0; t < threads; ++t)
+      for (int64_t i = 0; i < 2 * s.ci; ++i)
+        norm.sums[i] += bn_part[static_cast<size_t>(t) * 2 * s.ci + i];
+  }
 }
 
 template <bool BF16>
@@ -452,11 +509,13 @@ MBV2_POINTWISE_OP(mbv2_pointwise_conv2d_bf16, PointwiseForward<true>, PointwiseB
 // projection pair: the batch norm's statistics pass (mbv2::FusedBatchNormStats), then the
 // per-block products on each block of x normalised in cache (BlockNorm), so the batch
 // norm's output is neither written nor read back nor kept for the backward, which
-// normalises the blocks again for the weight gradient, writes the gradient of the
-// normalised input and runs the batch norm's backward on it in place, the ReLU6 gate
+// normalises the blocks again for the weight gradient, writes the gradient g of the
+// normalised input, taking the batch norm backward's sums of g a block at a time
+// (BlockNorm::accumulate), and runs the batch norm's dx pass on g in place, the ReLU6 gate
 // recomputed from x (mbv2::FusedBatchNormBackward). Maps over 2x2 of 8 pixels and up.
-// The same values as the two ops; the products' rounding may differ where MKL's kernels
-// depend on the block's row stride or alignment (the block is now a contiguous copy).
+// The same values as the two ops: the running statistics bit for bit, the rest to float
+// rounding (the sums' order; the products', where MKL's kernels depend on a block's
+// stride or alignment, the block now being a contiguous copy).
 
 namespace {
 
@@ -503,10 +562,15 @@ std::vector<paddle::Tensor> BnPointwiseBackward(const paddle::Tensor& x, const p
   const Shape s = FusedShape(x, w);
   PD_CHECK(folded.numel() == 2 * s.ci, "bn_relu6_pointwise: folded scale/shift of the wrong size");
   BackwardIo io(x, w, dy);
-  // the gradient of the normalised input, then the batch norm's input gradient in place
+  // the gradient of the normalised input and the batch norm backward's sums, then the
+  // batch norm's input gradient in place
+  std::vector<double> sums(2 * s.ci);
+  BlockNorm norm = Folded(folded, s.ci);
+  norm.mean = mean.data<float>();
+  norm.sums = sums.data();
   BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
-                       io.dx.data<float>(), io.dw.data<float>(), Folded(folded, s.ci));
-  auto dbn = mbv2::FusedBatchNormBackward(io.x, scale, mean, invstd, folded, io.dx);
+                       io.dx.data<float>(), io.dw.data<float>(), norm);
+  auto dbn = mbv2::FusedBatchNormBackward(io.x, scale, mean, invstd, folded, io.dx, norm.sums);
   return {io.dx, dbn[0], dbn[1], io.dw};
 }
 
