@@ -27,7 +27,7 @@ import paddle.nn.functional as F
 from mbv2.ops import fused
 from mbv2.ops.batch_norm import batch_norm_act
 from mbv2.ops.depthwise import depthwise_conv2d, load_kernel
-from mbv2.ops.pointwise import pointwise_conv2d, stem_conv2d
+from mbv2.ops.pointwise import pointwise_conv2d, pointwise_conv2d_sums, stem_conv2d
 from mbv2.runtime import has_bf16
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,13 @@ class CpuKernels(Ops):
             return pointwise_conv2d(x, conv.weight, bf16=self.bf16)
         return stem_conv2d(x, conv)
 
+    def conv_sums(self, conv: nn.Conv2D, x):
+        """(`self.conv(conv, x)`, its output's batch norm sums or None): a 1x1 conv's per-block
+        op takes them as it writes its output (`pointwise_conv2d_sums`)."""
+        if conv._groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
+            return pointwise_conv2d_sums(x, conv.weight, bf16=self.bf16)
+        return self.conv(conv, x), None
+
     def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
         return batch_norm_act(self.conv(conv, x), bn, act)
 
@@ -81,16 +88,18 @@ class CpuKernels(Ops):
         see their calls."""
         if _hooked(expand) or _hooked(depthwise) or _hooked(linear):
             return super().inverted_residual(expand, depthwise, linear, x)
-        y = self.conv(expand._conv, x)
         bn, conv = expand._batch_norm, depthwise._conv
+        # the expand conv's output sums for the fused op after it, in training
+        y, sums = (self.conv_sums(expand._conv, x) if fused.batch_stats(bn)
+                   else (self.conv(expand._conv, x), None))
         if fused.depthwise_covers(y, bn, conv):
-            z = fused.bn_relu6_depthwise(y, bn, conv)
+            z, sums = fused.bn_relu6_depthwise(y, bn, conv, sums)
         else:
-            z = self.conv(conv, batch_norm_act(y, bn, True))
+            z, sums = self.conv(conv, batch_norm_act(y, bn, True)), None
         bn, conv = depthwise._batch_norm, linear._conv
         op = fused.pointwise_op(z, bn, conv, self.bf16)
         if op is not None:
-            p = fused.bn_relu6_pointwise(z, bn, conv, op)
+            p = fused.bn_relu6_pointwise(z, bn, conv, op, sums)
         else:
             p = self.conv(conv, batch_norm_act(z, bn, True))
         return batch_norm_act(p, linear._batch_norm, False)

@@ -520,14 +520,18 @@ bool StreamOutput(const Dims& d, const float* y) {
 // gate: the ReLU6 gate of every plane (GateBytes(hw) bytes each), written when act and
 // hw >= kSmallPlane (Backward reads it there instead of y). av, bv: C floats each, the
 // folded y = x * av + bv. y == nullptr: the statistics only (no second pass, no gate).
+// given: x's sums as a fused op's producer took them (3C: sums of x - K, of (x - K)^2, K;
+// OutputSums), with y == nullptr: no pass over x at all.
 void Forward(const Dims& d, const float* x, const float* gamma, const float* beta, float eps,
              float momentum, bool act, float* y, uint8_t* gate, float* saved_mean,
-             float* saved_invstd, float* run_mean, float* run_var, float* av, float* bv) {
+             float* saved_invstd, float* run_mean, float* run_var, float* av, float* bv,
+             const double* given = nullptr) {
   const int64_t C = d.c, hw = d.hw;
   const int64_t m = d.n * d.hw;
   const float hi = act ? 6.f : INFINITY, lo = act ? 0.f : -INFINITY;
   std::vector<float> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = x[c * hw];
+  for (int64_t c = 0; c < C; ++c)
+    shift[c] = given != nullptr ? static_cast<float>(given[2 * C + c]) : x[c * hw];
   const float* k = shift.data();
   // Channel c's statistics from its sums of (x - K) and (x - K)^2: saved, running, and
   // the folded scale av[c] and shift bv[c].
@@ -548,6 +552,10 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
     av[c] = static_cast<float>(gamma[c] * invstd);
     bv[c] = static_cast<float>(beta[c] - mean * gamma[c] * invstd);
   };
+  if (given != nullptr && y == nullptr) {
+    for (int64_t c = 0; c < C; ++c) finish(c, given[c], given[C + c]);
+    return;
+  }
   if (hw < kSmallPlane) {
     const std::vector<double> tot = SmallChannelSums(d, [&](int64_t n0, int64_t n1, double* s,
                                                              double* q) {
@@ -691,9 +699,17 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(const paddle::Tensor& x,
                                                       const paddle::Tensor& running_mean,
                                                       const paddle::Tensor& running_var,
                                                       float eps, float momentum,
-                                                      const char* op) {
+                                                      const char* op,
+                                                      const paddle::optional<paddle::Tensor>& sums) {
   const Dims d = GetDims(x);
   PD_CHECK(d.hw >= kSmallPlane, op, ": planes of 8 pixels and up only");
+  const double* given = nullptr;
+  if (sums) {
+    PD_CHECK(sums->is_cpu() && sums->dtype() == paddle::DataType::FLOAT64 &&
+                 sums->numel() == 3 * d.c + 1,
+             op, ": the producer's sums must be a float64 CPU vector of 3 C + 1 elements");
+    if (sums->data<double>()[3 * d.c] != 0.0) given = sums->data<double>();  // taken
+  }
   for (auto* t : {&scale, &bias, &running_mean, &running_var})
     PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32 && t->numel() == d.c, op,
              ": batch norm parameters and statistics must be float32 CPU vectors of C elements");
@@ -705,7 +721,7 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(const paddle::Tensor& x,
   Forward(d, x.data<float>(), scale.data<float>(), bias.data<float>(), eps, momentum, true,
           nullptr, nullptr, mean.data<float>(), invstd.data<float>(),
           const_cast<float*>(running_mean.data<float>()),
-          const_cast<float*>(running_var.data<float>()), ab, ab + d.c);
+          const_cast<float*>(running_var.data<float>()), ab, ab + d.c, given);
   return {mean, invstd, folded};
 }
 

@@ -615,8 +615,9 @@ struct LaneNorm {
     const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
     const __m256 vm = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.mean));
     const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
-    __m256 vs = _mm256_loadu_ps(reinterpret_cast<const float*>(&s));
-    __m256 vq = _mm256_loadu_ps(reinterpret_cast<const float*>(&q));
+    // two accumulators a sum, alternate pixels (one would wait on its own latency)
+    __m256 vs[2] = {_mm256_loadu_ps(reinterpret_cast<const float*>(&s)), _mm256_setzero_ps()};
+    __m256 vq[2] = {_mm256_loadu_ps(reinterpret_cast<const float*>(&q)), _mm256_setzero_ps()};
     for (int64_t i = 0; i < n; ++i) {
       const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(x + i));
       const __m256 v = _mm256_fmadd_ps(xv, va, vb);
@@ -624,11 +625,11 @@ struct LaneNorm {
                                         _mm256_cmp_ps(v, six, _CMP_LT_OQ));
       const __m256 gm =
           _mm256_and_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(g + i)), pass);
-      vs = _mm256_add_ps(vs, gm);
-      vq = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq);
+      vs[i & 1] = _mm256_add_ps(vs[i & 1], gm);
+      vq[i & 1] = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq[i & 1]);
     }
-    _mm256_storeu_ps(reinterpret_cast<float*>(&s), vs);
-    _mm256_storeu_ps(reinterpret_cast<float*>(&q), vq);
+    _mm256_storeu_ps(reinterpret_cast<float*>(&s), _mm256_add_ps(vs[0], vs[1]));
+    _mm256_storeu_ps(reinterpret_cast<float*>(&q), _mm256_add_ps(vq[0], vq[1]));
 #else
     for (int64_t i = 0; i < n; ++i)
       for (int l = 0; l < kLanes; ++l) {
@@ -641,9 +642,47 @@ struct LaneNorm {
   }
 };
 
-// norm: the fused op's input normalisation (LaneNorm), else none.
+// s = sum (v[i] - k), q = sum (v[i] - k)^2 over n [pixel][lane] vectors: four
+// accumulators a sum (one would wait on its own add latency every pixel).
+inline void LaneShiftedSums(const v8* v, int64_t n, const v8& k, v8& s, v8& q) {
+  v8 s0{}, s1{}, s2{}, s3{}, q0{}, q1{}, q2{}, q3{};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const v8 d0 = v[i] - k, d1 = v[i + 1] - k, d2 = v[i + 2] - k, d3 = v[i + 3] - k;
+    s0 += d0; s1 += d1; s2 += d2; s3 += d3;
+    q0 += d0 * d0; q1 += d1 * d1; q2 += d2 * d2; q3 += d3 * d3;
+  }
+  for (; i < n; ++i) {
+    const v8 d = v[i] - k;
+    s0 += d;
+    q0 += d * d;
+  }
+  s = (s0 + s1) + (s2 + s3);
+  q = (q0 + q1) + (q2 + q3);
+}
+
+// The value of output pixel (0, 0) of image 0, channel c (a sample of the channel for
+// OutputSums' shift): its taps over the input, normalised as `norm` says.
+float FirstOutput(const Geom& g, const float* x, const float* w, const LaneNorm& norm, int64_t c) {
+  float acc = 0.f;
+  for (int ky = 0; ky < g.kh; ++ky)
+    for (int kx = 0; kx < g.kw; ++kx) {
+      const int64_t r = ky - g.pt, q = kx - g.pl;
+      if (r < 0 || r >= g.h || q < 0 || q >= g.w) continue;
+      float v = x[c * g.h * g.w + r * g.w + q];
+      if (norm.a != nullptr) v = std::min(6.f, std::max(0.f, v * norm.a[c] + norm.b[c]));
+      acc += w[(c * g.kh + ky) * g.kw + kx] * v;
+    }
+  return acc;
+}
+
+// norm: the fused op's input normalisation (LaneNorm), else none. ys: y's sums for the
+// batch norm after it (OutputSums), taken a plane group at a time while it is in cache.
 void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
-               const LaneNorm& norm = {}) {
+               const LaneNorm& norm = {}, mbv2::OutputSums* ys = nullptr) {
+  if (ys != nullptr && !ys->taken()) ys = nullptr;
+  if (ys != nullptr)
+    for (int64_t c = 0; c < g.c; ++c) ys->shift()[c] = FirstOutput(g, x, w, norm, c);
   const ClGeom cg = MakeClGeom(g);
   const bool stream = mbv2::StreamOutput(g.n * g.c * g.ho * g.wo, y);
   const int64_t items = cg.groups * g.n;  // group-major: weights change rarely per thread
@@ -676,6 +715,16 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
           o[j] = w8[0] * r0[q] + w8[1] * r0[q + 1] + w8[2] * r0[q + 2] +
                  w8[3] * r1[q] + w8[4] * r1[q + 1] + w8[5] * r1[q + 2] +
                  w8[6] * r2[q] + w8[7] * r2[q + 1] + w8[8] * r2[q + 2];
+        }
+      }
+      if (ys != nullptr) {
+        v8 k8{}, s8{}, q8{};
+        for (int l = 0; l < lanes; ++l) k8[l] = ys->shift()[c0 + l];
+        LaneShiftedSums(out.data(), oplane, k8, s8, q8);
+        double* part = ys->part(omp_get_thread_num());
+        for (int l = 0; l < lanes; ++l) {
+          part[c0 + l] += s8[l];
+          part[g.c + c0 + l] += q8[l];
         }
       }
       InterleaveOut(out.data(), g.ho, g.wo, g.wo, 0, lanes, y + (n * g.c + c0) * oplane, oplane,
@@ -1100,6 +1149,7 @@ std::vector<paddle::Tensor> BnDepthwiseForward(const paddle::Tensor& x, const pa
                                                const paddle::Tensor& running_mean,
                                                const paddle::Tensor& running_var,
                                                const paddle::Tensor& weight,
+                                               const paddle::optional<paddle::Tensor>& sums,
                                                const std::vector<int>& strides,
                                                const std::vector<int>& paddings, float epsilon,
                                                float momentum) {
@@ -1107,10 +1157,11 @@ std::vector<paddle::Tensor> BnDepthwiseForward(const paddle::Tensor& x, const pa
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
   auto stats = mbv2::FusedBatchNormStats(xc, scale, bias, running_mean, running_var, epsilon,
-                                         momentum, "bn_relu6_depthwise");
+                                         momentum, "bn_relu6_depthwise", sums);
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(), Folded(stats[2], g.c));
-  return {y, stats[0], stats[1], stats[2]};
+  mbv2::OutputSums ys(g.c, omp_get_max_threads(), g.n * g.c * g.ho * g.wo);
+  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(), Folded(stats[2], g.c), &ys);
+  return {y, stats[0], stats[1], stats[2], ys.Finish()};
 }
 
 std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
@@ -1145,21 +1196,34 @@ std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const p
 std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>&,
     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
-    const std::vector<int64_t>& w_shape, const std::vector<int>& strides,
-    const std::vector<int>& paddings, float, float) {
+    const std::vector<int64_t>& w_shape, const paddle::optional<std::vector<int64_t>>&,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float) {
   auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
   shapes.insert(shapes.begin(), DepthwiseConvInferShape(x_shape, w_shape, strides, paddings, 0)[0]);
+  shapes.push_back({x_shape[1] < 0 ? -1 : 3 * x_shape[1] + 1});
   return shapes;
 }
 
+// {Out, SavedMean, SavedInvStd, Folded} of x's type, OutSums float64.
+std::vector<paddle::DataType> BnDepthwiseInferDtype(const paddle::DataType& x_dtype,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::DataType&,
+                                                    const paddle::optional<paddle::DataType>&) {
+  return {x_dtype, x_dtype, x_dtype, x_dtype, paddle::DataType::FLOAT64};
+}
+
 PD_BUILD_OP(mbv2_bn_relu6_depthwise)
-    .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight"})
-    .Outputs({"Out", "SavedMean", "SavedInvStd", "Folded"})
+    .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight",
+             paddle::Optional("Sums")})
+    .Outputs({"Out", "SavedMean", "SavedInvStd", "Folded", "OutSums"})
     .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
             "momentum: float"})
     .SetKernelFn(PD_KERNEL(BnDepthwiseForward))
     .SetInferShapeFn(PD_INFER_SHAPE(BnDepthwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(BnDepthwiseInferDtype));
 
 PD_BUILD_GRAD_OP(mbv2_bn_relu6_depthwise)
     .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Out")})

@@ -38,6 +38,11 @@ LANES, CL_MAX_WIDTH = 8, 32
 MIN_PLANE = 8
 
 
+def batch_stats(bn: nn.BatchNorm2D) -> bool:
+    """Whether `bn` normalises with batch statistics now (training): the fused ops' mode."""
+    return _bn._batch_stats(bn)
+
+
 def _conv_args(x: paddle.Tensor, conv: nn.Conv2D) -> tuple[list[int], list[int]] | None:
     c = x.shape[1]
     if not (conv._groups == c == conv._in_channels == conv._out_channels) or conv.bias is not None:
@@ -67,16 +72,20 @@ def depthwise_covers(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> b
     return _dw.load_kernel() is not None
 
 
-def bn_relu6_depthwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> paddle.Tensor:
-    """`conv(relu6(bn(x)))` through the fused op; only where `depthwise_covers(x, bn, conv)`."""
+def bn_relu6_depthwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
+                       sums: paddle.Tensor | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """`conv(relu6(bn(x)))` through the fused op, only where `depthwise_covers(x, bn, conv)`,
+    and the batch norm sums of that output (for a fused 1x1 op after it). sums: x's, as the
+    conv that made x took them (`pointwise_conv2d_sums`), else summed here."""
     strides, pads = _conv_args(x, conv)
     weight, scale, bias = conv.weight, bn.weight, bn.bias
     if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
         # as the other wrappers: no grad node under no_grad
         x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
     outs = paddle._C_ops._run_custom_op(OP_NAME, x, scale, bias, bn._mean, bn._variance, weight,
-                                        strides, pads, float(bn._epsilon), float(bn._momentum))
-    return outs[0]
+                                        sums, strides, pads, float(bn._epsilon),
+                                        float(bn._momentum))
+    return outs[0], outs[4].detach()  # no gradient flows through the sums
 
 
 def pointwise_op(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
@@ -94,12 +103,13 @@ def pointwise_op(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
     return POINTWISE_OPS.get(_pw.block_op(x, conv.weight, bf16))
 
 
-def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
-                       op: str) -> paddle.Tensor:
-    """`conv(relu6(bn(x)))` through `op`, what `pointwise_op` gave."""
+def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op: str,
+                       sums: paddle.Tensor | None = None) -> paddle.Tensor:
+    """`conv(relu6(bn(x)))` through `op`, what `pointwise_op` gave; sums: x's, as the fused
+    depthwise op that made x took them, else summed here."""
     weight, scale, bias = conv.weight, bn.weight, bn.bias
     if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
         x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
-    outs = paddle._C_ops._run_custom_op(op, x, scale, bias, bn._mean, bn._variance, weight,
+    outs = paddle._C_ops._run_custom_op(op, x, scale, bias, bn._mean, bn._variance, weight, sums,
                                         float(bn._epsilon), float(bn._momentum))
     return outs[0]

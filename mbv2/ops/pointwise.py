@@ -117,6 +117,27 @@ def block_op(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False) -> str
     return OP_NAME
 
 
+# the per-block ops' variants that also give their output's batch norm sums (OutputSums in
+# batch_norm_act.h), for the fused batch norm op after them (`mbv2.ops.fused`)
+SUMS_OPS = {OP_NAME: "mbv2_pointwise_conv2d_sums", BF16_OP_NAME: "mbv2_pointwise_conv2d_bf16_sums"}
+
+
+def pointwise_conv2d_sums(x: paddle.Tensor, weight: paddle.Tensor,
+                          bf16: bool = False) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """`pointwise_conv2d(x, weight, bf16)` and, where that runs a per-block op, its output's
+    batch norm sums (float64 [3 C_out + 1], no gradient; OutputSums in batch_norm_act.h)
+    taken by the op as it writes each block when the output outgrows the cache: the fused
+    batch norm op after it then reads its input once instead of twice."""
+    op = block_op(x, weight, bf16)
+    if op is None:
+        return pointwise_conv2d(x, weight, bf16), None
+    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
+        x, weight = x.detach(), weight.detach()
+    y, sums = paddle._C_ops._run_custom_op(SUMS_OPS[op], x, weight)
+    # no gradient flows through the sums: detached, so that no grad node waits on them
+    return y, sums.detach()
+
+
 def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False) -> paddle.Tensor:
     """`F.conv2d(x, weight)` for a 1x1, stride 1, bias-free weight [C_out, C_in, 1, 1].
     bf16: the op's products from bfloat16 copies of x, weight and the gradients (float32

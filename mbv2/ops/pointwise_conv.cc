@@ -383,10 +383,21 @@ struct FloatScratch {
 
 }  // namespace
 
-// y = W x a block at a time, x normalised first where `norm` says (the fused op).
+// y = W x a block at a time, x normalised first where `norm` says (the fused op). ys: y's
+// sums for the batch norm after it (OutputSums), taken a block at a time, K[c] = y's first
+// value of channel c (computed up front from the first pixel's input).
 template <bool BF16>
 void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
-                   const BlockNorm& norm) {
+                   const BlockNorm& norm, mbv2::OutputSums* ys = nullptr) {
+  if (ys != nullptr && !ys->taken()) ys = nullptr;
+  if (ys != nullptr) {
+    float* k = ys->shift();
+    for (int64_t o = 0; o < s.co; ++o) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < s.ci; ++c) acc += wp[o * s.ci + c] * xp[c * s.hw];
+      k[o] = acc;
+    }
+  }
   const int hw = static_cast<int>(s.hw);
   const int64_t blk = std::min(kBlock, s.hw);
   const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
@@ -403,6 +414,16 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
       cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, s.ci, 1.f, wp, s.ci, xb,
                   static_cast<int>(ldx), 0.f, yb, hw);
     }
+    if (ys != nullptr) {
+      double* part = ys->part(t);
+      const float* k = ys->shift();
+      for (int64_t o = 0; o < s.co; ++o) {
+        float sum, sumsq;
+        mbv2::ShiftedRowSums(yb + o * s.hw, len, k[o], sum, sumsq);
+        part[o] += sum;
+        part[s.co + o] += sumsq;
+      }
+    }
   });
 }
 
@@ -413,6 +434,18 @@ std::vector<paddle::Tensor> PointwiseForward(const paddle::Tensor& x, const padd
   ForwardIo io(x, w, s);
   ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(), {});
   return {io.y};
+}
+
+// The same, and y's sums for the fused batch norm op after it (Y, Sums: OutputSums).
+template <bool BF16>
+std::vector<paddle::Tensor> PointwiseSumsForward(const paddle::Tensor& x, const paddle::Tensor& w) {
+  CheckFloat32(x, w);
+  const Shape s = GetShape(x, w);
+  PD_CHECK(s.n > 0 && s.hw > 0, "pointwise_conv2d: empty input");
+  ForwardIo io(x, w, s);
+  mbv2::OutputSums ys(s.co, omp_get_max_threads(), s.n * s.co * s.hw);
+  ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(), {}, &ys);
+  return {io.y, ys.Finish()};
 }
 
 // dx = W^T dy and dw = dy x^T a block at a time, x normalised first where `norm` says (the
@@ -504,6 +537,38 @@ MBV2_POINTWISE_OP(mbv2_pointwise_conv2d, PointwiseForward<false>, PointwiseBackw
 MBV2_POINTWISE_OP(mbv2_pointwise_conv2d_bf16, PointwiseForward<true>, PointwiseBackward<true>);
 #endif
 
+std::vector<std::vector<int64_t>> PointwiseSumsInferShape(const std::vector<int64_t>& x_shape,
+                                                          const std::vector<int64_t>& w_shape) {
+  return {{x_shape[0], w_shape[0], x_shape[2], x_shape[3]},
+          {w_shape[0] < 0 ? -1 : 3 * w_shape[0] + 1}};
+}
+
+std::vector<paddle::DataType> PointwiseSumsInferDtype(const paddle::DataType& x_dtype,
+                                                      const paddle::DataType&) {
+  return {x_dtype, paddle::DataType::FLOAT64};
+}
+
+// A 1x1 conv op that also gives its output's batch norm sums (for the fused batch norm
+// op after it): Y, Sums = conv(X, Weight), gradients as the plain op's (none for Sums).
+#define MBV2_POINTWISE_SUMS_OP(name, forward, backward)               \
+  PD_BUILD_OP(name)                                                   \
+      .Inputs({"X", "Weight"})                                        \
+      .Outputs({"Y", "Sums"})                                         \
+      .SetKernelFn(PD_KERNEL(forward))                                \
+      .SetInferShapeFn(PD_INFER_SHAPE(PointwiseSumsInferShape))       \
+      .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseSumsInferDtype));      \
+  PD_BUILD_GRAD_OP(name)                                              \
+      .Inputs({"X", "Weight", paddle::Grad("Y")})                     \
+      .Outputs({paddle::Grad("X"), paddle::Grad("Weight")})           \
+      .SetKernelFn(PD_KERNEL(backward))
+
+MBV2_POINTWISE_SUMS_OP(mbv2_pointwise_conv2d_sums, PointwiseSumsForward<false>,
+                       PointwiseBackward<false>);
+#ifdef MBV2_WITH_DNNL
+MBV2_POINTWISE_SUMS_OP(mbv2_pointwise_conv2d_bf16_sums, PointwiseSumsForward<true>,
+                       PointwiseBackward<true>);
+#endif
+
 // ---------------------------------------------------------------------------------------
 // relu6(batch_norm(x)) -> 1x1 conv in one op (training), for MobileNetV2's depthwise ->
 // projection pair: the batch norm's statistics pass (mbv2::FusedBatchNormStats), then the
@@ -540,12 +605,13 @@ std::vector<paddle::Tensor> BnPointwiseForward(const paddle::Tensor& x, const pa
                                                const paddle::Tensor& bias,
                                                const paddle::Tensor& running_mean,
                                                const paddle::Tensor& running_var,
-                                               const paddle::Tensor& w, float epsilon,
-                                               float momentum) {
+                                               const paddle::Tensor& w,
+                                               const paddle::optional<paddle::Tensor>& sums,
+                                               float epsilon, float momentum) {
   const Shape s = FusedShape(x, w);
   ForwardIo io(x, w, s);
   auto stats = mbv2::FusedBatchNormStats(io.x, scale, bias, running_mean, running_var, epsilon,
-                                         momentum, "bn_relu6_pointwise");
+                                         momentum, "bn_relu6_pointwise", sums);
   ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(),
                       Folded(stats[2], s.ci));
   return {io.y, stats[0], stats[1], stats[2]};
@@ -577,7 +643,8 @@ std::vector<paddle::Tensor> BnPointwiseBackward(const paddle::Tensor& x, const p
 std::vector<std::vector<int64_t>> BnPointwiseInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>&,
     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
-    const std::vector<int64_t>& w_shape, float, float) {
+    const std::vector<int64_t>& w_shape, const paddle::optional<std::vector<int64_t>>&, float,
+    float) {
   auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
   shapes.insert(shapes.begin(), {x_shape[0], w_shape[0], x_shape[2], x_shape[3]});
   return shapes;
@@ -585,12 +652,13 @@ std::vector<std::vector<int64_t>> BnPointwiseInferShape(
 
 #define MBV2_BN_POINTWISE_OP(name, forward, backward)                                       \
   PD_BUILD_OP(name)                                                                         \
-      .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight"})                \
+      .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight",                 \
+               paddle::Optional("Sums")})                                                   \
       .Outputs({"Y", "SavedMean", "SavedInvStd", "Folded"})                                 \
       .Attrs({"epsilon: float", "momentum: float"})                                         \
       .SetKernelFn(PD_KERNEL(forward))                                                      \
       .SetInferShapeFn(PD_INFER_SHAPE(BnPointwiseInferShape))                               \
-      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype));                              \
+      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtypeSums));                              \
   PD_BUILD_GRAD_OP(name)                                                                    \
       .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Y")}) \
       .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias"),             \
