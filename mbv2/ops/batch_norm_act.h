@@ -127,16 +127,18 @@ inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {
   return {{c}, {c}, {c < 0 ? -1 : 2 * c}};
 }
 
-// The fused 1x1 op's output types: {Out, SavedMean, SavedInvStd, Folded}, all x's (its
-// inputs: X, Scale, Bias, RunningMean, RunningVar, Weight and the optional Sums).
-inline std::vector<paddle::DataType> FusedInferDtypeSums(const paddle::DataType& x_dtype,
-                                                         const paddle::DataType&,
-                                                         const paddle::DataType&,
-                                                         const paddle::DataType&,
-                                                         const paddle::DataType&,
-                                                         const paddle::DataType&,
-                                                         const paddle::optional<paddle::DataType>&) {
-  return {x_dtype, x_dtype, x_dtype, x_dtype};
+// The fused ops' output types: {Out, SavedMean, SavedInvStd, Folded}, all x's, then
+// OUT_SUMS float64 outputs (the depthwise op's OutSums) (their inputs: X, Scale, Bias,
+// RunningMean, RunningVar, Weight and the optional Sums).
+template <int OUT_SUMS>
+std::vector<paddle::DataType> FusedInferDtype(const paddle::DataType& x_dtype,
+                                              const paddle::DataType&, const paddle::DataType&,
+                                              const paddle::DataType&, const paddle::DataType&,
+                                              const paddle::DataType&,
+                                              const paddle::optional<paddle::DataType>&) {
+  std::vector<paddle::DataType> out(4, x_dtype);
+  out.resize(4 + OUT_SUMS, paddle::DataType::FLOAT64);
+  return out;
 }
 
 }  // namespace mbv2

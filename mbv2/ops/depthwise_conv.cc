@@ -1204,17 +1204,6 @@ std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
   return shapes;
 }
 
-// {Out, SavedMean, SavedInvStd, Folded} of x's type, OutSums float64.
-std::vector<paddle::DataType> BnDepthwiseInferDtype(const paddle::DataType& x_dtype,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::DataType&,
-                                                    const paddle::optional<paddle::DataType>&) {
-  return {x_dtype, x_dtype, x_dtype, x_dtype, paddle::DataType::FLOAT64};
-}
-
 PD_BUILD_OP(mbv2_bn_relu6_depthwise)
     .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight",
              paddle::Optional("Sums")})
@@ -1223,7 +1212,7 @@ PD_BUILD_OP(mbv2_bn_relu6_depthwise)
             "momentum: float"})
     .SetKernelFn(PD_KERNEL(BnDepthwiseForward))
     .SetInferShapeFn(PD_INFER_SHAPE(BnDepthwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(BnDepthwiseInferDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype<1>));
 
 PD_BUILD_GRAD_OP(mbv2_bn_relu6_depthwise)
     .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Out")})

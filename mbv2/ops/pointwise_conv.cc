@@ -658,7 +658,7 @@ std::vector<std::vector<int64_t>> BnPointwiseInferShape(
       .Attrs({"epsilon: float", "momentum: float"})                                         \
       .SetKernelFn(PD_KERNEL(forward))                                                      \
       .SetInferShapeFn(PD_INFER_SHAPE(BnPointwiseInferShape))                               \
-      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtypeSums));                              \
+      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype<0>));                              \
   PD_BUILD_GRAD_OP(name)                                                                    \
       .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Y")}) \
       .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias"),             \
