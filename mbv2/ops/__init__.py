@@ -9,7 +9,8 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
   product and on large ones as per-block MKL GEMMs (`pointwise`), and the global average
   pool as a mean over the flattened plane. In training, an inverted residual unit's two
   batch norm + ReLU6 outputs are folded into the convs that read them (`fused`: those
-  activations are never written). Each wrapper sends a shape it does not cover to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
+  activations are never written). Each wrapper sends a shape it does not cover to
+  Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
   (`trainer.amp` on CPU, `mixed_precision`).
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
@@ -68,14 +69,14 @@ class CpuKernels(Ops):
         groups, c_in, c_out = conv._groups, conv._in_channels, conv._out_channels
         if groups == c_in == c_out and groups > 1:
             return depthwise_conv2d(x, conv.weight, conv._stride[0], conv._padding)
-        if groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
+        if _is_pointwise(conv):
             return pointwise_conv2d(x, conv.weight, bf16=self.bf16)
         return stem_conv2d(x, conv)
 
     def conv_sums(self, conv: nn.Conv2D, x):
         """(`self.conv(conv, x)`, its output's batch norm sums or None): a 1x1 conv's per-block
         op takes them as it writes its output (`pointwise_conv2d_sums`)."""
-        if conv._groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1):
+        if _is_pointwise(conv):
             return pointwise_conv2d_sums(x, conv.weight, bf16=self.bf16)
         return self.conv(conv, x), None
 
@@ -112,6 +113,10 @@ class CpuKernels(Ops):
             return pool(x)
         n, c, h, w = x.shape
         return x.reshape([n, c, h * w]).mean(2, keepdim=True).reshape([n, c, 1, 1])
+
+
+def _is_pointwise(conv: nn.Conv2D) -> bool:
+    return conv._groups == 1 and tuple(conv._kernel_size) == (1, 1) and tuple(conv._stride) == (1, 1)
 
 
 def _hooked(layer: nn.Layer) -> bool:

@@ -665,15 +665,16 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
   const bool stream = StreamOutput(d, dx);
   auto dx_plane = [&](int64_t p, int64_t c) {
     const int64_t o = p * hw;
-    if (ACT && fa != nullptr && stream)
-      GatedDx<true>(x + o, dy + o, RecomputedGate{fa[c], fb[c]}, hw, ca[c], cb[c], cc[c], dx + o);
-    else if (ACT && fa != nullptr)
-      GatedDx<false>(x + o, dy + o, RecomputedGate{fa[c], fb[c]}, hw, ca[c], cb[c], cc[c],
-                     dx + o);
-    else if (ACT && stream)
-      GatedDx<true>(x + o, dy + o, BitGate{gate + p * gb}, hw, ca[c], cb[c], cc[c], dx + o);
+    auto gated = [&](auto g) {
+      if (stream)
+        GatedDx<true>(x + o, dy + o, g, hw, ca[c], cb[c], cc[c], dx + o);
+      else
+        GatedDx<false>(x + o, dy + o, g, hw, ca[c], cb[c], cc[c], dx + o);
+    };
+    if (ACT && fa != nullptr)
+      gated(RecomputedGate{fa[c], fb[c]});
     else if (ACT)
-      GatedDx<false>(x + o, dy + o, BitGate{gate + p * gb}, hw, ca[c], cb[c], cc[c], dx + o);
+      gated(BitGate{gate + p * gb});
     else
       DxPlane(x + o, dy + o, hw, ca[c], cb[c], cc[c], dx + o);
   };
@@ -693,14 +694,10 @@ void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
 
 }  // namespace
 
-std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(const paddle::Tensor& x,
-                                                      const paddle::Tensor& scale,
-                                                      const paddle::Tensor& bias,
-                                                      const paddle::Tensor& running_mean,
-                                                      const paddle::Tensor& running_var,
-                                                      float eps, float momentum,
-                                                      const char* op,
-                                                      const paddle::optional<paddle::Tensor>& sums) {
+std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& bias,
+    const paddle::Tensor& running_mean, const paddle::Tensor& running_var, float eps,
+    float momentum, const char* op, const paddle::optional<paddle::Tensor>& sums) {
   const Dims d = GetDims(x);
   PD_CHECK(d.hw >= kSmallPlane, op, ": planes of 8 pixels and up only");
   const double* given = nullptr;
@@ -743,6 +740,45 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormBackward(const paddle::Tensor& x
                  mean.data<float>(), invstd.data<float>(), g, g, dgamma.data<float>(),
                  dbeta.data<float>(), sums);
   return {dgamma, dbeta};
+}
+
+void mbv2::ShiftedRowSums(const float* y, int64_t n, float k, float& s, float& q) {
+  // four vector accumulators a sum (one would wait on its own add latency every 8 values)
+  int64_t i = 0;
+  float ss = 0.f, qq = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vk = _mm256_set1_ps(k);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(y + i), vk);
+    const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(y + i + 8), vk);
+    const __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(y + i + 16), vk);
+    const __m256 d3 = _mm256_sub_ps(_mm256_loadu_ps(y + i + 24), vk);
+    s0 = _mm256_add_ps(s0, d0); s1 = _mm256_add_ps(s1, d1);
+    s2 = _mm256_add_ps(s2, d2); s3 = _mm256_add_ps(s3, d3);
+    q0 = _mm256_fmadd_ps(d0, d0, q0); q1 = _mm256_fmadd_ps(d1, d1, q1);
+    q2 = _mm256_fmadd_ps(d2, d2, q2); q3 = _mm256_fmadd_ps(d3, d3, q3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(y + i), vk);
+    s0 = _mm256_add_ps(s0, d);
+    q0 = _mm256_fmadd_ps(d, d, q0);
+  }
+  ss = HorizontalSum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  qq = HorizontalSum(_mm256_add_ps(_mm256_add_ps(q0, q1), _mm256_add_ps(q2, q3)));
+#endif
+  for (; i < n; ++i) {
+    const float v = y[i] - k;
+    ss += v;
+    qq += v * v;
+  }
+  s = ss;
+  q = qq;
+}
+
+void mbv2::GatedRowSums(const float* x, const float* dy, int64_t n, float a, float b, float mu,
+                        float& s, float& q) {
+  GatedSums(x, dy, RecomputedGate{a, b}, n, mu, s, q);
 }
 
 // Bytes of the ReLU6 gate output: one bit a pixel per plane where Backward reads it (act,
@@ -802,8 +838,8 @@ std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
   auto dbeta = paddle::empty({d.c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   (act ? Backward<true> : Backward<false>)(
       d, xc.data<float>(), scale.data<float>(), yc.data<float>(), gate.data<uint8_t>(),
-      nullptr, nullptr, mean.data<float>(), invstd.data<float>(), dyc.data<float>(), dx.data<float>(),
-      dgamma.data<float>(), dbeta.data<float>(), nullptr);
+      nullptr, nullptr, mean.data<float>(), invstd.data<float>(), dyc.data<float>(),
+      dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(), nullptr);
   return {dx, dgamma, dbeta};
 }
 

@@ -26,12 +26,32 @@ std::vector<paddle::Tensor> FusedBatchNormStats(const paddle::Tensor& x,
                                                 float momentum, const char* op,
                                                 const paddle::optional<paddle::Tensor>& sums);
 
+// Per-thread rows of `size` double partial sums (thread t adds into part(t) inside a
+// parallel region), reduced in thread order afterwards: deterministic for a fixed thread
+// count. Used for the sums the fused ops take while a conv makes its output or gradient.
+class PerThreadSums {
+ public:
+  PerThreadSums(int64_t size, int threads)
+      : size_(size), part_(static_cast<size_t>(threads) * size, 0.0) {}
+  double* part(int t) { return part_.data() + static_cast<size_t>(t) * size_; }
+  // out[i] = the sum over threads of part(t)[i], in thread order
+  void ReduceInto(double* out) const {
+    for (int64_t i = 0; i < size_; ++i) out[i] = 0.0;
+    for (size_t o = 0; o < part_.size(); o += static_cast<size_t>(size_))
+      for (int64_t i = 0; i < size_; ++i) out[i] += part_[o + i];
+  }
+
+ private:
+  int64_t size_;
+  std::vector<double> part_;
+};
+
 // The sums of a conv's output that the batch norm after it needs, taken by the conv while
 // each block of its output is in cache: per channel c, sum (y - K[c]) and sum (y - K[c])^2
 // with K[c] one of the channel's values (a shift against cancellation, as the batch norm
-// op takes its first one), float within a block or plane, double across, per thread and
-// reduced in thread order (deterministic for a fixed thread count). Finish() gives the
-// float64 tensor [sums (C), sums of squares (C), K (C), taken] FusedBatchNormStats takes.
+// op takes its first one), float within a block or plane, double across (PerThreadSums).
+// Finish() gives the float64 tensor [sums (C), sums of squares (C), K (C), taken]
+// FusedBatchNormStats takes.
 // Taken only for outputs of at least mbv2::StreamThresholdBytes() (half the last-level
 // cache): a smaller output is still in cache for the batch norm's own pass. Steps with
 // every output's sums taken vs only these (alternated in one process): 32 px, batch 128,
@@ -43,20 +63,18 @@ class OutputSums {
       : c_(c),
         taken_(output_floats * static_cast<int64_t>(sizeof(float)) >= StreamThresholdBytes()),
         shift_(c, 0.f),
-        part_(taken_ ? static_cast<size_t>(threads) * 2 * c : 0, 0.0) {}
+        part_(2 * c, taken_ ? threads : 0) {}
   bool taken() const { return taken_; }
   float* shift() { return shift_.data(); }
   const float* shift() const { return shift_.data(); }
   // thread t's [sums (C), sums of squares (C)]
-  double* part(int t) { return part_.data() + static_cast<size_t>(t) * 2 * c_; }
+  double* part(int t) { return part_.part(t); }
   paddle::Tensor Finish() const {
     auto out = paddle::empty({3 * c_ + 1}, paddle::DataType::FLOAT64, paddle::CPUPlace());
     double* o = out.data<double>();
     for (int64_t i = 0; i < 3 * c_ + 1; ++i) o[i] = 0.0;
     if (!taken_) return out;
-    const size_t threads = part_.size() / static_cast<size_t>(2 * c_ > 0 ? 2 * c_ : 1);
-    for (size_t t = 0; t < threads; ++t)
-      for (int64_t i = 0; i < 2 * c_; ++i) o[i] += part_[t * 2 * c_ + i];
+    part_.ReduceInto(o);
     for (int64_t i = 0; i < c_; ++i) o[2 * c_ + i] = shift_[i];
     o[3 * c_] = 1.0;
     return out;
@@ -66,48 +84,18 @@ class OutputSums {
   int64_t c_;
   bool taken_;
   std::vector<float> shift_;
-  std::vector<double> part_;
+  PerThreadSums part_;
 };
 
-// s = sum (y[i] - k), q = sum (y[i] - k)^2 over n floats (float sums): four vector
-// accumulators a sum (one would wait on its own add latency every 8 values).
-inline void ShiftedRowSums(const float* y, int64_t n, float k, float& s, float& q) {
-  int64_t i = 0;
-  float ss = 0.f, qq = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 vk = _mm256_set1_ps(k);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(y + i), vk);
-    const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(y + i + 8), vk);
-    const __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(y + i + 16), vk);
-    const __m256 d3 = _mm256_sub_ps(_mm256_loadu_ps(y + i + 24), vk);
-    s0 = _mm256_add_ps(s0, d0); s1 = _mm256_add_ps(s1, d1);
-    s2 = _mm256_add_ps(s2, d2); s3 = _mm256_add_ps(s3, d3);
-    q0 = _mm256_fmadd_ps(d0, d0, q0); q1 = _mm256_fmadd_ps(d1, d1, q1);
-    q2 = _mm256_fmadd_ps(d2, d2, q2); q3 = _mm256_fmadd_ps(d3, d3, q3);
-  }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(y + i), vk);
-    s0 = _mm256_add_ps(s0, d);
-    q0 = _mm256_fmadd_ps(d, d, q0);
-  }
-  alignas(32) float ls[8], lq[8];
-  _mm256_store_ps(ls, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  _mm256_store_ps(lq, _mm256_add_ps(_mm256_add_ps(q0, q1), _mm256_add_ps(q2, q3)));
-  for (int l = 0; l < 8; ++l) {
-    ss += ls[l];
-    qq += lq[l];
-  }
-#endif
-  for (; i < n; ++i) {
-    const float v = y[i] - k;
-    ss += v;
-    qq += v * v;
-  }
-  s = ss;
-  q = qq;
-}
+// s = sum (y[i] - k), q = sum (y[i] - k)^2 over n floats (float sums; the producers' half
+// of OutputSums).
+void ShiftedRowSums(const float* y, int64_t n, float k, float& s, float& q);
+
+// s = sum g, q = sum g * (x[i] - mu) over n floats, g = dy[i] where 0 < x[i] * a + b < 6
+// (the ReLU6 gate recomputed as the batch norm op's backward does, its arithmetic): the
+// batch norm backward's sums over a run of one channel's pixels.
+void GatedRowSums(const float* x, const float* dy, int64_t n, float a, float b, float mu,
+                  float& s, float& q);
 
 // dy, the gradient of relu6(bn(x)) (contiguous, x's shape), turned into x's gradient in
 // place, the ReLU6 gate recomputed from x and the folded a, b; returns {dgamma, dbeta}.

@@ -757,7 +757,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
   std::vector<double> partial(static_cast<size_t>(max_threads) * g.c * 9, 0.0);
   // the fused op's batch norm sums (LaneNorm::sums): per thread, then reduced in order
   const bool bn_sums = norm.sums != nullptr;
-  std::vector<double> bn_part(bn_sums ? static_cast<size_t>(max_threads) * 2 * g.c : 0, 0.0);
+  mbv2::PerThreadSums bn_part(2 * g.c, bn_sums ? max_threads : 0);
   const int64_t bufn = static_cast<int64_t>(cg.hp) * cg.wp;
   // Stride 1 on planes of 7x7 and up: dx by a gather (a correlation of the bordered dy
   // with the flipped kernel), each dx pixel written once, a row at a time. Elsewhere a
@@ -807,7 +807,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
       v8 bs{}, bq{};  // this plane group's batch norm sums (bn_sums)
       auto add_sums = [&]() {
         if (!bn_sums) return;
-        double* pb = bn_part.data() + static_cast<int64_t>(tid) * 2 * g.c;
+        double* pb = bn_part.part(tid);
         for (int l = 0; l < lanes; ++l) {
           pb[c0 + l] += bs[l];
           pb[g.c + c0 + l] += bq[l];
@@ -898,12 +898,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
     for (int t = 0; t < max_threads; ++t) s += partial[static_cast<int64_t>(t) * g.c * 9 + i];
     dw[i] = static_cast<float>(s);
   }
-  if (bn_sums) {
-    std::fill(norm.sums, norm.sums + 2 * g.c, 0.0);
-    for (int t = 0; t < max_threads; ++t)
-      for (int64_t i = 0; i < 2 * g.c; ++i)
-        norm.sums[i] += bn_part[static_cast<size_t>(t) * 2 * g.c + i];
-  }
+  if (bn_sums) bn_part.ReduceInto(norm.sums);
 }
 
 // Which implementation: 0 = by shape, 1 = flat, 2 = channel-lane (tests force each).

@@ -72,19 +72,23 @@ def depthwise_covers(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> b
     return _dw.load_kernel() is not None
 
 
+def _inputs(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D) -> tuple:
+    """The fused ops' tensor inputs: X, Scale, Bias, RunningMean, RunningVar, Weight."""
+    weight, scale, bias = conv.weight, bn.weight, bn.bias
+    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
+        # as the other wrappers: no grad node under no_grad
+        x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
+    return x, scale, bias, bn._mean, bn._variance, weight
+
+
 def bn_relu6_depthwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
                        sums: paddle.Tensor | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
     """`conv(relu6(bn(x)))` through the fused op, only where `depthwise_covers(x, bn, conv)`,
     and the batch norm sums of that output (for a fused 1x1 op after it). sums: x's, as the
     conv that made x took them (`pointwise_conv2d_sums`), else summed here."""
     strides, pads = _conv_args(x, conv)
-    weight, scale, bias = conv.weight, bn.weight, bn.bias
-    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
-        # as the other wrappers: no grad node under no_grad
-        x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
-    outs = paddle._C_ops._run_custom_op(OP_NAME, x, scale, bias, bn._mean, bn._variance, weight,
-                                        sums, strides, pads, float(bn._epsilon),
-                                        float(bn._momentum))
+    outs = paddle._C_ops._run_custom_op(OP_NAME, *_inputs(x, bn, conv), sums, strides, pads,
+                                        float(bn._epsilon), float(bn._momentum))
     return outs[0], outs[4].detach()  # no gradient flows through the sums
 
 
@@ -107,9 +111,6 @@ def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op
                        sums: paddle.Tensor | None = None) -> paddle.Tensor:
     """`conv(relu6(bn(x)))` through `op`, what `pointwise_op` gave; sums: x's, as the fused
     depthwise op that made x took them, else summed here."""
-    weight, scale, bias = conv.weight, bn.weight, bn.bias
-    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
-        x, weight, scale, bias = x.detach(), weight.detach(), scale.detach(), bias.detach()
-    outs = paddle._C_ops._run_custom_op(op, x, scale, bias, bn._mean, bn._variance, weight, sums,
-                                        float(bn._epsilon), float(bn._momentum))
+    outs = paddle._C_ops._run_custom_op(op, *_inputs(x, bn, conv), sums, float(bn._epsilon),
+                                        float(bn._momentum))
     return outs[0]

@@ -99,11 +99,15 @@ def _use_op(x: paddle.Tensor, weight: paddle.Tensor) -> bool:
     return kernel is not None and kernel.pointwise
 
 
-def _op(x: paddle.Tensor, weight: paddle.Tensor, name: str = OP_NAME, *attrs) -> paddle.Tensor:
+def _outs(x: paddle.Tensor, weight: paddle.Tensor, name: str, *attrs) -> list[paddle.Tensor]:
     if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
         # as the depthwise wrapper: no grad node under no_grad
         x, weight = x.detach(), weight.detach()
-    return paddle._C_ops._run_custom_op(name, x, weight, *attrs)[0]
+    return paddle._C_ops._run_custom_op(name, x, weight, *attrs)
+
+
+def _op(x: paddle.Tensor, weight: paddle.Tensor, name: str = OP_NAME, *attrs) -> paddle.Tensor:
+    return _outs(x, weight, name, *attrs)[0]
 
 
 def block_op(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False) -> str | None:
@@ -131,9 +135,7 @@ def pointwise_conv2d_sums(x: paddle.Tensor, weight: paddle.Tensor,
     op = block_op(x, weight, bf16)
     if op is None:
         return pointwise_conv2d(x, weight, bf16), None
-    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
-        x, weight = x.detach(), weight.detach()
-    y, sums = paddle._C_ops._run_custom_op(SUMS_OPS[op], x, weight)
+    y, sums = _outs(x, weight, SUMS_OPS[op])
     # no gradient flows through the sums: detached, so that no grad node waits on them
     return y, sums.detach()
 

@@ -302,44 +302,14 @@ struct BlockNorm {
   double* sums = nullptr;
 
   // part[c] += sum gm, part[ci + c] += sum gm * (x - mean[c]) over a block, gm = g where
-  // 0 < x * a + b < 6 (the forward's gate, the batch norm op's arithmetic): x raw and g
-  // (the gradient of the normalised block) ci rows of stride ld; float within the block,
-  // double across blocks, as the batch norm op sums within and across planes.
+  // the forward's ReLU6 gate passes (mbv2::GatedRowSums, the batch norm op's own sums): x
+  // raw and g (the gradient of the normalised block) ci rows of stride ld; float within
+  // the block, double across blocks, as the batch norm op sums within and across planes.
   void accumulate(const float* x, const float* g, int64_t ci, int64_t len, int64_t ld,
                   double* part) const {
     for (int64_t c = 0; c < ci; ++c) {
-      const float* xr = x + c * ld;
-      const float* gr = g + c * ld;
-      const float ac = a[c], bc = b[c], mu = mean[c];
-      float ss = 0.f, qq = 0.f;
-      int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-      const __m256 va = _mm256_set1_ps(ac), vb = _mm256_set1_ps(bc), vm = _mm256_set1_ps(mu);
-      const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
-      __m256 vs = zero, vq = zero;
-      for (; i + 8 <= len; i += 8) {
-        const __m256 xv = _mm256_loadu_ps(xr + i);
-        const __m256 v = _mm256_fmadd_ps(xv, va, vb);
-        const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ),
-                                          _mm256_cmp_ps(v, six, _CMP_LT_OQ));
-        const __m256 gm = _mm256_and_ps(_mm256_loadu_ps(gr + i), pass);
-        vs = _mm256_add_ps(vs, gm);
-        vq = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq);
-      }
-      alignas(32) float ls[8], lq[8];
-      _mm256_store_ps(ls, vs);
-      _mm256_store_ps(lq, vq);
-      for (int l = 0; l < 8; ++l) {
-        ss += ls[l];
-        qq += lq[l];
-      }
-#endif
-      for (; i < len; ++i) {
-        const float v = xr[i] * ac + bc;
-        const float gm = (v > 0.f && v < 6.f) ? gr[i] : 0.f;
-        ss += gm;
-        qq += gm * (xr[i] - mu);
-      }
+      float ss, qq;
+      mbv2::GatedRowSums(x + c * ld, g + c * ld, len, a[c], b[c], mean[c], ss, qq);
       part[c] += ss;
       part[ci + c] += qq;
     }
@@ -464,7 +434,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
   FloatScratch xn(norm.a != nullptr, s.ci * blk);
-  std::vector<double> bn_part(norm.sums ? static_cast<size_t>(threads) * 2 * s.ci : 0, 0.0);
+  mbv2::PerThreadSums bn_part(2 * s.ci, norm.sums ? threads : 0);
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
     const float* g = gp + n * s.co * s.hw + p0;
     int64_t ldx;
@@ -479,7 +449,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
       cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.ci, len, s.co, 1.f, wp, s.ci, g, hw, 0.f, dxb,
                   hw);
     }
-    if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.data() + t * 2 * s.ci);
+    if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.part(t));
     if (dot) {
       DotProducts(g, s.hw, xb, ldx, s.co, s.ci, len, acc);
     } else if (BF16) {
@@ -491,12 +461,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
     }
   });
   SumPartials(part, threads, wsize, dwp);
-  if (norm.sums) {
-    std::fill(norm.sums, norm.sums + 2 * s.ci, 0.0);
-    for (int t = 0; t < threads; ++t)
-      for (int64_t i = 0; i < 2 * s.ci; ++i)
-        norm.sums[i] += bn_part[static_cast<size_t>(t) * 2 * s.ci + i];
-  }
+  if (norm.sums) bn_part.ReduceInto(norm.sums);
 }
 
 template <bool BF16>
