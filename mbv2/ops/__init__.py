@@ -90,13 +90,10 @@ class CpuKernels(Ops):
         if _hooked(expand) or _hooked(depthwise) or _hooked(linear):
             return super().inverted_residual(expand, depthwise, linear, x)
         bn, conv = expand._batch_norm, depthwise._conv
-        # the expand conv's output sums for the fused op after it, in training
-        y, sums = (self.conv_sums(expand._conv, x) if fused.batch_stats(bn)
-                   else (self.conv(expand._conv, x), None))
-        if fused.depthwise_covers(y, bn, conv):
-            z, sums = fused.bn_relu6_depthwise(y, bn, conv, sums)
+        if fused.batch_stats(bn) and fused.expand_covers(x, expand._conv, bn, conv, self.bf16):
+            z, sums = fused.expand_bn_relu6_depthwise(x, expand._conv, bn, conv)
         else:
-            z, sums = self.conv(conv, batch_norm_act(y, bn, True)), None
+            z, sums = self._expand_depthwise(expand, depthwise, x)
         bn, conv = depthwise._batch_norm, linear._conv
         op = fused.pointwise_op(z, bn, conv, self.bf16)
         if op is not None:
@@ -104,6 +101,16 @@ class CpuKernels(Ops):
         else:
             p = self.conv(conv, batch_norm_act(z, bn, True))
         return batch_norm_act(p, linear._batch_norm, False)
+
+    def _expand_depthwise(self, expand: nn.Layer, depthwise: nn.Layer, x):
+        """conv(relu6(bn(expand(x)))) of a unit by two ops or more, and its sums or None."""
+        bn, conv = expand._batch_norm, depthwise._conv
+        # the expand conv's output sums for the fused op after it, in training
+        y, sums = (self.conv_sums(expand._conv, x) if fused.batch_stats(bn)
+                   else (self.conv(expand._conv, x), None))
+        if fused.depthwise_covers(y, bn, conv):
+            return fused.bn_relu6_depthwise(y, bn, conv, sums)
+        return self.conv(conv, batch_norm_act(y, bn, True)), None
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         # A mean over the flattened plane: Paddle's CPU pool2d took 1.96 ms forward +

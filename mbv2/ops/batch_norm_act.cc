@@ -599,6 +599,23 @@ void DxPlane(const float* x, const float* dy, int64_t hw, float a, float b, floa
   for (int64_t i = 0; i < hw; ++i) dx[i] = a * dy[i] + b * x[i] + c0;
 }
 
+// Channel c's batch norm backward from its sums of g and g * (x - mean) over m values:
+// dgamma, dbeta, and the coefficients of dx = A * g + B * x + C0 (g gated).
+void FinishChannel(int64_t c, double sum_g, double sum_gx, int64_t m, const float* gamma,
+                   const float* mean, const float* invstd, float* dgamma, float* dbeta, float* ca,
+                   float* cb, float* cc) {
+  const double is = invstd[c];
+  const double db = sum_g;
+  const double dg = sum_gx * is;
+  dbeta[c] = static_cast<float>(db);
+  dgamma[c] = static_cast<float>(dg);
+  const double A = gamma[c] * is;
+  const double B = -gamma[c] * is * is * dg / m;
+  ca[c] = static_cast<float>(A);
+  cb[c] = static_cast<float>(B);
+  cc[c] = static_cast<float>(-A * db / m - B * mean[c]);
+}
+
 // y: read (its ReLU6 test) only for planes under kSmallPlane; larger planes read `gate`,
 // or, where fa is not null (the fused ops: ACT, planes of kSmallPlane and up), recompute
 // it from x and the forward's folded fa, fb (RecomputedGate). dx may be dy itself.
@@ -614,16 +631,8 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
   // dx = A * g + B * x + C0 per channel, from the channel's sums of g and g * (x - mean).
   std::vector<float> ca(C), cb(C), cc(C);
   auto finish = [&](int64_t c, double sum_g, double sum_gx) {
-    const double is = invstd[c];
-    const double db = sum_g;
-    const double dg = sum_gx * is;
-    dbeta[c] = static_cast<float>(db);
-    dgamma[c] = static_cast<float>(dg);
-    const double A = gamma[c] * is;
-    const double B = -gamma[c] * is * is * dg / m;
-    ca[c] = static_cast<float>(A);
-    cb[c] = static_cast<float>(B);
-    cc[c] = static_cast<float>(-A * db / m - B * mean[c]);
+    FinishChannel(c, sum_g, sum_gx, m, gamma, mean, invstd, dgamma, dbeta, ca.data(), cb.data(),
+                  cc.data());
   };
   if (hw < kSmallPlane) {
     const std::vector<double> tot = SmallChannelSums(d, [&](int64_t n0, int64_t n1, double* s,
@@ -740,6 +749,22 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormBackward(const paddle::Tensor& x
                  mean.data<float>(), invstd.data<float>(), g, g, dgamma.data<float>(),
                  dbeta.data<float>(), sums);
   return {dgamma, dbeta};
+}
+
+std::vector<paddle::Tensor> mbv2::FusedBatchNormCoefs(const paddle::Tensor& scale,
+                                                      const paddle::Tensor& mean,
+                                                      const paddle::Tensor& invstd,
+                                                      const double* sums, int64_t m) {
+  const int64_t c = scale.numel();
+  auto dgamma = paddle::empty({c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dbeta = paddle::empty({c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto coefs = paddle::empty({3 * c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  float* k = coefs.data<float>();
+  for (int64_t i = 0; i < c; ++i)
+    FinishChannel(i, sums[i], sums[c + i], m, scale.data<float>(), mean.data<float>(),
+                  invstd.data<float>(), dgamma.data<float>(), dbeta.data<float>(), k, k + c,
+                  k + 2 * c);
+  return {dgamma, dbeta, coefs};
 }
 
 void mbv2::ShiftedRowSums(const float* y, int64_t n, float k, float& s, float& q) {

@@ -110,6 +110,38 @@ std::vector<paddle::Tensor> FusedBatchNormBackward(const paddle::Tensor& x,
                                                    paddle::Tensor& dy,
                                                    const double* sums = nullptr);
 
+// FusedBatchNormBackward's per-channel half alone, for a caller that never forms dx (the
+// expand -> depthwise op, whose 1x1 backward takes dx's terms apart): from the sums as
+// above over m values a channel, {dgamma, dbeta, coefs [A (C), B (C), C0 (C)]} with dx =
+// A * g + B * x + C0, g = dy where the gate passes.
+std::vector<paddle::Tensor> FusedBatchNormCoefs(const paddle::Tensor& scale,
+                                                const paddle::Tensor& mean,
+                                                const paddle::Tensor& invstd, const double* sums,
+                                                int64_t m);
+
+// The fused batch norm -> depthwise op's forward (depthwise_conv.cc): {Out, SavedMean,
+// SavedInvStd, Folded, OutSums}, as its kernel.
+std::vector<paddle::Tensor> BnDepthwiseForward(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& bias,
+    const paddle::Tensor& running_mean, const paddle::Tensor& running_var,
+    const paddle::Tensor& weight, const paddle::optional<paddle::Tensor>& sums,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
+    float momentum);
+
+// Its backward's conv half: {g, the conv's weight gradient}, g the gradient of
+// relu6(bn(x)) (the conv's input gradient; gated: the gradient of bn(x), g where the ReLU6
+// passes), and in sums the batch norm backward's 2C sums (FusedBatchNormBackward's), taken
+// as g is made.
+std::vector<paddle::Tensor> BnDepthwiseConvBackward(const paddle::Tensor& x,
+                                                    const paddle::Tensor& weight,
+                                                    const paddle::Tensor& mean,
+                                                    const paddle::Tensor& folded,
+                                                    const paddle::Tensor& dy,
+                                                    const std::vector<int>& strides,
+                                                    const std::vector<int>& paddings,
+                                                    std::vector<double>& sums,
+                                                    bool gated = false);
+
 // The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
 inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {
   return {{c}, {c}, {c < 0 ? -1 : 2 * c}};

@@ -567,6 +567,7 @@ struct LaneNorm {
   const float *a = nullptr, *b = nullptr;
   const float* mean = nullptr;  // the batch norm's saved mean (backward with sums)
   double* sums = nullptr;       // [sum g (C), sum g (x - mean) (C)], written at the end
+  bool gated = false;           // the backward writes gm, not g (Accumulate<true>)
 
   void load(int64_t c0, int lanes, LaneCoefs& k) const {
     if (a == nullptr) return;
@@ -609,7 +610,9 @@ struct LaneNorm {
   // s += gm, q += gm * (x - mean) over n pixels, gm = g where 0 < x * a + b < 6 (the
   // forward's gate, the batch norm op's arithmetic): x raw, g the gradient at the same
   // pixels, both [pixel][lane].
-  static void Accumulate(const LaneCoefs& k, const v8* x, const v8* g, int64_t n, v8& s, v8& q) {
+  // GATED: g itself becomes gm (the gradient of the batch norm's output before the ReLU6).
+  template <bool GATED = false>
+  static void Accumulate(const LaneCoefs& k, const v8* x, v8* g, int64_t n, v8& s, v8& q) {
 #ifdef __AVX2__
     const __m256 va = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.a));
     const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
@@ -625,6 +628,7 @@ struct LaneNorm {
                                         _mm256_cmp_ps(v, six, _CMP_LT_OQ));
       const __m256 gm =
           _mm256_and_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(g + i)), pass);
+      if (GATED) _mm256_storeu_ps(reinterpret_cast<float*>(g + i), gm);
       vs[i & 1] = _mm256_add_ps(vs[i & 1], gm);
       vq[i & 1] = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq[i & 1]);
     }
@@ -635,6 +639,7 @@ struct LaneNorm {
       for (int l = 0; l < kLanes; ++l) {
         const float v = x[i][l] * k.a[l] + k.b[l];
         const float gm = (v > 0.f && v < 6.f) ? g[i][l] : 0.f;
+        if (GATED) g[i][l] = gm;
         s[l] += gm;
         q[l] += gm * (x[i][l] - k.mean[l]);
       }
@@ -804,6 +809,12 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
       }
       InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
       norm.apply(g, cg, coefs, buf.data(), in);
+      auto accumulate = [&](const v8* xr, v8* gr, int64_t len, v8& s, v8& q) {
+        if (norm.gated)
+          LaneNorm::Accumulate<true>(coefs, xr, gr, len, s, q);
+        else
+          LaneNorm::Accumulate(coefs, xr, gr, len, s, q);
+      };
       v8 bs{}, bq{};  // this plane group's batch norm sums (bn_sums)
       auto add_sums = [&]() {
         if (!bn_sums) return;
@@ -829,7 +840,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
                    f8[3] * q1[c] + f8[4] * q1[c + 1] + f8[5] * q1[c + 2] +
                    f8[6] * q2[c] + f8[7] * q2[c + 1] + f8[8] * q2[c + 2];
           if (bn_sums)
-            LaneNorm::Accumulate(coefs, buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
+            accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
           InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes, dxn + static_cast<int64_t>(r) * g.w,
                         plane, stream);
         }
@@ -884,7 +895,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
       if (bn_sums) {
         for (int64_t yy = 0; yy < g.h; ++yy) {
           const int64_t o = (yy + g.pt) * wp + g.pl;
-          LaneNorm::Accumulate(coefs, buf.data() + o, dbuf.data() + o, g.w, bs, bq);
+          accumulate(buf.data() + o, dbuf.data() + o, g.w, bs, bq);
         }
         add_sums();
       }
@@ -1139,15 +1150,12 @@ LaneNorm Folded(const paddle::Tensor& folded, int64_t c) {
 
 }  // namespace
 
-std::vector<paddle::Tensor> BnDepthwiseForward(const paddle::Tensor& x, const paddle::Tensor& scale,
-                                               const paddle::Tensor& bias,
-                                               const paddle::Tensor& running_mean,
-                                               const paddle::Tensor& running_var,
-                                               const paddle::Tensor& weight,
-                                               const paddle::optional<paddle::Tensor>& sums,
-                                               const std::vector<int>& strides,
-                                               const std::vector<int>& paddings, float epsilon,
-                                               float momentum) {
+std::vector<paddle::Tensor> mbv2::BnDepthwiseForward(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& bias,
+    const paddle::Tensor& running_mean, const paddle::Tensor& running_var,
+    const paddle::Tensor& weight, const paddle::optional<paddle::Tensor>& sums,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
+    float momentum) {
   const Geom g = FusedGeom(x, weight, strides, paddings);
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
@@ -1159,6 +1167,29 @@ std::vector<paddle::Tensor> BnDepthwiseForward(const paddle::Tensor& x, const pa
   return {y, stats[0], stats[1], stats[2], ys.Finish()};
 }
 
+std::vector<paddle::Tensor> mbv2::BnDepthwiseConvBackward(
+    const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& mean,
+    const paddle::Tensor& folded, const paddle::Tensor& dy, const std::vector<int>& strides,
+    const std::vector<int>& paddings, std::vector<double>& sums, bool gated) {
+  CheckInput(dy, "out_grad");
+  const Geom g = FusedGeom(x, weight, strides, paddings);
+  PD_CHECK(folded.numel() == 2 * g.c, "bn_relu6_depthwise: folded scale/shift of the wrong size");
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
+  const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
+  auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  // the batch norm backward's sums taken by the conv backward as it makes dx (LaneNorm)
+  sums.assign(2 * g.c, 0.0);
+  LaneNorm norm = Folded(folded, g.c);
+  norm.mean = mean.data<float>();
+  norm.sums = sums.data();
+  norm.gated = gated;
+  BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
+             dw.data<float>(), norm);
+  return {dx, dw};
+}
+
 std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
                                                 const paddle::Tensor& weight,
                                                 const paddle::Tensor& mean,
@@ -1168,24 +1199,12 @@ std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const p
                                                 const std::vector<int>& strides,
                                                 const std::vector<int>& paddings, float epsilon,
                                                 float momentum) {
-  CheckInput(dy, "out_grad");
-  const Geom g = FusedGeom(x, weight, strides, paddings);
-  PD_CHECK(folded.numel() == 2 * g.c, "bn_relu6_depthwise: folded scale/shift of the wrong size");
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const paddle::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
-  const paddle::Tensor dyc = dy.is_contiguous() ? dy : dy.contiguous();
+  std::vector<double> sums;
   // the conv's input gradient, then the batch norm's input gradient in the same buffer
-  auto dx = paddle::empty({g.n, g.c, g.h, g.w}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  // the batch norm backward's sums taken by the conv backward as it makes dx (LaneNorm)
-  std::vector<double> sums(2 * g.c);
-  LaneNorm norm = Folded(folded, g.c);
-  norm.mean = mean.data<float>();
-  norm.sums = sums.data();
-  BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
-             dw.data<float>(), norm);
-  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, dx, norm.sums);
-  return {dx, dbn[0], dbn[1], dw};
+  auto conv = mbv2::BnDepthwiseConvBackward(x, weight, mean, folded, dy, strides, paddings, sums);
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, conv[0], sums.data());
+  return {conv[0], dbn[0], dbn[1], conv[1]};
 }
 
 std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
@@ -1205,7 +1224,7 @@ PD_BUILD_OP(mbv2_bn_relu6_depthwise)
     .Outputs({"Out", "SavedMean", "SavedInvStd", "Folded", "OutSums"})
     .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
             "momentum: float"})
-    .SetKernelFn(PD_KERNEL(BnDepthwiseForward))
+    .SetKernelFn(PD_KERNEL(mbv2::BnDepthwiseForward))
     .SetInferShapeFn(PD_INFER_SHAPE(BnDepthwiseInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype<1>));
 

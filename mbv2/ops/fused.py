@@ -21,6 +21,8 @@ apart elsewhere.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import paddle
 import paddle.nn as nn
 
@@ -29,6 +31,20 @@ from mbv2.ops import depthwise as _dw
 from mbv2.ops import pointwise as _pw
 
 OP_NAME = "mbv2_bn_relu6_depthwise"
+# the expand 1x1 conv and the fused op above as one (pointwise_conv.cc)
+EXPAND_OP = "mbv2_expand_bn_relu6_depthwise"
+# Where it pays: its backward's extra products (x's Gram matrix, M x) cost C_in / C_out of
+# the 1x1 backward's own, and its saving (the batch norm's dx pass over the expanded map,
+# gone) is a pass over memory. Backward of a unit's expand + batch norm + depthwise, two
+# ops / one, 2 threads, batch 32 (128 at 16x16 and under), medians of alternated rounds:
+# 24->144 at 56x56 1.076 (stride 2 1.125), 16->96 at 112x112 stride 2 1.050, 32->192 at
+# 28x28 1.079 (stride 2 1.063), 16->96 at 16x16 1.076, 8->48 at 16x16 1.036; 64->384 and
+# 96->576 at 14x14 1.003, 1.001; lost on maps in cache and at expansion 1: 24->144 at
+# 8x8 0.946, 12->72 at 8x8 0.982, 160->960 at 7x7 0.860, 32->32 at 112x112 0.849. Whole
+# training steps (alternated in one process): x1.0 at 224 px 1.013 and 1.041, x0.5 at 224
+# px 1.002; with 16x16 maps taken too, 32 px steps moved 0.95-1.03 (the machine's noise
+# there): so maps of 28x28 and up, expansion 4 and up.
+EXPAND_MIN_RATIO, EXPAND_MIN_PLANE = 4, 28 * 28
 POINTWISE_OPS = {_pw.OP_NAME: "mbv2_bn_relu6_pointwise",
                  _pw.BF16_OP_NAME: "mbv2_bn_relu6_pointwise_bf16"}
 # the op library's channel-lane path by shape (UseCL in depthwise_conv.cc): a full group of
@@ -92,19 +108,58 @@ def bn_relu6_depthwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
     return outs[0], outs[4].detach()  # no gradient flows through the sums
 
 
+def _plain_1x1(conv: nn.Conv2D) -> bool:
+    """A bias-free 1x1 conv, stride 1, no padding or dilation, NCHW."""
+    return (conv._groups == 1 and conv.bias is None and tuple(conv._kernel_size) == (1, 1)
+            and tuple(conv._stride) == (1, 1) and tuple(conv._dilation) == (1, 1)
+            and _dw._pad4(conv._padding) == [0, 0, 0, 0]
+            and getattr(conv, "_data_format", "NCHW") == "NCHW")
+
+
 def pointwise_op(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
                  bf16: bool = False) -> str | None:
     """The fused op that runs `conv(relu6(bn(x)))` for a bias-free 1x1 conv (the float32
     one, or with bf16 its bfloat16 variant where `pointwise_conv2d` would pick that), or
     None where the fused op does not apply."""
-    if not _bn._use_op(x, bn) or x.shape[2] * x.shape[3] < MIN_PLANE:
-        return None
-    if (conv._groups != 1 or conv.bias is not None or tuple(conv._kernel_size) != (1, 1)
-            or tuple(conv._stride) != (1, 1) or tuple(conv._dilation) != (1, 1)
-            or _dw._pad4(conv._padding) != [0, 0, 0, 0]
-            or getattr(conv, "_data_format", "NCHW") != "NCHW"):
+    if not _bn._use_op(x, bn) or x.shape[2] * x.shape[3] < MIN_PLANE or not _plain_1x1(conv):
         return None
     return POINTWISE_OPS.get(_pw.block_op(x, conv.weight, bf16))
+
+
+class _Output(NamedTuple):
+    """What the routing checks read of a conv's output, before it exists."""
+    shape: list[int]
+    dtype: paddle.dtype
+    place: paddle.CPUPlace
+
+
+def expand_covers(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.BatchNorm2D, conv: nn.Conv2D,
+                  bf16: bool = False) -> bool:
+    """Whether `expand_bn_relu6_depthwise(x, expand, bn, conv)` runs the one op for
+    `conv(relu6(bn(expand(x))))`: where the 1x1 conv `expand` runs the float32 per-block op
+    (`pointwise.block_op`; its bfloat16 variant keeps the ops apart) and
+    `depthwise_covers` holds for its output."""
+    if not _plain_1x1(expand) or _pw.block_op(x, expand.weight, bf16) != _pw.OP_NAME:
+        return False
+    n, c, h, w = x.shape
+    if expand.weight.shape[0] < EXPAND_MIN_RATIO * c or h * w < EXPAND_MIN_PLANE:
+        return False
+    return depthwise_covers(_Output([n, expand.weight.shape[0], h, w], x.dtype, x.place), bn, conv)
+
+
+def expand_bn_relu6_depthwise(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.BatchNorm2D,
+                              conv: nn.Conv2D) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """`conv(relu6(bn(expand(x))))` through the one op, only where `expand_covers` says, and
+    that output's batch norm sums (as `bn_relu6_depthwise`). The 1x1 conv's output is the
+    op's last output, kept for its backward, which makes that output's gradient a block at
+    a time where the two ops write it whole and read it back."""
+    n, _, h, w = x.shape
+    strides, pads = _conv_args(_Output([n, expand.weight.shape[0], h, w], x.dtype, x.place), conv)
+    y, scale, bias, mean, var, weight = _inputs(x, bn, conv)
+    expand_weight = expand.weight if y is x else expand.weight.detach()
+    outs = paddle._C_ops._run_custom_op(EXPAND_OP, y, expand_weight, scale, bias, mean, var, weight,
+                                        strides, pads, float(bn._epsilon), float(bn._momentum))
+    return outs[0], outs[4].detach()  # no gradient flows through the sums
 
 
 def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op: str,

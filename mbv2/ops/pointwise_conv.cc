@@ -351,6 +351,44 @@ struct FloatScratch {
   float* of(int t) { return buf.empty() ? nullptr : buf.data() + t * each; }
 };
 
+// The expand -> depthwise op's 1x1 backward (below) from gm, the gradient of bn(y) (y = W x
+// this conv's output, the batch norm's input; gm = the gradient of relu6(bn(y)) where the
+// ReLU6 passes), without y's gradient dy = A gm + B y + C0 (the batch norm's dx, A, B, C0
+// per output channel: FusedBatchNormCoefs) ever being formed:
+//   dx = (diag(A) W)^T gm + M x + c,         M = W^T diag(B) W (ci x ci), c = W^T C0,
+//   dW = diag(A) (gm x^T) + diag(B) W G + C0 s^T,   G = x x^T, s = x's row sums,
+// so neither y nor dy is read or written: the products take gm (as they would take dy) and
+// x, ci rows where y has co (6x as many in MobileNetV2), for the extra M x and G.
+// BackwardBlocks adds M x + c to each block of dx and sums G and s (double across blocks).
+struct BnTerms {
+  const float* m = nullptr;  // null: none (a plain 1x1 backward)
+  const float* c = nullptr;
+  double* gram = nullptr;    // out: G (ci x ci) then s (ci)
+};
+
+// One block's BnTerms: dx += M x + c, and x's Gram matrix and row sums into part (double).
+void AddBnTerms(const Shape& s, const BnTerms& bn, const float* xb, int64_t ldx, int64_t len,
+                float* dxb, float* gram, double* part) {
+  const int ci = static_cast<int>(s.ci), hw = static_cast<int>(s.hw), n = static_cast<int>(len);
+  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, ci, n, ci, 1.f, bn.m, ci, xb, static_cast<int>(ldx),
+              1.f, dxb, hw);
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, ci, ci, n, 1.f, xb, static_cast<int>(ldx), xb,
+              static_cast<int>(ldx), 0.f, gram, ci);
+  for (int64_t i = 0; i < s.ci * s.ci; ++i) part[i] += gram[i];
+  for (int64_t c = 0; c < s.ci; ++c) {
+    const float* xr = xb + c * ldx;
+    float* d = dxb + c * s.hw;
+    const float k = bn.c[c];
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < len; ++p) {
+      d[p] += k;
+      sum += xr[p];
+    }
+    part[s.ci * s.ci + c] += sum;
+  }
+}
+
 }  // namespace
 
 // y = W x a block at a time, x normalised first where `norm` says (the fused op). ys: y's
@@ -424,7 +462,7 @@ std::vector<paddle::Tensor> PointwiseSumsForward(const paddle::Tensor& x, const 
 // memory-bound).
 template <bool BF16>
 void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const float* gp,
-                    float* dxp, float* dwp, const BlockNorm& norm) {
+                    float* dxp, float* dwp, const BlockNorm& norm, const BnTerms& bn = {}) {
   const int hw = static_cast<int>(s.hw);
   const int64_t wsize = s.co * s.ci;
   const int threads = omp_get_max_threads();
@@ -433,8 +471,9 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
   const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
-  FloatScratch xn(norm.a != nullptr, s.ci * blk);
+  FloatScratch xn(norm.a != nullptr, s.ci * blk), gram(bn.m != nullptr, s.ci * s.ci);
   mbv2::PerThreadSums bn_part(2 * s.ci, norm.sums ? threads : 0);
+  mbv2::PerThreadSums gram_part(s.ci * (s.ci + 1), bn.m != nullptr ? threads : 0);
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
     const float* g = gp + n * s.co * s.hw + p0;
     int64_t ldx;
@@ -449,6 +488,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
       cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.ci, len, s.co, 1.f, wp, s.ci, g, hw, 0.f, dxb,
                   hw);
     }
+    if (bn.m != nullptr) AddBnTerms(s, bn, xb, ldx, len, dxb, gram.of(t), gram_part.part(t));
     if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.part(t));
     if (dot) {
       DotProducts(g, s.hw, xb, ldx, s.co, s.ci, len, acc);
@@ -462,6 +502,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
   });
   SumPartials(part, threads, wsize, dwp);
   if (norm.sums) bn_part.ReduceInto(norm.sums);
+  if (bn.m != nullptr) gram_part.ReduceInto(bn.gram);
 }
 
 template <bool BF16>
@@ -909,5 +950,121 @@ PD_BUILD_GRAD_OP(mbv2_stem_conv2d)
     .Outputs({paddle::Grad("Weight")})
     .Attrs({"stride: int", "pad: int"})
     .SetKernelFn(PD_KERNEL(StemBackward));
+
+// ---------------------------------------------------------------------------------------
+// The expand 1x1 conv -> relu6(batch_norm) -> depthwise conv of an inverted residual unit
+// in one op (training, float32): forward, the 1x1 conv taking its output's batch norm sums
+// (mbv2_pointwise_conv2d_sums) and the fused batch norm -> depthwise op on that output
+// (mbv2::BnDepthwiseForward), the conv's output Y kept for the backward. Backward, the
+// depthwise conv's half (mbv2::BnDepthwiseConvBackward), writing gm, the gradient of
+// relu6(bn(Y)) where the ReLU6 passes, with the batch norm backward's sums; then the 1x1
+// conv's per-block products from gm and X (BnTerms), so the batch norm's dx pass over Y
+// and gm (the two ops' third pass over the unit's widest tensor) is not made. The forward
+// and the depthwise conv's and batch norm's gradients are the two ops' bit for bit; the 1x1
+// conv's dx and dW are the same sums in another form (float rounding).
+
+std::vector<paddle::Tensor> ExpandDepthwiseForward(
+    const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& scale,
+    const paddle::Tensor& bias, const paddle::Tensor& running_mean,
+    const paddle::Tensor& running_var, const paddle::Tensor& dw_weight,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
+    float momentum) {
+  auto y = PointwiseSumsForward<false>(x, w);
+  auto out = mbv2::BnDepthwiseForward(y[0], scale, bias, running_mean, running_var, dw_weight,
+                                      paddle::optional<paddle::Tensor>(y[1]), strides, paddings,
+                                      epsilon, momentum);
+  out.push_back(y[0]);
+  return out;
+}
+
+std::vector<paddle::Tensor> ExpandDepthwiseBackward(
+    const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& y,
+    const paddle::Tensor& scale, const paddle::Tensor& dw_weight, const paddle::Tensor& mean,
+    const paddle::Tensor& invstd, const paddle::Tensor& folded, const paddle::Tensor& dout,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
+    float momentum) {
+  CheckFloat32(x, w, "expand_bn_relu6_depthwise");
+  const Shape s = GetShape(x, w);
+  std::vector<double> sums;
+  // gm, the depthwise conv's weight gradient and the batch norm backward's sums
+  auto conv = mbv2::BnDepthwiseConvBackward(y, dw_weight, mean, folded, dout, strides,
+                                            paddings, sums, /*gated=*/true);
+  auto bn = mbv2::FusedBatchNormCoefs(scale, mean, invstd, sums.data(), s.n * s.hw);
+  const float *ka = bn[2].data<float>(), *kb = ka + s.co, *kc = kb + s.co;
+  BackwardIo io(x, w, conv[0]);
+  const float* wp = io.w.data<float>();
+  const int co = static_cast<int>(s.co), ci = static_cast<int>(s.ci);
+  // diag(A) W for dx's product, diag(B) W for M = W^T diag(B) W, c = W^T C0
+  std::vector<float> wa(s.co * s.ci), wb(s.co * s.ci), m(s.ci * s.ci), c(s.ci, 0.f);
+  for (int64_t o = 0; o < s.co; ++o)
+    for (int64_t i = 0; i < s.ci; ++i) {
+      wa[o * s.ci + i] = ka[o] * wp[o * s.ci + i];
+      wb[o * s.ci + i] = kb[o] * wp[o * s.ci + i];
+      c[i] += wp[o * s.ci + i] * kc[o];
+    }
+  cblas_sgemm(kRowMajor, kTrans, kNoTrans, ci, ci, co, 1.f, wp, ci, wb.data(), ci, 0.f, m.data(),
+              ci);
+  std::vector<double> gram(s.ci * (s.ci + 1));
+  BnTerms terms;
+  terms.m = m.data();
+  terms.c = c.data();
+  terms.gram = gram.data();
+  BackwardBlocks<false>(s, io.x.data<float>(), wa.data(), io.dy.data<float>(), io.dx.data<float>(),
+                        io.dw.data<float>(), {}, terms);
+  // dW = diag(A) (gm x^T) (BackwardBlocks' dw) + diag(B) W G + C0 s^T
+  float* dw = io.dw.data<float>();
+  const double* sx = gram.data() + s.ci * s.ci;
+  std::vector<float> g32(gram.begin(), gram.begin() + s.ci * s.ci), bwg(s.co * s.ci);
+  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, co, ci, ci, 1.f, wb.data(), ci, g32.data(), ci, 0.f,
+              bwg.data(), ci);
+  for (int64_t o = 0; o < s.co; ++o)
+    for (int64_t i = 0; i < s.ci; ++i) {
+      const int64_t k = o * s.ci + i;
+      dw[k] = static_cast<float>(static_cast<double>(ka[o]) * dw[k] + bwg[k] + kc[o] * sx[i]);
+    }
+  return {io.dx, io.dw, bn[0], bn[1], conv[1]};
+}
+
+std::vector<std::vector<int64_t>> ExpandDepthwiseInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>& dw_shape,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float) {
+  const std::vector<int64_t> y = {x_shape[0], w_shape[0], x_shape[2], x_shape[3]};
+  auto out = [](int64_t in, int64_t k, int st, int p0, int p1) -> int64_t {
+    return in < 0 ? -1 : (in + p0 + p1 - k) / st + 1;
+  };
+  auto shapes = mbv2::FusedStatsShapes(w_shape[0]);
+  shapes.insert(shapes.begin(), {y[0], y[1], out(y[2], dw_shape[2], strides[0], paddings[0], paddings[1]),
+                                 out(y[3], dw_shape[3], strides[1], paddings[2], paddings[3])});
+  shapes.push_back({w_shape[0] < 0 ? -1 : 3 * w_shape[0] + 1});
+  shapes.push_back(y);
+  return shapes;
+}
+
+std::vector<paddle::DataType> ExpandDepthwiseInferDtype(
+    const paddle::DataType& x_dtype, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&) {
+  return {x_dtype, x_dtype, x_dtype, x_dtype, paddle::DataType::FLOAT64, x_dtype};
+}
+
+PD_BUILD_OP(mbv2_expand_bn_relu6_depthwise)
+    .Inputs({"X", "Weight", "Scale", "Bias", "RunningMean", "RunningVar", "DwWeight"})
+    .Outputs({"Out", "SavedMean", "SavedInvStd", "Folded", "OutSums", "Y"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
+            "momentum: float"})
+    .SetKernelFn(PD_KERNEL(ExpandDepthwiseForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(ExpandDepthwiseInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ExpandDepthwiseInferDtype));
+
+PD_BUILD_GRAD_OP(mbv2_expand_bn_relu6_depthwise)
+    .Inputs({"X", "Weight", "Y", "Scale", "DwWeight", "SavedMean", "SavedInvStd", "Folded",
+             paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Scale"),
+              paddle::Grad("Bias"), paddle::Grad("DwWeight")})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
+            "momentum: float"})
+    .SetKernelFn(PD_KERNEL(ExpandDepthwiseBackward));
 
 #endif  // MBV2_WITH_MKL
