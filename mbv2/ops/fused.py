@@ -139,10 +139,12 @@ def expand_covers(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.BatchNorm2D, conv:
     `conv(relu6(bn(expand(x))))`: where the 1x1 conv `expand` runs the float32 per-block op
     (`pointwise.block_op`; its bfloat16 variant keeps the ops apart) and
     `depthwise_covers` holds for its output."""
-    if not _plain_1x1(expand) or _pw.block_op(x, expand.weight, bf16) != _pw.OP_NAME:
+    if len(x.shape) != 4:
         return False
     n, c, h, w = x.shape
     if expand.weight.shape[0] < EXPAND_MIN_RATIO * c or h * w < EXPAND_MIN_PLANE:
+        return False  # first: the cheap test that rules out most units (every one at 32 px)
+    if not _plain_1x1(expand) or _pw.block_op(x, expand.weight, bf16) != _pw.OP_NAME:
         return False
     return depthwise_covers(_Output([n, expand.weight.shape[0], h, w], x.dtype, x.place), bn, conv)
 
