@@ -9,7 +9,9 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
   product and on large ones as per-block MKL GEMMs (`pointwise`), and the global average
   pool as a mean over the flattened plane. In training, an inverted residual unit's two
   batch norm + ReLU6 outputs are folded into the convs that read them (`fused`: those
-  activations are never written). Each wrapper sends a shape it does not cover to
+  activations are never written), and on maps of 28x28 and up the expand conv joins the
+  depthwise one (`fused.expand_bn_relu6_depthwise`: its output's gradient is never
+  formed). Each wrapper sends a shape it does not cover to
   Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
   (`trainer.amp` on CPU, `mixed_precision`).
 

@@ -14,10 +14,15 @@ gradient instead of two). They compute what `batch_norm_act` followed by
 `depthwise_conv2d` or `pointwise_conv2d` computes, summed in other orders (float rounding;
 the running statistics and the depthwise op's output and weight gradient bit for bit).
 
+On maps of 28x28 and up the expand conv and the first op run as one
+(`mbv2_expand_bn_relu6_depthwise`, `expand_bn_relu6_depthwise`), whose backward never forms
+the expand conv's output gradient: the 1x1 backward takes the batch norm backward's terms
+apart (see `pointwise_conv.cc`), so the batch norm's dx pass over that map is not made.
+
 `depthwise_covers(x, bn, conv)` and `pointwise_op(x, bn, conv, bf16)` say where they apply
 (training-mode batch statistics on float32 NCHW CPU tensors, planes of 8 pixels and up, a
 conv shape the library's own paths take); `CpuKernels.inverted_residual` runs the ops
-apart elsewhere.
+apart elsewhere (`expand_covers` for the expand op).
 """
 from __future__ import annotations
 
