@@ -446,5 +446,11 @@ def test_expand_op_covers_only_where_it_pays(kernel):
     bn.eval()
     assert not fused.expand_covers(x, expand, bn, conv)  # running statistics
     bn.train()
-    if dw.load_kernel().pointwise_bf16 and pw.block_op(x, expand.weight, True) == pw.BF16_OP_NAME:
-        assert not fused.expand_covers(x, expand, bn, conv, bf16=True)  # the bfloat16 1x1 op
+    # where mixed precision gives the expand conv the bfloat16 op, the ops stay apart
+    bn_wide, conv_wide = _layers(192, 1, rng)
+    wide = paddle.nn.Conv2D(32, 192, 1, bias_attr=False)
+    x_wide = paddle.randn([2, 32, 28, 28])
+    assert fused.expand_covers(x_wide, wide, bn_wide, conv_wide)
+    if dw.load_kernel().pointwise_bf16:
+        assert pw.block_op(x_wide, wide.weight, True) == pw.BF16_OP_NAME
+        assert not fused.expand_covers(x_wide, wide, bn_wide, conv_wide, bf16=True)

@@ -26,6 +26,24 @@ std::vector<paddle::Tensor> FusedBatchNormStats(const paddle::Tensor& x,
                                                 float momentum, const char* op,
                                                 const paddle::optional<paddle::Tensor>& sums);
 
+// A fused op's batch norm as its conv reads the input: relu6(x * a[c] + b[c]), a and b the
+// folded scale and shift (FusedBatchNormStats' third output; a null: no normalisation);
+// in the backward the saved mean and, where set, the batch norm backward's sums [sum g
+// (C), sum g (x - mean) (C)] the conv takes as it makes g. The depthwise op's LaneNorm and
+// the 1x1 op's BlockNorm add their own loops to it.
+struct FoldedNorm {
+  const float *a = nullptr, *b = nullptr;
+  const float* mean = nullptr;
+  double* sums = nullptr;
+};
+
+// The FoldedNorm of c channels from a folded [a (C), b (C)] tensor.
+inline FoldedNorm Folded(const paddle::Tensor& folded, int64_t c, const float* mean = nullptr,
+                         double* sums = nullptr) {
+  const float* a = folded.data<float>();
+  return {a, a + c, mean, sums};
+}
+
 // Per-thread rows of `size` double partial sums (thread t adds into part(t) inside a
 // parallel region), reduced in thread order afterwards: deterministic for a fixed thread
 // count. Used for the sums the fused ops take while a conv makes its output or gradient.

@@ -563,11 +563,11 @@ struct LaneCoefs {
   v8 a{}, b{}, mean{};
 };
 
-struct LaneNorm {
-  const float *a = nullptr, *b = nullptr;
-  const float* mean = nullptr;  // the batch norm's saved mean (backward with sums)
-  double* sums = nullptr;       // [sum g (C), sum g (x - mean) (C)], written at the end
-  bool gated = false;           // the backward writes gm, not g (Accumulate<true>)
+struct LaneNorm : mbv2::FoldedNorm {
+  bool gated = false;  // the backward writes gm, not g (Accumulate<true>)
+
+  LaneNorm(const mbv2::FoldedNorm& f = {}, bool gated_out = false)
+      : mbv2::FoldedNorm(f), gated(gated_out) {}
 
   void load(int64_t c0, int lanes, LaneCoefs& k) const {
     if (a == nullptr) return;
@@ -1141,13 +1141,6 @@ Geom FusedGeom(const paddle::Tensor& x, const paddle::Tensor& w, const std::vect
   return g;
 }
 
-LaneNorm Folded(const paddle::Tensor& folded, int64_t c) {
-  LaneNorm norm;
-  norm.a = folded.data<float>();
-  norm.b = norm.a + c;
-  return norm;
-}
-
 }  // namespace
 
 std::vector<paddle::Tensor> mbv2::BnDepthwiseForward(
@@ -1163,7 +1156,8 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseForward(
                                          momentum, "bn_relu6_depthwise", sums);
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   mbv2::OutputSums ys(g.c, omp_get_max_threads(), g.n * g.c * g.ho * g.wo);
-  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(), Folded(stats[2], g.c), &ys);
+  ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(),
+            mbv2::Folded(stats[2], g.c), &ys);
   return {y, stats[0], stats[1], stats[2], ys.Finish()};
 }
 
@@ -1181,10 +1175,7 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseConvBackward(
   auto dw = paddle::empty({g.c, 1, g.kh, g.kw}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   // the batch norm backward's sums taken by the conv backward as it makes dx (LaneNorm)
   sums.assign(2 * g.c, 0.0);
-  LaneNorm norm = Folded(folded, g.c);
-  norm.mean = mean.data<float>();
-  norm.sums = sums.data();
-  norm.gated = gated;
+  const LaneNorm norm(mbv2::Folded(folded, g.c, mean.data<float>(), sums.data()), gated);
   BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
              dw.data<float>(), norm);
   return {dx, dw};

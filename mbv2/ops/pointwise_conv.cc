@@ -294,12 +294,9 @@ struct Bf16Scratch {
 // a[c] + b[c]), the batch norm's folded scale and shift (`a` null: none), one block of
 // x's ci rows (row stride ld) at a time into a contiguous ci x len scratch, with the batch
 // norm op's arithmetic (one FMA, max with 0, min with 6), so its output bit for bit.
-struct BlockNorm {
-  const float *a = nullptr, *b = nullptr;
-  // backward: the batch norm's saved mean and, where set, the batch norm backward's sums
-  // [sum g (C), sum g (x - mean) (C)] taken per block as the products make g (accumulate)
-  const float* mean = nullptr;
-  double* sums = nullptr;
+struct BlockNorm : mbv2::FoldedNorm {
+  // the sums taken per block as the products make g (accumulate)
+  BlockNorm(const mbv2::FoldedNorm& f = {}) : mbv2::FoldedNorm(f) {}
 
   // part[c] += sum gm, part[ci + c] += sum gm * (x - mean[c]) over a block, gm = g where
   // the forward's ReLU6 gate passes (mbv2::GatedRowSums, the batch norm op's own sums): x
@@ -471,7 +468,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
   const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
-  FloatScratch xn(norm.a != nullptr, s.ci * blk), gram(bn.m != nullptr, s.ci * s.ci);
+  FloatScratch xn(norm.a != nullptr, s.ci * blk), gram_blk(bn.m != nullptr, s.ci * s.ci);
   mbv2::PerThreadSums bn_part(2 * s.ci, norm.sums ? threads : 0);
   mbv2::PerThreadSums gram_part(s.ci * (s.ci + 1), bn.m != nullptr ? threads : 0);
   ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
@@ -488,7 +485,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
       cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.ci, len, s.co, 1.f, wp, s.ci, g, hw, 0.f, dxb,
                   hw);
     }
-    if (bn.m != nullptr) AddBnTerms(s, bn, xb, ldx, len, dxb, gram.of(t), gram_part.part(t));
+    if (bn.m != nullptr) AddBnTerms(s, bn, xb, ldx, len, dxb, gram_blk.of(t), gram_part.part(t));
     if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.part(t));
     if (dot) {
       DotProducts(g, s.hw, xb, ldx, s.co, s.ci, len, acc);
@@ -597,13 +594,6 @@ Shape FusedShape(const paddle::Tensor& x, const paddle::Tensor& w) {
   return s;
 }
 
-BlockNorm Folded(const paddle::Tensor& folded, int64_t c) {
-  BlockNorm norm;
-  norm.a = folded.data<float>();
-  norm.b = norm.a + c;
-  return norm;
-}
-
 }  // namespace
 
 template <bool BF16>
@@ -619,7 +609,7 @@ std::vector<paddle::Tensor> BnPointwiseForward(const paddle::Tensor& x, const pa
   auto stats = mbv2::FusedBatchNormStats(io.x, scale, bias, running_mean, running_var, epsilon,
                                          momentum, "bn_relu6_pointwise", sums);
   ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(),
-                      Folded(stats[2], s.ci));
+                      mbv2::Folded(stats[2], s.ci));
   return {io.y, stats[0], stats[1], stats[2]};
 }
 
@@ -637,9 +627,7 @@ std::vector<paddle::Tensor> BnPointwiseBackward(const paddle::Tensor& x, const p
   // the gradient of the normalised input and the batch norm backward's sums, then the
   // batch norm's input gradient in place
   std::vector<double> sums(2 * s.ci);
-  BlockNorm norm = Folded(folded, s.ci);
-  norm.mean = mean.data<float>();
-  norm.sums = sums.data();
+  const BlockNorm norm(mbv2::Folded(folded, s.ci, mean.data<float>(), sums.data()));
   BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
                        io.dx.data<float>(), io.dw.data<float>(), norm);
   auto dbn = mbv2::FusedBatchNormBackward(io.x, scale, mean, invstd, folded, io.dx, norm.sums);
