@@ -14,7 +14,8 @@ import paddle
 import pytest
 from visualdl import LogReader, LogWriter
 
-from mbv2.train.checkpoint import CKPT_SUFFIX, Checkpointer, CheckpointError, load_checkpoint
+from mbv2.train.checkpoint import (CKPT_SUFFIX, SUFFIXES, Checkpointer, CheckpointError,
+                                   CheckpointSaveError, load_checkpoint)
 from mbv2.train.tracking import RECORDS_FILE, truncate_records
 from tests.conftest import ROOT, TINY, run_cli
 
@@ -122,6 +123,55 @@ def test_top_k_keeps_exactly_k_and_best(tmp_path):
     assert best["epoch"] == 5 and best["eval/acc_top1"] == pytest.approx(0.7)
     assert load_checkpoint(tmp_path / "checkpoints" / f"last{CKPT_SUFFIX}")["meta"]["epoch"] == 7
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def _snapshot(ckdir: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(ckdir.iterdir())}
+
+
+@pytest.mark.parametrize("failing", SUFFIXES)
+def test_a_save_that_cannot_write_changes_nothing_and_says_what_to_do(tmp_path, monkeypatch, failing):
+    """Disk full while `last` is written (any of its three files): the run dir keeps the
+    previous epoch's files untouched (same inodes, same bytes, no temporaries), best and
+    top-k bookkeeping are as before, the error names the file and the way on, and the
+    next save that can write works as if the failed one never happened."""
+    import errno
+
+    from mbv2.train import checkpoint as ck
+
+    saver, model = Checkpointer(tmp_path, keep_top_k=2), _tiny_model()
+    saver.save(model, 1, 10, 0.2, extra={})
+    saver.save(model, 2, 20, 0.4, extra={})
+    ckdir = tmp_path / "checkpoints"
+    before, bookkeeping = _snapshot(ckdir), saver.state_dict()
+
+    real_paddle_save, real_ckpt_save = ck.paddle.save, ck.ckptfile.save_checkpoint
+
+    def full(path) -> None:
+        with open(path, "wb") as f:  # a partial file first, as a real full disk leaves
+            f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def paddle_save(obj, path, *a, **k):  # path: last's temporary name, ".last.pdopt.<pid>.tmp"
+        return full(path) if f"last{failing}." in str(path) else real_paddle_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck.paddle, "save", paddle_save)
+    monkeypatch.setattr(ck.ckptfile, "save_checkpoint",
+                        lambda obj, path: full(path) if failing == CKPT_SUFFIX else real_ckpt_save(obj, path))
+    with pytest.raises(CheckpointSaveError) as e:
+        saver.save(model, 3, 30, 0.9, extra={})  # would be the new best and in the top 2
+    msg = str(e.value)
+    assert str(ckdir / f"last{failing}") in msg and "No space left on device" in msg
+    assert "as they were before epoch 3" in msg and f"trainer.resume={tmp_path}" in msg
+    assert _snapshot(ckdir) == before
+    assert saver.state_dict() == bookkeeping
+
+    monkeypatch.undo()
+    saver.save(model, 3, 30, 0.9, extra={})
+    assert load_checkpoint(ckdir / f"best{CKPT_SUFFIX}")["meta"]["epoch"] == 3
+    assert sorted(p.name for p in ckdir.glob(f"epoch_*{CKPT_SUFFIX}")) == [
+        "epoch_0002.pdckpt", "epoch_0003.pdckpt"]
+    assert not [p for p in ckdir.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_truncated_checkpoint_error_names_the_file(tmp_path):

@@ -104,6 +104,41 @@ def test_run_dir_that_is_a_file_is_a_sentence(tmp_path):
     assert f"{tmp_path / 'file'} is a file, not a directory" in proc.stderr
 
 
+def test_a_checkpoint_the_disk_refuses_fails_the_run_with_a_sentence(tmp_path):
+    """A real write failure, from the kernel: the run's file-size limit (RLIMIT_FSIZE, below
+    the checkpoint's ~2 MB, above every other file of the run) makes the checkpoint's write
+    fail with EFBIG, as a full disk fails it with ENOSPC. The run ends failed with the
+    file, the reason and what to do; no partial or temporary file is left; once the
+    limit is gone the same command trains."""
+    import resource
+    import subprocess
+    import sys
+
+    from mbv2.ops.depthwise import load_kernel
+
+    load_kernel()  # built (or found) now, so the limited run only loads the op library
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}"]
+    limit = 1_500_000  # bytes a file; Python ignores SIGXFSZ, so the write fails instead
+
+    proc = subprocess.run([sys.executable, "-m", "mbv2.run", *args], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"{run_dir / 'checkpoints' / 'last.pdckpt'}: could not write the epoch 1 checkpoint: "
+            f"File too large; the run saved no checkpoint") in proc.stderr
+    assert "run the same command again" in proc.stderr
+    assert list((run_dir / "checkpoints").iterdir()) == []
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "CheckpointSaveError" in metrics["error"]
+    assert "could not write the epoch 1 checkpoint" in (run_dir / "run.log").read_text()
+
+    run_cli(args, cwd=tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs_completed"] == 2
+
+
 # -- crafted run dirs and checkpoints: nothing in them runs ------------------------------------
 class _Evil:
     def __reduce__(self):

@@ -7,7 +7,9 @@ Layout of `<run dir>/checkpoints/`:
   epoch, global step, metrics, RNG states and the tracker's history. Resume, eval, predict
   and export read this file. Being one file, it is replaced in one `os.replace`, so a crash
   mid-save leaves the previous `last` intact (timm's CheckpointSaver does the same with
-  one `.pth.tar`).
+  one `.pth.tar`). `last`'s three files are all written under temporary names before any
+  is renamed into place, so a save that fails (disk full, quota, read-only) changes nothing
+  and says so (CheckpointSaveError: the file, what is kept, how to continue).
 * `<name>.pdparams` + `<name>.pdopt` - the same weights and optimizer state in the layout
   `paddle.Model.save` writes, for `paddle.Model.load` and `model.pretrained=`.
 
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from mbv2.files import replace_atomic
+from mbv2.files import replace_atomic, temporary_name
 from mbv2.train import ckptfile
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found or read; the message names the path."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint that could not be written (disk full, quota, read-only file system);
+    the message names the file, what the run dir still holds and how to continue."""
+
+
 # -- files ------------------------------------------------------------------------------
-def save_atomic(obj: Any, path: Path) -> None:
-    """`paddle.save` to a temporary name, fsync (on disk before the rename makes it
-    `last`), then rename."""
-    replace_atomic(path, lambda tmp: paddle.save(obj, str(tmp)), fsync=True)
-
-
 def _link_or_copy(src: Path, tmp: Path) -> None:
     try:
         os.link(src, tmp)
@@ -178,6 +179,7 @@ class Checkpointer:
              extra: dict[str, Any]) -> Path:
         """Checkpoint the end of 1-based `epoch`; `metric` is its eval/acc_top1 or None
         when the epoch was not evaluated. `extra` (RNG, tracker, EMA) goes into the file."""
+        before = (list(self.top_k), self.best_metric, self.best_epoch)
         is_best = metric is not None and (self.best_metric is None or metric > self.best_metric)
         if is_best:
             self.best_metric, self.best_epoch = float(metric), epoch
@@ -195,20 +197,73 @@ class Checkpointer:
                 "meta": {"epoch": epoch, "global_step": global_step, METRIC: metric,
                          "checkpointer": self.state_dict()},
                 **extra}
-        # the .pdckpt first: it alone is what resume reads, so it is the commit point
-        replace_atomic(Path(str(last) + CKPT_SUFFIX),
-                       lambda tmp: ckptfile.save_checkpoint(ckpt, tmp), fsync=True)
-        save_atomic(ckpt["model"], Path(str(last) + ".pdparams"))
-        save_atomic(ckpt["optimizer"], Path(str(last) + ".pdopt"))
-        if any(e == epoch for _, e in self.top_k):
-            self._publish_all(last, self.dir / epoch_name(epoch))
-        if is_best:
-            self._publish_all(last, self.dir / "best")
-            log.info("checkpoint: best %s %.4f at epoch %d -> %s", METRIC, metric, epoch,
-                     self.dir / f"best{CKPT_SUFFIX}")
-        for e in dropped:
-            _remove(self.dir / epoch_name(e))
+        try:
+            self._write_last(ckpt, last)
+        except OSError as e:  # nothing of this epoch was published: the bookkeeping goes back
+            self.top_k, self.best_metric, self.best_epoch = before
+            raise self._save_error(e, epoch, committed=False) from e
+        try:
+            if any(e == epoch for _, e in self.top_k):
+                self._publish_all(last, self.dir / epoch_name(epoch))
+            if is_best:
+                self._publish_all(last, self.dir / "best")
+                log.info("checkpoint: best %s %.4f at epoch %d -> %s", METRIC, metric, epoch,
+                         self.dir / f"best{CKPT_SUFFIX}")
+            for e in dropped:
+                _remove(self.dir / epoch_name(e))
+        except OSError as e:  # `last` is this epoch's; resume re-links best and the epoch file
+            raise self._save_error(e, epoch, committed=True) from e
         return Path(str(last) + CKPT_SUFFIX)
+
+    @staticmethod
+    def _write_last(ckpt: dict[str, Any], last: Path) -> None:
+        """`last`'s three files, all or none: each written (and fsynced) under a temporary
+        name first, so a write that fails (disk full, quota) leaves the previous `last`
+        whole, the three files of one epoch. Only then the renames, which need no space:
+        the .pdparams/.pdopt copies, then the .pdckpt, the file resume reads, as the
+        commit point (a kill between the renames leaves copies one epoch ahead of it,
+        which the next save replaces)."""
+        files = {suffix: Path(str(last) + suffix) for suffix in SUFFIXES}
+        staged = {suffix: temporary_name(path) for suffix, path in files.items()}
+        writers = {CKPT_SUFFIX: lambda tmp: ckptfile.save_checkpoint(ckpt, tmp),
+                   ".pdparams": lambda tmp: paddle.save(ckpt["model"], str(tmp)),
+                   ".pdopt": lambda tmp: paddle.save(ckpt["optimizer"], str(tmp))}
+        last.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            for suffix in SUFFIXES:
+                try:
+                    writers[suffix](staged[suffix])
+                    with open(staged[suffix], "rb") as f:
+                        os.fsync(f.fileno())
+                except OSError as e:  # pickle's write errors name no file: name the one meant
+                    e.filename = str(files[suffix])
+                    raise
+            for suffix in (".pdparams", ".pdopt", CKPT_SUFFIX):
+                os.replace(staged[suffix], files[suffix])
+        finally:
+            for tmp in staged.values():
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+    def _save_error(self, e: OSError, epoch: int, committed: bool) -> CheckpointSaveError:
+        path = e.filename or self.dir
+        why = e.strerror or str(e)
+        run_dir = self.dir.parent
+        if committed:
+            held = (f"last{CKPT_SUFFIX} holds epoch {epoch}, but its best/epoch_NNNN links "
+                    f"were not all made (a resume makes them)")
+        elif Path(str(self.dir / "last") + CKPT_SUFFIX).is_file():
+            held = (f"the checkpoints there are as they were before epoch {epoch} "
+                    f"(last{CKPT_SUFFIX} is the previous epoch's, whole)")
+        else:
+            return CheckpointSaveError(
+                f"{path}: could not write the epoch {epoch} checkpoint: {why}; the run saved "
+                f"no checkpoint, so there is nothing to resume. Free space on that file system "
+                f"(or lift the quota / make it writable) and run the same command again")
+        return CheckpointSaveError(
+            f"{path}: could not write the epoch {epoch} checkpoint: {why}; {held}. Free space "
+            f"on that file system (or lift the quota / make it writable) and continue with "
+            f"`python -m mbv2.run trainer.resume={run_dir}`")
 
     def reconcile(self, resumed_from: Path, epoch: int) -> Path | None:
         """After resume: make the files agree with the bookkeeping of the checkpoint

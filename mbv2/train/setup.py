@@ -223,7 +223,11 @@ def recorded_outcome(tracker: RunTracker, data) -> Iterator[None]:
     except BaseException as e:
         status = {Terminated: "terminated", KeyboardInterrupt: "interrupted"}.get(type(e), "failed")
         _record_bad_images(tracker, data)
-        tracker.finish(status, error=f"{type(e).__name__}: {e}")
+        try:
+            tracker.finish(status, error=f"{type(e).__name__}: {e}")
+        except OSError as write_error:  # the full disk that ended the run may refuse this too
+            log.warning("run %s: could not record its %s status (%s); the error that ended "
+                        "it follows", tracker.run_name, status, write_error)
         raise
     _record_bad_images(tracker, data)
     tracker.finish("stopped_early" if tracker.metrics.get("stopped_early_epoch") else "completed")

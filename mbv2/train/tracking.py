@@ -282,8 +282,9 @@ class RunTracker(Callback):
         if self.write:
             self.curves.update(self.history, final=True)
             m = self.metrics
-            log.info("run %s %s: best top-1 %s at epoch %s, final top-1 %s, %d of %d epochs; "
-                     "%s", self.run_name, status, _fmt(m["best_eval_acc_top1"]), m["best_epoch"],
+            log.info("run %s %s%s: best top-1 %s at epoch %s, final top-1 %s, %d of %d epochs; "
+                     "%s", self.run_name, status, f" ({error})" if error and status == "failed" else "",
+                     _fmt(m["best_eval_acc_top1"]), m["best_epoch"],
                      _fmt(m["final_eval_acc_top1"]), m["epochs_completed"], self.epochs,
                      self.run_dir / METRICS_FILE)
         return self.metrics
