@@ -6,6 +6,7 @@ OmegaConf: a misspelt or mistyped key fails with the key named.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -68,6 +69,27 @@ def _check_output_dir(path: Path, prog: str) -> None:
         raise SystemExit(f"{prog}: out={path}: {probe} is not writable; give a directory you can write")
 
 
+# write failures a user fixes on their side (space, quota, permissions, a read-only mount)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG})
+
+
+def default_output_dir(path: Path, prog: str) -> Path:
+    """The default output dir inside a run dir (`<run dir>/eval`, `/export`), created, or
+    a sentence: a run dir on a read-only mount or someone else's copy refuses it, and an
+    explicit `out=` (checked with the arguments) is the way out. Checked before the work,
+    not after it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".{prog}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{prog}: cannot write {path}, the default out= inside the run dir "
+                         f"({e.strerror}); give out=<a directory you can write>") from None
+    return path
+
+
 def run_entry(schema: type[T], runner: Callable[[T], Any], prog: str, usage: str,
               argv: Sequence[str] | None = None) -> None:
     """Parse `key=value` arguments into `schema` and call `runner` with them; errors a
@@ -83,6 +105,11 @@ def run_entry(schema: type[T], runner: Callable[[T], Any], prog: str, usage: str
         runner(args)
     except (CheckpointError, DataError, DeviceError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise SystemExit(f"error: {e.filename or 'a file'}: cannot write it ({e.strerror}); "
+                         f"free space there or give out=<another directory>") from None
 
 
 def entry_point(schema: type[T], runner: Callable[[T], Any], prog: str,

@@ -11,13 +11,14 @@ eval/* scalars training logged: no second run, no second name for one metric.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from mbv2.cli import entry_point
+from mbv2.cli import default_output_dir, entry_point
 
 log = logging.getLogger("mbv2.eval")
 
@@ -170,6 +171,10 @@ def _record(run_dir: Path, tag: str, epoch: int, image: np.ndarray) -> str | Non
         metrics = {}
     if metrics.get("status") == "running":
         return f"{run_dir} is still training; its VisualDL records were left alone"
+    records = run_dir / RECORDS_FILE
+    if not os.access(run_dir, os.W_OK) or (records.exists() and not os.access(records, os.W_OK)):
+        return (f"{run_dir / RECORDS_FILE} cannot be written (read-only); "
+                f"the confusion matrix is in the PNG only")
     name = metrics.get("run_name") or run_dir.name
     with LogWriter(logdir=str(run_dir), file_name=RECORDS_FILE, display_name=name) as writer:
         writer.add_image(tag, image, step=epoch)
@@ -190,6 +195,8 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     paddle.set_device(device)
     net, cfg, class_names, ckpt, meta = restore_run(args.ckpt, ema=args.ema, device=device)
     dataset, data_cfg = _eval_data(args, cfg, class_names, ckpt)
+    if not args.out:  # before the work: a read-only run dir says so now, not after it
+        default_output_dir(run_dir_of(ckpt) / EVAL_DIR, "mbv2.eval")
     logits, labels = evaluate_logits(net, dataset, args.batch_size, int(data_cfg.image_size))
     report = classification_report(logits, labels, class_names)
     result = {"checkpoint": str(ckpt), "epoch": int(meta.get("epoch") or 0), "split": args.split,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mbv2.cli import entry_point
+from mbv2.cli import default_output_dir, entry_point
 
 log = logging.getLogger("mbv2.export")
 
@@ -48,7 +48,7 @@ def run_export(args: ExportArgs) -> Path:
                          "pip install paddle2onnx, then rerun (format=paddle needs nothing)")
     paddle.set_device("cpu")
     net, cfg, class_names, ckpt, meta = artifacts.restore_run(args.ckpt, ema=args.ema, device="cpu")
-    out = Path(args.out) if args.out else run_dir_of(ckpt) / "export"
+    out = Path(args.out) if args.out else default_output_dir(run_dir_of(ckpt) / "export", "mbv2.export")
     out.mkdir(parents=True, exist_ok=True)
     spec = artifacts.preprocess_spec(cfg.data)
     # any batch and any image size: a model trained at 32 px runs on PaddleClas's 224 crops

@@ -145,6 +145,7 @@ def cli() -> None:
     runtime.configure_process()
     rundirs.check_explicit_dirs(sys.argv)
     sys.argv = rundirs.resume_argv(sys.argv)
+    rundirs.check_explicit_dirs(sys.argv)  # the resumed run's own dir, now named
     os.environ[rundirs.LAUNCH_ARGS_ENV] = json.dumps(sys.argv[1:])
     if not distributed.is_primary():
         # ranks > 0 share rank 0's run dir (see distributed.shared_choice) but leave its

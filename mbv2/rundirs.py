@@ -233,16 +233,56 @@ def _given(argv: list[str], key: str) -> str | None:
 
 
 def check_explicit_dirs(argv: list[str]) -> None:
-    """An explicit hydra.run.dir / hydra.sweep.dir that cannot be a directory: one sentence."""
+    """The dir a run or sweep will write (an explicit hydra.run.dir / hydra.sweep.dir, a
+    resumed run's own dir, or ./outputs) that cannot be a directory or cannot be written
+    (a read-only mount, no permission): one sentence before Hydra starts, instead of its
+    logging set-up failing on run.log."""
+    resumed = _given(argv, "trainer.resume") not in (None, "null")
+    checked = False
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         value = _given(argv, key)
         if value is None:
             continue
+        checked = True
         path = Path(value).expanduser()
         blocker = next((p for p in [path, *path.parents] if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
             raise SystemExit(f"{key}={value}: {blocker} is a file, not a directory; give a "
                              f"directory path (it is created if missing)")
+        why = _unwritable(blocker)
+        if why and resumed and key == "hydra.run.dir":
+            raise SystemExit(f"trainer.resume: the run dir {path} cannot be written ({why}); a "
+                             f"resume continues in the run's own dir: copy it somewhere "
+                             f"writable and resume the copy")
+        if why:
+            raise SystemExit(f"{key}={value}: {blocker} cannot be written ({why}); give a "
+                             f"directory you can write")
+    if not checked and not resumed:  # a resume writes into its run dir (checked once named)
+        why = _unwritable(Path.cwd())
+        if why and not (Path.cwd() / "outputs").is_dir():
+            raise SystemExit(f"{Path.cwd()}: cannot create outputs/ here ({why}); run from a "
+                             f"directory you can write, or give hydra.run.dir=<dir> "
+                             f"(hydra.sweep.dir=<dir> with -m)")
+        if why is None and (Path.cwd() / "outputs").is_dir():
+            why = _unwritable(Path.cwd() / "outputs")
+        if why:
+            raise SystemExit(f"{Path.cwd() / 'outputs'} cannot be written ({why}); run from a "
+                             f"directory you can write, or give hydra.run.dir=<dir> "
+                             f"(hydra.sweep.dir=<dir> with -m)")
+
+
+def _unwritable(directory: Path | None) -> str | None:
+    """Why a file cannot be created in `directory` (an unnamed temporary file is tried, so
+    nothing appears there), or None when it can (or `directory` is None)."""
+    import tempfile
+
+    if directory is None:
+        return None
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def record_subdir(output_dir: str) -> str | None:

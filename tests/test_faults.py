@@ -139,6 +139,67 @@ def test_a_checkpoint_the_disk_refuses_fails_the_run_with_a_sentence(tmp_path):
     assert metrics["status"] == "completed" and metrics["epochs_completed"] == 2
 
 
+@pytest.fixture
+def read_only_copy(run, tmp_path):
+    """A copy of the trained run that cannot be written: on a tmpfs remounted read-only
+    where this process may mount (root here), else (not root) by permissions; skipped
+    where neither is possible."""
+    import subprocess
+
+    where = tmp_path / "ro"
+    where.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(where)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("root without mount permission: no way to make a read-only dir")
+        mounted = True
+    copy = where / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+    else:
+        for p in [copy, *copy.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        where.chmod(0o555)
+    try:
+        yield copy
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(where)], check=False)
+        else:
+            where.chmod(0o755)
+            for p in [copy, *copy.rglob("*")]:
+                p.chmod(0o755)
+
+
+def test_a_read_only_run_dir_is_a_sentence_for_every_tool(read_only_copy, tmp_path):
+    """eval/export write into the run dir by default, a resume continues there, and a new
+    run under it is refused: each says so before any work, naming the dir and the way out;
+    with out= elsewhere eval works and leaves the read-only record alone."""
+    ro = read_only_copy
+    cases = [
+        ("mbv2.eval", [f"ckpt={ro}"], f"mbv2.eval: cannot write {ro / 'eval'}, the default out= "
+                                      f"inside the run dir (Read-only file system); give out="),
+        ("mbv2.export", [f"ckpt={ro}"], f"mbv2.export: cannot write {ro / 'export'}"),
+        ("mbv2.run", [f"trainer.resume={ro}"], f"trainer.resume: the run dir {ro} cannot be "
+                                               f"written (Read-only file system)"),
+        ("mbv2.run", [*TINY, f"hydra.run.dir={ro / 'new'}"], f"hydra.run.dir={ro / 'new'}: {ro} "
+                                                             f"cannot be written"),
+    ]
+    for module, args, want in cases:
+        proc = run_cli(args, cwd=tmp_path, module=module, check=False)
+        if os.geteuid() != 0:  # permissions, not a read-only mount
+            want = want.replace("Read-only file system", "Permission denied")
+        assert proc.returncode != 0 and want in proc.stderr, (module, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, module
+    before = _snapshot(ro)
+    proc = run_cli([f"ckpt={ro}", f"out={tmp_path / 'ev'}"], cwd=tmp_path, module="mbv2.eval")
+    assert (tmp_path / "ev" / "eval.json").is_file()
+    assert "cannot be written (read-only); the confusion matrix is in the PNG only" in proc.stderr
+    assert _snapshot(ro) == before
+
+
 # -- crafted run dirs and checkpoints: nothing in them runs ------------------------------------
 class _Evil:
     def __reduce__(self):
