@@ -514,7 +514,7 @@ inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, i
 }
 
 // Dense [pixel][lane] (row stride `width`) to `lanes` planes; stream: the output is large
-// enough for streamed stores (mbv2::StreamOutput), taken where every row starts 32-byte aligned.
+// enough for streamed stores (mbv2::StreamOutput), taken where the runs are whole lines.
 inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t row_stride,
                           int64_t offset, int lanes, float* planes, int64_t plane,
                           bool stream = false) {
