@@ -24,10 +24,11 @@ from mbv2.model import MobileNetV2, build_model
 from mbv2.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, load_checkpoint,
                                    resolve_checkpoint, run_dir_of)
 
-__all__ = ["CLASS_NAMES_FILE", "DEPLOY_CONFIG_FILE", "LABEL_MAP_FILE", "MODEL_PREFIX",
+__all__ = ["CLASS_NAMES_FILE", "DEPLOY_CONFIG_FILE", "DeployConfigError", "LABEL_MAP_FILE", "MODEL_PREFIX",
            "PREPROCESS_FILE", "WithSoftmax", "eval_transform", "exported_model_files",
            "write_deploy_config", "write_label_map",
-           "load_run_config", "preprocess_spec", "read_class_names", "read_preprocess",
+           "load_run_config", "preprocess_spec", "read_class_names", "read_deploy_config",
+           "read_preprocess",
            "restore_network", "restore_run", "write_class_names", "write_preprocess"]
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,119 @@ def write_deploy_config(directory: Path, spec: dict[str, Any], topk: int) -> Pat
     path = Path(directory) / DEPLOY_CONFIG_FILE
     write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+class DeployConfigError(ValueError):
+    """A PaddleClas deploy config mbv2.predict cannot follow; the message names the file,
+    the key and what would work."""
+
+
+def _number(value: Any, path: Path, key: str) -> float:
+    """A YAML number, or PaddleClas's string form of one ("1.0/255.0")."""
+    try:
+        if isinstance(value, str) and "/" in value:
+            a, b = value.split("/", 1)
+            return float(a) / float(b)
+        return float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise DeployConfigError(f"{path}: {key}={value!r} is not a number") from None
+
+
+def read_deploy_config(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
+    """The eval transform (`preprocess_spec`'s keys) and the class names (None: no map) a
+    PaddleClas deploy config describes, the file its `deploy/python/predict_cls.py -c`
+    reads (`deploy/configs/inference_cls.yaml`; mbv2.export writes one too), or a training
+    config's Infer section (`ppcls/configs/...`): DecodeImage(to_rgb), ResizeImage
+    (resize_short), CropImage(size), NormalizeImage(scale, mean, std) and ToCHWImage, and
+    the Topk class_id_map_file (`id name` lines; a relative path is taken from the
+    config's dir, then from the current one)."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DeployConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise DeployConfigError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    doc = doc if isinstance(doc, dict) else {}
+    # the deploy config's PreProcess, or a training config's Infer section (ppcls/configs)
+    infer = doc.get("Infer") if isinstance(doc.get("Infer"), dict) else {}
+    ops, where = (doc.get("PreProcess") or {}).get("transform_ops"), "PreProcess.transform_ops"
+    if ops is None and infer:
+        ops, where = infer.get("transforms"), "Infer.transforms"
+    if not isinstance(ops, list):
+        raise DeployConfigError(f"{path}: no PreProcess.transform_ops (nor Infer.transforms) "
+                                f"list; give PaddleClas's deploy config "
+                                f"(deploy/configs/inference_cls.yaml) or the model's training config")
+    spec: dict[str, Any] = {"interpolation": "bilinear", "channel_order": "RGB",
+                            "layout": "NCHW", "input_name": "image"}
+    supported = "DecodeImage(to_rgb), ResizeImage(resize_short), CropImage, NormalizeImage, ToCHWImage"
+    for i, op in enumerate(ops):
+        if not isinstance(op, dict) or len(op) != 1:
+            raise DeployConfigError(f"{path}: {where}[{i}] is not one op")
+        (name, args), = op.items()
+        args = args or {}
+        key = f"{where}[{i}].{name}"
+        if name == "DecodeImage":  # mbv2 decodes every file to RGB, HWC
+            if not args.get("to_rgb", True) or args.get("channel_first", False):
+                raise DeployConfigError(f"{path}: {key} decodes to BGR or CHW; mbv2.predict "
+                                        f"feeds RGB images (to_rgb: True, channel_first: False)")
+        elif name == "ResizeImage":
+            if "resize_short" not in args:
+                raise DeployConfigError(f"{path}: {key} resizes to a fixed size={args.get('size')}; "
+                                        f"mbv2.predict follows resize_short (the short side) only")
+            spec["resize_short"] = int(_number(args["resize_short"], path, f"{key}.resize_short"))
+            if args.get("interpolation") in ("bilinear", "nearest", "bicubic"):
+                spec["interpolation"] = args["interpolation"]
+            if args.get("backend", "cv2") != "pil":
+                log.warning("%s: %s resizes with OpenCV (PaddleClas's default backend); mbv2 "
+                            "resizes with Pillow, so scores can differ slightly from "
+                            "predict_cls.py's", path, key)
+        elif name == "CropImage":
+            spec["center_crop"] = int(_number(args.get("size"), path, f"{key}.size"))
+        elif name == "NormalizeImage":
+            scale = _number(args.get("scale", 1 / 255), path, f"{key}.scale")
+            if str(args.get("order", "")).lower() not in ("", "hwc"):
+                raise DeployConfigError(f"{path}: {key}.order={args.get('order')!r}: mbv2.predict "
+                                        f"normalises HWC images ('' or 'hwc')")
+            # (x * scale - mean) / std as (x / 255 - mean') / std'
+            unit = 255.0 * scale
+            spec["mean"] = [_number(v, path, f"{key}.mean") / unit for v in args.get("mean", [0, 0, 0])]
+            spec["std"] = [_number(v, path, f"{key}.std") / unit for v in args.get("std", [1, 1, 1])]
+        elif name != "ToCHWImage":
+            raise DeployConfigError(f"{path}: {key} is not an op mbv2.predict applies "
+                                    f"({supported})")
+    missing = [k for k in ("resize_short", "center_crop", "mean") if k not in spec]
+    if missing:
+        raise DeployConfigError(f"{path}: {where} has no {', '.join(missing)} (from {supported})")
+    spec["image_size"] = spec["center_crop"]
+    post = (doc.get("PostProcess") or {}).get("Topk") or infer.get("PostProcess") or {}
+    names = None
+    if isinstance(post, dict) and post.get("class_id_map_file"):
+        names = _read_label_map(path, str(post["class_id_map_file"]))
+    return spec, names
+
+
+def _read_label_map(config: Path, name: str) -> list[str]:
+    """PaddleClas's class_id_map_file (`id name` lines, ids 0..n-1) as a name list."""
+    candidates = [Path(name).expanduser()] if Path(name).is_absolute() else [config.parent / name, Path(name)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise DeployConfigError(f"{config}: PostProcess.Topk.class_id_map_file={name} is not "
+                                f"there (looked in {', '.join(str(c) for c in candidates)}); fix "
+                                f"the path or remove the key to print class ids")
+    names: dict[int, str] = {}
+    for n, line in enumerate(found.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        head, _, rest = line.strip().partition(" ")
+        if not head.isdigit():
+            raise DeployConfigError(f"{found}, line {n}: {line!r} is not `id name`")
+        names[int(head)] = rest.strip() or head
+    if sorted(names) != list(range(len(names))):
+        raise DeployConfigError(f"{found}: the ids are not 0..{len(names) - 1} each once")
+    return [names[i] for i in range(len(names))]
 
 
 def exported_model_files(directory: Path) -> tuple[Path, Path] | None:

@@ -1,4 +1,4 @@
-"""`python -m mbv2.predict model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>]`
+"""`python -m mbv2.predict model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>] [config=<PaddleClas deploy config>]`
 
 Class names and scores (softmax probabilities) per image, as a table on stdout and
 `<out>/predictions.csv` (default: the current directory). A file that cannot be decoded is
@@ -6,7 +6,9 @@ listed with its error and the others still run. An exported dir (mbv2.export) ru
 Paddle Inference with oneDNN on CPU, several times faster than dygraph, and with
 `precision=bf16` (CPUs with AVX512-BF16 or AMX) oneDNN's bfloat16 kernels, faster again;
 a run dir or checkpoint runs the dygraph network. Both apply the eval transform of the
-run's data config.
+run's data config. A model PaddleClas exported (no mbv2 record beside it) follows the
+PaddleClas deploy config given as `config=` (or a training config's Infer section):
+`artifacts.read_deploy_config`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import glob
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +40,10 @@ class PredictArgs:
     ema: bool = False
     # exported models: fp32, or bf16 (oneDNN's bfloat16 kernels; CPUs with AVX512-BF16/AMX)
     precision: str = "fp32"
+    # a PaddleClas deploy config (deploy/configs/inference_cls.yaml) for a model PaddleClas
+    # exported (inference.pdmodel/.json + .pdiparams, no preprocess.json): its PreProcess
+    # and class_id_map_file are followed
+    config: Optional[str] = None
 
 
 def collect_inputs(spec: str) -> list[Path]:
@@ -128,19 +134,41 @@ class DygraphPredictor:
             return paddle.nn.functional.softmax(logits, axis=-1).numpy()
 
 
-def load_predictor(spec: str, threads: int, ema: bool,
-                   precision: str = "fp32") -> tuple[Callable, Callable, list[str]]:
-    """(predict(batch) -> probabilities, transform(PIL image) -> CHW array, class names).
-    Both kinds of model apply the eval transform as `mbv2.artifacts` records it."""
+def load_predictor(spec: str, threads: int, ema: bool, precision: str = "fp32",
+                   config: str | None = None) -> tuple[Callable, Callable, list[str] | None]:
+    """(predict(batch) -> probabilities, transform(PIL image) -> CHW array, class names or
+    None for class ids). Both kinds of model apply the eval transform as `mbv2.artifacts`
+    records it; an exported dir without mbv2's record (a PaddleClas export) follows a
+    PaddleClas deploy config: `config`, or the dir's own inference_cls.yaml."""
     from mbv2 import artifacts
 
     check_precision(precision)
     path = Path(spec).expanduser()
     if path.is_dir() and artifacts.exported_model_files(path) is not None:
+        deploy = Path(config).expanduser() if config else path / artifacts.DEPLOY_CONFIG_FILE
+        if config or not (path / artifacts.PREPROCESS_FILE).is_file():
+            if not deploy.is_file():
+                raise SystemExit(
+                    f"error: {path} has no {artifacts.PREPROCESS_FILE} (what mbv2.export writes) "
+                    f"and no {artifacts.DEPLOY_CONFIG_FILE}"
+                    + (f"; config={config} is not a file" if config else "")
+                    + ". For a model PaddleClas exported, give its deploy config: "
+                      "config=<PaddleClas>/deploy/configs/inference_cls.yaml")
+            try:
+                pre, names = artifacts.read_deploy_config(deploy)
+            except artifacts.DeployConfigError as e:
+                raise SystemExit(f"error: config: {e}") from None
+            log.info("preprocessing as %s says: short side %d, crop %d; %s", deploy,
+                     pre["resize_short"], pre["center_crop"],
+                     f"{len(names)} class names" if names else "class ids (no class_id_map_file)")
+            return ExportedPredictor(path, threads, precision), artifacts.eval_transform(pre), names
         pre = artifacts.read_preprocess(path)
         names = artifacts.read_class_names(path, int(pre["num_classes"]))
         return (ExportedPredictor(path, threads, precision), artifacts.eval_transform(pre),
                 names)
+    if config:
+        raise SystemExit(f"error: config={config} is for an exported model dir; {spec} is a "
+                         f"run dir or checkpoint, which carries its own preprocessing")
     if precision != "fp32":
         raise SystemExit(f"error: precision={precision} runs an exported model; export this one "
                          f"first (python -m mbv2.export ckpt={spec} out=<dir>) and predict "
@@ -155,12 +183,12 @@ def load_predictor(spec: str, threads: int, ema: bool,
     return DygraphPredictor(net), transform, names
 
 
-def predict_files(files: Sequence[Path], predict: Callable, transform: Callable, names: Sequence[str],
-                  topk: int, batch_size: int) -> list[dict]:
+def predict_files(files: Sequence[Path], predict: Callable, transform: Callable,
+                  names: Sequence[str] | None, topk: int, batch_size: int) -> list[dict]:
     """One row per file: its top-k (class, score), or the error that kept it out."""
     from mbv2.data import DataError, load_image
 
-    k = max(1, min(int(topk), len(names)))
+    k = max(1, min(int(topk), len(names))) if names is not None else max(1, int(topk))
     rows: list[dict] = []
     pending: list[tuple[Path, np.ndarray]] = []
 
@@ -169,9 +197,13 @@ def predict_files(files: Sequence[Path], predict: Callable, transform: Callable,
             return
         probs = predict(np.stack([a for _, a in pending]))
         for (f, _), p in zip(pending, probs):
+            if names is not None and len(p) != len(names):
+                raise SystemExit(f"error: the model gives {len(p)} scores an image but its "
+                                 f"class names list {len(names)}; give the class map of this "
+                                 f"model")
             order = np.argsort(-p)[:k]
-            rows.append({"file": str(f), "top": [(int(i), names[i], float(p[i])) for i in order],
-                         "error": None})
+            rows.append({"file": str(f), "top": [(int(i), names[i] if names is not None else str(i),
+                                                  float(p[i])) for i in order], "error": None})
         pending.clear()
 
     for f in files:
@@ -214,7 +246,7 @@ def run_predict(args: PredictArgs) -> list[dict]:
         raise SystemExit(f"inputs={args.inputs!r}: no image files there (a file, a directory "
                          f"or a glob such as 'photos/*.jpg')")
     predict, transform, names = load_predictor(args.model, args.threads, args.ema,
-                                               args.precision)
+                                               args.precision, args.config)
     rows = predict_files(files, predict, transform, names, args.topk, args.batch_size)
     out = Path(args.out) / PREDICTIONS_FILE
     write_predictions(rows, out)
@@ -226,7 +258,7 @@ def run_predict(args: PredictArgs) -> list[dict]:
 
 main = entry_point(PredictArgs, run_predict, "mbv2.predict",
                    "model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>] "
-                   "[precision=fp32|bf16]")
+                   "[precision=fp32|bf16] [config=<PaddleClas inference_cls.yaml>]")
 
 
 if __name__ == "__main__":

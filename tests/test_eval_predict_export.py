@@ -253,6 +253,75 @@ def test_paddleclas_deploy_pipeline_gives_mbv2_predicts_answer(exported, images,
         np.testing.assert_allclose([p for *_, p in theirs], [p for *_, p in mine], atol=1e-4)
 
 
+def _scores(csv_path: Path) -> dict[tuple[str, str], tuple[str, float]]:
+    return {(Path(r["file"]).name, r["rank"]): (r["class_name"], float(r["score"]))
+            for r in csv.DictReader(open(csv_path)) if r["rank"]}
+
+
+def test_a_paddleclas_export_predicts_with_paddleclas_deploy_config(exported, images, tmp_path):
+    """A model PaddleClas exported is the program and parameters alone; its deploy config
+    (inference_cls.yaml, as PaddleClas ships it: scale as the string "1.0/255.0", the
+    class map a path relative to the config) says the rest. mbv2.predict with config=
+    gives the classes and scores mbv2's own export record gives; without one, and with
+    an op it cannot apply, a sentence that names the file and key."""
+    import shutil
+
+    import yaml
+
+    from mbv2 import artifacts
+
+    bare = tmp_path / "paddleclas_export"
+    bare.mkdir()
+    for f in exported.glob(f"{artifacts.MODEL_PREFIX}.*"):
+        shutil.copy(f, bare / f.name)
+    pre = artifacts.read_preprocess(exported)
+    conf = tmp_path / "deploy" / "configs"
+    (tmp_path / "deploy" / "labels").mkdir(parents=True)
+    conf.mkdir(parents=True)
+    shutil.copy(exported / artifacts.LABEL_MAP_FILE, tmp_path / "deploy" / "labels" / "my_labels.txt")
+    doc = {"Global": {"inference_model_dir": str(bare), "batch_size": 1, "use_gpu": False},
+           "PreProcess": {"transform_ops": [
+               {"ResizeImage": {"resize_short": pre["resize_short"]}},
+               {"CropImage": {"size": pre["center_crop"]}},
+               {"NormalizeImage": {"scale": "1.0/255.0", "mean": pre["mean"], "std": pre["std"],
+                                   "order": ""}},
+               {"ToCHWImage": None}]},
+           "PostProcess": {"main_indicator": "Topk",
+                           "Topk": {"topk": 3, "class_id_map_file": "../labels/my_labels.txt"}}}
+    config = conf / "inference_cls.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    run_cli([f"model={exported}", f"inputs={images}", "topk=3", f"out={tmp_path / 'own'}"],
+            cwd=ROOT, module="mbv2.predict")
+    proc = run_cli([f"model={bare}", f"inputs={images}", "topk=3", f"config={config}",
+                    f"out={tmp_path / 'pc'}"], cwd=ROOT, module="mbv2.predict")
+    assert "resizes with OpenCV" in proc.stderr  # PaddleClas's default backend, said
+    own, pc = _scores(tmp_path / "own" / "predictions.csv"), _scores(tmp_path / "pc" / "predictions.csv")
+    assert own.keys() == pc.keys() and len(own) == 18
+    for key, (name, score) in own.items():
+        assert pc[key][0] == name and pc[key][1] == pytest.approx(score, abs=1e-5), key
+
+    # the model's training config (ppcls/configs/...: an Infer section) says the same
+    train_cfg = tmp_path / "MobileNetV2.yaml"
+    train_cfg.write_text(yaml.safe_dump({"Arch": {"name": "MobileNetV2"}, "Infer": {
+        "transforms": [{"DecodeImage": {"to_rgb": True, "channel_first": False}},
+                       *doc["PreProcess"]["transform_ops"]],
+        "PostProcess": {"name": "Topk", "topk": 3,
+                        "class_id_map_file": str(tmp_path / "deploy" / "labels" / "my_labels.txt")}}}))
+    run_cli([f"model={bare}", f"inputs={images}", "topk=3", f"config={train_cfg}",
+             f"out={tmp_path / 'train_cfg'}"], cwd=ROOT, module="mbv2.predict")
+    assert _scores(tmp_path / "train_cfg" / "predictions.csv") == pc
+
+    proc = run_cli([f"model={bare}", f"inputs={images}"], cwd=ROOT, module="mbv2.predict", check=False)
+    assert proc.returncode != 0 and "config=<PaddleClas>/deploy/configs/inference_cls.yaml" in proc.stderr
+    doc["PreProcess"]["transform_ops"][1] = {"RandCropImage": {"size": 32}}
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = run_cli([f"model={bare}", f"inputs={images}", f"config={config}"], cwd=ROOT,
+                   module="mbv2.predict", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{config}: PreProcess.transform_ops[1].RandCropImage is not an op" in proc.stderr
+
+
 def test_a_32px_export_runs_at_224px(exported):
     from mbv2.predict import ExportedPredictor
 
