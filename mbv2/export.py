@@ -8,12 +8,17 @@ label map), `preprocess.json` (the eval transform: resize, center crop, mean/std
 `inference_cls.yaml` (the same in PaddleClas's deploy format), so predict and PaddleClas's
 predictor reproduce what eval saw. The depthwise convs are Paddle's own op: an exported model needs
 no mbv2 custom op. `format=onnx` writes `model.onnx` through paddle2onnx (an extra).
-Default out: `<run dir>/export`.
+Default out: `<run dir>/export`. The files are written beside `out` first and the model is
+run back through Paddle Inference before any file of `out` is replaced, so an export that
+fails (a full disk truncates the parameters without an error from Paddle) leaves the one
+already there as it was.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -51,25 +56,66 @@ def run_export(args: ExportArgs) -> Path:
     out = Path(args.out) if args.out else default_output_dir(run_dir_of(ckpt) / "export", "mbv2.export")
     out.mkdir(parents=True, exist_ok=True)
     spec = artifacts.preprocess_spec(cfg.data)
-    # any batch and any image size: a model trained at 32 px runs on PaddleClas's 224 crops
-    inputs = [paddle.static.InputSpec([None, 3, None, None], "float32", spec["input_name"])]
-    prefix = str(out / artifacts.MODEL_PREFIX)
-    with net.reference_ops():  # the exported program must not need mbv2's custom ops
-        model = artifacts.WithSoftmax(net)
-        if args.format == "paddle":
-            paddle.jit.save(model, prefix, input_spec=inputs)
-        else:
-            paddle.onnx.export(model, prefix, input_spec=inputs, opset_version=args.opset)
-    written = [p.name for p in sorted(out.glob(f"{artifacts.MODEL_PREFIX}.*"))]
-    artifacts.write_class_names(class_names, out)
-    artifacts.write_label_map(class_names, out)
-    artifacts.write_deploy_config(out, spec, topk=min(5, len(class_names)))
-    artifacts.write_preprocess(out, spec, num_classes=len(class_names), checkpoint=str(ckpt),
-                               epoch=meta.get("epoch"), ema=args.ema,
-                               model_scale=float(net.scale), format=args.format)
+    # Everything is written into a staging dir beside `out` and checked before any file
+    # of `out` is replaced: Paddle's parameter writer does not report a failed write (a
+    # full disk, a file-size limit leave a truncated .pdiparams and exit 0), and a failed
+    # re-export must not break the export already there.
+    stage = out.parent / f".{out.name}.{os.getpid()}.export"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        # any batch and any image size: a model trained at 32 px runs on PaddleClas's 224 crops
+        inputs = [paddle.static.InputSpec([None, 3, None, None], "float32", spec["input_name"])]
+        prefix = str(stage / artifacts.MODEL_PREFIX)
+        with net.reference_ops():  # the exported program must not need mbv2's custom ops
+            model = artifacts.WithSoftmax(net)
+            if args.format == "paddle":
+                paddle.jit.save(model, prefix, input_spec=inputs)
+            else:
+                paddle.onnx.export(model, prefix, input_spec=inputs, opset_version=args.opset)
+            if args.format == "paddle":
+                _check_export(stage, model, int(spec["center_crop"]), out)
+        written = [p.name for p in sorted(stage.glob(f"{artifacts.MODEL_PREFIX}.*"))]
+        artifacts.write_class_names(class_names, stage)
+        artifacts.write_label_map(class_names, stage)
+        artifacts.write_deploy_config(stage, spec, topk=min(5, len(class_names)))
+        artifacts.write_preprocess(stage, spec, num_classes=len(class_names), checkpoint=str(ckpt),
+                                   epoch=meta.get("epoch"), ema=args.ema,
+                                   model_scale=float(net.scale), format=args.format)
+        for f in sorted(stage.iterdir()):  # renames: no space needed, the model files first
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     print(f"exported {ckpt} (epoch {meta.get('epoch')}) -> {out}: "
           f"{', '.join(written + [artifacts.CLASS_NAMES_FILE, artifacts.LABEL_MAP_FILE, artifacts.PREPROCESS_FILE, artifacts.DEPLOY_CONFIG_FILE])}")
     return out
+
+
+def _check_export(stage: Path, model, size: int, out: Path) -> None:
+    """The staged model, opened as `mbv2.predict` opens one (Paddle Inference, oneDNN),
+    gives the network's probabilities on a random batch, or the export stops with a
+    sentence and `out` untouched."""
+    import numpy as np
+    import paddle
+
+    from mbv2.predict import ExportedPredictor
+
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype("float32")
+    with paddle.no_grad():
+        want = model(paddle.to_tensor(x)).numpy()
+    why = None
+    try:
+        got = ExportedPredictor(stage, threads=1)(x)
+        if got.shape != want.shape or not np.allclose(got, want, atol=1e-4):
+            why = (f"its outputs differ from the checkpoint's (max difference "
+                   f"{float(np.abs(got - want).max()) if got.shape == want.shape else got.shape})")
+    except Exception as e:  # a truncated or unreadable file: Paddle raises many kinds
+        why = f"it cannot be run back ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if why:
+        sizes = ", ".join(f"{p.name} {p.stat().st_size} bytes" for p in sorted(stage.iterdir()))
+        raise SystemExit(f"mbv2.export: the model it wrote ({sizes}) is not whole: {why}. The "
+                         f"disk may be full or a file-size limit reached; {out} was left as it "
+                         f"was. Free space and export again")
 
 
 main = entry_point(ExportArgs, run_export, "mbv2.export",

@@ -139,6 +139,30 @@ def test_a_checkpoint_the_disk_refuses_fails_the_run_with_a_sentence(tmp_path):
     assert metrics["status"] == "completed" and metrics["epochs_completed"] == 2
 
 
+def test_an_export_the_disk_truncates_fails_and_keeps_the_export_there(run, tmp_path):
+    """Paddle writes the parameters without checking the write: under a file-size limit
+    (RLIMIT_FSIZE, EFBIG, as a full disk gives ENOSPC) the .pdiparams is cut short and
+    Paddle reports nothing. The export runs the model back before replacing anything, so
+    it fails with a sentence and the earlier export is byte for byte as it was."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "export"
+    run_cli([f"ckpt={run}", f"out={out}"], cwd=tmp_path, module="mbv2.export")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert (out / "inference.pdiparams").stat().st_size > 600_000
+    limit = 500_000
+    proc = subprocess.run([sys.executable, "-m", "mbv2.export", f"ckpt={run}", f"out={out}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "mbv2.export: the model it wrote" in proc.stderr and "is not whole" in proc.stderr
+    assert f"{out} was left as it was" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging dir left
+
+
 @pytest.fixture
 def read_only_copy(run, tmp_path):
     """A copy of the trained run that cannot be written: on a tmpfs remounted read-only
