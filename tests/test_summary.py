@@ -292,6 +292,38 @@ def test_missing_dir_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[s
         summary.collect(missing)
 
 
+def test_a_dir_that_cannot_be_written_still_shows_the_table(
+    sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep kept read-only (an archive, someone else's results): the comparison is
+    printed all the same, the error names the file and the way out (--out), exit 1; with
+    --out the files go there, and the sweep dir gets none of them."""
+    import errno
+    import os
+
+    from mbv2.summary import report
+
+    real_write_csv = report.write_csv
+
+    def read_only(rows, path):
+        if Path(path).parent == sweep:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_write_csv(rows, path)
+
+    monkeypatch.setattr(report, "write_csv", read_only)
+    assert summary.main([str(sweep), "--no-plot"]) == 1
+    captured = capsys.readouterr()
+    assert "| job" in captured.out and "wrote" not in captured.out
+    assert (f"cannot write {sweep / 'summary.csv'} (Read-only file system); give --out"
+            in captured.err)
+
+    out = tmp_path / "elsewhere"
+    assert summary.main([str(sweep), "--out", str(out)]) == 0
+    assert f"wrote {out / 'summary.csv'}" in capsys.readouterr().out
+    assert read_csv(out / "summary.csv") and (out / "summary.md").is_file()
+    assert not (sweep / "summary.csv").exists() and not (sweep / "summary.md").exists()
+
+
 def test_dir_without_jobs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     assert summary.main([str(tmp_path / "empty")]) == 2

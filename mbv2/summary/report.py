@@ -81,13 +81,17 @@ def _markdown(study: Study, notes: Sequence[str], png: bool) -> str:
     return "\n".join(md)
 
 
-def write_summary(root: Path, plot: bool = True, sort: str = "best") -> dict[str, Any]:
-    """Write summary.csv, summary.md and (if plot and a job completed) summary.png into root.
+def write_summary(root: Path, plot: bool = True, sort: str = "best",
+                  out: Path | None = None) -> dict[str, Any]:
+    """Write summary.csv, summary.md and (if plot and a job completed) summary.png into
+    `out` (default: root).
 
     Returns {"csv": Path, "md": Path, "png": Path | None, "rows": [JobRow], "notes": [str],
-    "study": Study, "warnings": [str]}; warnings (mixed data) are also atop summary.md.
-    Raises FileNotFoundError when root is not a directory, NoJobsError (a subclass) when
-    no job dir is at or below it.
+    "study": Study, "warnings": [str], "write_error": OSError | None}; warnings (mixed
+    data) are also atop summary.md. A dir that cannot be written (a read-only archive of
+    a sweep) still gives the rows and study, with the error in "write_error" and the
+    paths None. Raises FileNotFoundError when root is not a directory, NoJobsError (a
+    subclass) when no job dir is at or below it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -97,19 +101,25 @@ def write_summary(root: Path, plot: bool = True, sort: str = "best") -> dict[str
         raise NoJobsError(f"no job directories (containing {CONFIG_FILE.as_posix()}) in {root}")
     rows = sort_rows((read_job(root, d) for d in job_dirs), sort)
     study = describe(rows, where_name(root))
-
-    png = root / PNG_NAME if plot and plot_summary(rows, root / PNG_NAME, study) else None
+    out = Path(out) if out is not None else root
     notes = [_counts(rows), *_optuna_lines(root, optuna_files)]
-    if plot and png is None:
-        notes.append("No completed job reports both MACs and accuracy yet: no plot written.")
-
-    csv_path = root / CSV_NAME
-    write_csv(rows, csv_path)
-    md_path = root / MD_NAME
-    md_path.write_text(_markdown(study, notes, png is not None), encoding="utf-8")
     warnings = [w for w in (study.warning(),) if w]
-    return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "notes": notes,
-            "study": study, "warnings": warnings}
+    result = {"csv": None, "md": None, "png": None, "rows": rows, "notes": notes,
+              "study": study, "warnings": warnings, "write_error": None}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        png = out / PNG_NAME if plot and plot_summary(rows, out / PNG_NAME, study) else None
+        if plot and png is None:
+            notes.append("No completed job reports both MACs and accuracy yet: no plot written.")
+        csv_path = out / CSV_NAME
+        write_csv(rows, csv_path)
+        md_path = out / MD_NAME
+        md_path.write_text(_markdown(study, notes, png is not None), encoding="utf-8")
+    except OSError as exc:
+        result["write_error"] = exc
+        return result
+    result.update(csv=csv_path, md=md_path, png=png)
+    return result
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -124,8 +134,9 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(textwrap.fill("Shared settings: " + ", ".join(shared), 100,
                             subsequent_indent="  ", break_long_words=False))
     print(format_table(study.rows, study))
-    written = [result["csv"], result["md"]] + ([result["png"]] if result["png"] else [])
-    print("wrote " + ", ".join(str(p) for p in written))
+    written = [p for p in (result["csv"], result["md"], result["png"]) if p]
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
 
 
 def grid_main(argv: Sequence[str]) -> int:
@@ -188,14 +199,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="order of the rows (default: best top-1); failed and missing jobs stay last",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not write summary.png")
+    parser.add_argument("--out", type=Path,
+                        help="where summary.{csv,md,png} go (default: DIR; for a sweep you "
+                        "cannot write, such as a read-only archive)")
     args = parser.parse_args(given)
     try:
-        result = write_summary(args.dir, plot=not args.no_plot, sort=args.sort)
+        result = write_summary(args.dir, plot=not args.no_plot, sort=args.sort, out=args.out)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: cannot write the summary into {args.dir}: {exc}", file=sys.stderr)
-        return 1
     _print_summary(result)
+    error = result["write_error"]
+    if error is not None:  # the table is shown above; the files are what failed
+        where = args.out or args.dir
+        print(f"error: the table above was not saved: cannot write {error.filename or where} "
+              f"({error.strerror or error}); give --out <a directory you can write>",
+              file=sys.stderr)
+        return 1
     return 0
