@@ -141,45 +141,14 @@ def read_deploy_config(path: str | Path) -> tuple[dict[str, Any], list[str] | No
                                 f"(deploy/configs/inference_cls.yaml) or the model's training config")
     spec: dict[str, Any] = {"interpolation": "bilinear", "channel_order": "RGB",
                             "layout": "NCHW", "input_name": "image"}
-    supported = "DecodeImage(to_rgb), ResizeImage(resize_short), CropImage, NormalizeImage, ToCHWImage"
     for i, op in enumerate(ops):
         if not isinstance(op, dict) or len(op) != 1:
             raise DeployConfigError(f"{path}: {where}[{i}] is not one op")
         (name, args), = op.items()
-        args = args or {}
-        key = f"{where}[{i}].{name}"
-        if name == "DecodeImage":  # mbv2 decodes every file to RGB, HWC
-            if not args.get("to_rgb", True) or args.get("channel_first", False):
-                raise DeployConfigError(f"{path}: {key} decodes to BGR or CHW; mbv2.predict "
-                                        f"feeds RGB images (to_rgb: True, channel_first: False)")
-        elif name == "ResizeImage":
-            if "resize_short" not in args:
-                raise DeployConfigError(f"{path}: {key} resizes to a fixed size={args.get('size')}; "
-                                        f"mbv2.predict follows resize_short (the short side) only")
-            spec["resize_short"] = int(_number(args["resize_short"], path, f"{key}.resize_short"))
-            if args.get("interpolation") in ("bilinear", "nearest", "bicubic"):
-                spec["interpolation"] = args["interpolation"]
-            if args.get("backend", "cv2") != "pil":
-                log.warning("%s: %s resizes with OpenCV (PaddleClas's default backend); mbv2 "
-                            "resizes with Pillow, so scores can differ slightly from "
-                            "predict_cls.py's", path, key)
-        elif name == "CropImage":
-            spec["center_crop"] = int(_number(args.get("size"), path, f"{key}.size"))
-        elif name == "NormalizeImage":
-            scale = _number(args.get("scale", 1 / 255), path, f"{key}.scale")
-            if str(args.get("order", "")).lower() not in ("", "hwc"):
-                raise DeployConfigError(f"{path}: {key}.order={args.get('order')!r}: mbv2.predict "
-                                        f"normalises HWC images ('' or 'hwc')")
-            # (x * scale - mean) / std as (x / 255 - mean') / std'
-            unit = 255.0 * scale
-            spec["mean"] = [_number(v, path, f"{key}.mean") / unit for v in args.get("mean", [0, 0, 0])]
-            spec["std"] = [_number(v, path, f"{key}.std") / unit for v in args.get("std", [1, 1, 1])]
-        elif name != "ToCHWImage":
-            raise DeployConfigError(f"{path}: {key} is not an op mbv2.predict applies "
-                                    f"({supported})")
+        _follow_op(spec, name, args or {}, path, f"{where}[{i}].{name}")
     missing = [k for k in ("resize_short", "center_crop", "mean") if k not in spec]
     if missing:
-        raise DeployConfigError(f"{path}: {where} has no {', '.join(missing)} (from {supported})")
+        raise DeployConfigError(f"{path}: {where} has no {', '.join(missing)} (from {_DEPLOY_OPS})")
     spec["image_size"] = spec["center_crop"]
     post = (doc.get("PostProcess") or {}).get("Topk") or infer.get("PostProcess") or {}
     names = None
@@ -188,25 +157,60 @@ def read_deploy_config(path: str | Path) -> tuple[dict[str, Any], list[str] | No
     return spec, names
 
 
+_DEPLOY_OPS = "DecodeImage(to_rgb), ResizeImage(resize_short), CropImage, NormalizeImage, ToCHWImage"
+
+
+def _follow_op(spec: dict[str, Any], name: str, args: dict[str, Any], path: Path, key: str) -> None:
+    """One PaddleClas preprocessing op into `spec`, or a DeployConfigError naming `key`."""
+    if name == "DecodeImage":  # mbv2 decodes every file to RGB, HWC
+        if not args.get("to_rgb", True) or args.get("channel_first", False):
+            raise DeployConfigError(f"{path}: {key} decodes to BGR or CHW; mbv2.predict "
+                                    f"feeds RGB images (to_rgb: True, channel_first: False)")
+    elif name == "ResizeImage":
+        if "resize_short" not in args:
+            raise DeployConfigError(f"{path}: {key} resizes to a fixed size={args.get('size')}; "
+                                    f"mbv2.predict follows resize_short (the short side) only")
+        spec["resize_short"] = int(_number(args["resize_short"], path, f"{key}.resize_short"))
+        if args.get("interpolation") in ("bilinear", "nearest", "bicubic"):
+            spec["interpolation"] = args["interpolation"]
+        if args.get("backend", "cv2") != "pil":
+            log.warning("%s: %s resizes with OpenCV (PaddleClas's default backend); mbv2 "
+                        "resizes with Pillow, so scores can differ slightly from "
+                        "predict_cls.py's", path, key)
+    elif name == "CropImage":
+        spec["center_crop"] = int(_number(args.get("size"), path, f"{key}.size"))
+    elif name == "NormalizeImage":
+        scale = _number(args.get("scale", 1 / 255), path, f"{key}.scale")
+        if str(args.get("order", "")).lower() not in ("", "hwc"):
+            raise DeployConfigError(f"{path}: {key}.order={args.get('order')!r}: mbv2.predict "
+                                    f"normalises HWC images ('' or 'hwc')")
+        unit = 255.0 * scale  # (x * scale - mean) / std as (x / 255 - mean') / std'
+        spec["mean"] = [_number(v, path, f"{key}.mean") / unit for v in args.get("mean", [0, 0, 0])]
+        spec["std"] = [_number(v, path, f"{key}.std") / unit for v in args.get("std", [1, 1, 1])]
+    elif name != "ToCHWImage":
+        raise DeployConfigError(f"{path}: {key} is not an op mbv2.predict applies ({_DEPLOY_OPS})")
+
+
 def _read_label_map(config: Path, name: str) -> list[str]:
-    """PaddleClas's class_id_map_file (`id name` lines, ids 0..n-1) as a name list."""
+    """PaddleClas's class_id_map_file as a name list (the data package's parser)."""
+    from mbv2.data import DataError
+    from mbv2.data.errors import listed
+    from mbv2.data.lists import meaningful_lines, parse_id_names
+
+    key = "PostProcess.Topk.class_id_map_file"
     candidates = [Path(name).expanduser()] if Path(name).is_absolute() else [config.parent / name, Path(name)]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        raise DeployConfigError(f"{config}: PostProcess.Topk.class_id_map_file={name} is not "
-                                f"there (looked in {', '.join(str(c) for c in candidates)}); fix "
-                                f"the path or remove the key to print class ids")
-    names: dict[int, str] = {}
-    for n, line in enumerate(found.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        head, _, rest = line.strip().partition(" ")
-        if not head.isdigit():
-            raise DeployConfigError(f"{found}, line {n}: {line!r} is not `id name`")
-        names[int(head)] = rest.strip() or head
-    if sorted(names) != list(range(len(names))):
-        raise DeployConfigError(f"{found}: the ids are not 0..{len(names) - 1} each once")
-    return [names[i] for i in range(len(names))]
+        raise DeployConfigError(f"{config}: {key}={name} is not there (looked in "
+                                f"{', '.join(str(c) for c in candidates)}); fix the path or "
+                                f"remove the key to print class ids")
+    try:
+        names, problems = parse_id_names(found, meaningful_lines(found, "class_names"))
+    except DataError as e:  # unreadable or not text
+        problems = [str(e)]
+    if problems or not names:
+        raise DeployConfigError(f"{config}: bad {key}:{listed(problems or [f'{found} names no class'])}")
+    return names
 
 
 def exported_model_files(directory: Path) -> tuple[Path, Path] | None:

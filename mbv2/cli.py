@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mbv2.files import unwritable_reason
 from mbv2.runtime import DeviceError, configure_process
 
 T = TypeVar("T")
@@ -65,8 +65,10 @@ def _check_output_dir(path: Path, prog: str) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SystemExit(f"{prog}: out={path}: {probe} is not writable; give a directory you can write")
+    why = unwritable_reason(probe)
+    if why:
+        raise SystemExit(f"{prog}: out={path}: {probe} is not writable ({why}); give a "
+                         f"directory you can write")
 
 
 # write failures a user fixes on their side (space, quota, permissions, a read-only mount)
@@ -81,12 +83,12 @@ def default_output_dir(path: Path, prog: str) -> Path:
     not after it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".{prog}.{os.getpid()}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        why = unwritable_reason(path)
     except OSError as e:
+        why = e.strerror or str(e)
+    if why:
         raise SystemExit(f"{prog}: cannot write {path}, the default out= inside the run dir "
-                         f"({e.strerror}); give out=<a directory you can write>") from None
+                         f"({why}); give out=<a directory you can write>")
     return path
 
 

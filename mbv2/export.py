@@ -71,10 +71,9 @@ def run_export(args: ExportArgs) -> Path:
             model = artifacts.WithSoftmax(net)
             if args.format == "paddle":
                 paddle.jit.save(model, prefix, input_spec=inputs)
+                _check_export(stage, model, int(spec["center_crop"]), out)
             else:
                 paddle.onnx.export(model, prefix, input_spec=inputs, opset_version=args.opset)
-            if args.format == "paddle":
-                _check_export(stage, model, int(spec["center_crop"]), out)
         written = [p.name for p in sorted(stage.glob(f"{artifacts.MODEL_PREFIX}.*"))]
         artifacts.write_class_names(class_names, stage)
         artifacts.write_label_map(class_names, stage)
@@ -82,7 +81,7 @@ def run_export(args: ExportArgs) -> Path:
         artifacts.write_preprocess(stage, spec, num_classes=len(class_names), checkpoint=str(ckpt),
                                    epoch=meta.get("epoch"), ema=args.ema,
                                    model_scale=float(net.scale), format=args.format)
-        for f in sorted(stage.iterdir()):  # renames: no space needed, the model files first
+        for f in sorted(stage.iterdir()):  # renames into out: no space needed
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

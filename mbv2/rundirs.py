@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from mbv2.distributed import shared_choice
-from mbv2.files import write_text_atomic
+from mbv2.files import unwritable_reason, write_text_atomic
 from mbv2.lifecycle import holds_run
 
 _UNIQUE_DIRS: dict[str, str] = {}
@@ -249,7 +249,7 @@ def check_explicit_dirs(argv: list[str]) -> None:
         if blocker is not None and not blocker.is_dir():
             raise SystemExit(f"{key}={value}: {blocker} is a file, not a directory; give a "
                              f"directory path (it is created if missing)")
-        why = _unwritable(blocker)
+        why = unwritable_reason(blocker)
         if why and resumed and key == "hydra.run.dir":
             raise SystemExit(f"trainer.resume: the run dir {path} cannot be written ({why}); a "
                              f"resume continues in the run's own dir: copy it somewhere "
@@ -258,31 +258,13 @@ def check_explicit_dirs(argv: list[str]) -> None:
             raise SystemExit(f"{key}={value}: {blocker} cannot be written ({why}); give a "
                              f"directory you can write")
     if not checked and not resumed:  # a resume writes into its run dir (checked once named)
-        why = _unwritable(Path.cwd())
-        if why and not (Path.cwd() / "outputs").is_dir():
-            raise SystemExit(f"{Path.cwd()}: cannot create outputs/ here ({why}); run from a "
-                             f"directory you can write, or give hydra.run.dir=<dir> "
-                             f"(hydra.sweep.dir=<dir> with -m)")
-        if why is None and (Path.cwd() / "outputs").is_dir():
-            why = _unwritable(Path.cwd() / "outputs")
+        outputs = Path.cwd() / "outputs"  # conf/hydra/default.yaml's dirs start there
+        target = outputs if outputs.is_dir() else Path.cwd()
+        why = unwritable_reason(target)
         if why:
-            raise SystemExit(f"{Path.cwd() / 'outputs'} cannot be written ({why}); run from a "
-                             f"directory you can write, or give hydra.run.dir=<dir> "
-                             f"(hydra.sweep.dir=<dir> with -m)")
-
-
-def _unwritable(directory: Path | None) -> str | None:
-    """Why a file cannot be created in `directory` (an unnamed temporary file is tried, so
-    nothing appears there), or None when it can (or `directory` is None)."""
-    import tempfile
-
-    if directory is None:
-        return None
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            return None
-    except OSError as e:
-        return e.strerror or str(e)
+            raise SystemExit(f"{target}: cannot {'write' if target == outputs else 'create outputs/'} "
+                             f"here ({why}); run from a directory you can write, or give "
+                             f"hydra.run.dir=<dir> (hydra.sweep.dir=<dir> with -m)")
 
 
 def record_subdir(output_dir: str) -> str | None:

@@ -258,12 +258,9 @@ def _scores(csv_path: Path) -> dict[tuple[str, str], tuple[str, float]]:
             for r in csv.DictReader(open(csv_path)) if r["rank"]}
 
 
-def test_a_paddleclas_export_predicts_with_paddleclas_deploy_config(exported, images, tmp_path):
-    """A model PaddleClas exported is the program and parameters alone; its deploy config
-    (inference_cls.yaml, as PaddleClas ships it: scale as the string "1.0/255.0", the
-    class map a path relative to the config) says the rest. mbv2.predict with config=
-    gives the classes and scores mbv2's own export record gives; without one, and with
-    an op it cannot apply, a sentence that names the file and key."""
+def _paddleclas_export(exported: Path, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A copy of `exported` as PaddleClas leaves one (program and parameters only), and
+    its deploy config laid out as PaddleClas's tree has it (the class map a relative path)."""
     import shutil
 
     import yaml
@@ -275,9 +272,8 @@ def test_a_paddleclas_export_predicts_with_paddleclas_deploy_config(exported, im
     for f in exported.glob(f"{artifacts.MODEL_PREFIX}.*"):
         shutil.copy(f, bare / f.name)
     pre = artifacts.read_preprocess(exported)
-    conf = tmp_path / "deploy" / "configs"
     (tmp_path / "deploy" / "labels").mkdir(parents=True)
-    conf.mkdir(parents=True)
+    (tmp_path / "deploy" / "configs").mkdir(parents=True)
     shutil.copy(exported / artifacts.LABEL_MAP_FILE, tmp_path / "deploy" / "labels" / "my_labels.txt")
     doc = {"Global": {"inference_model_dir": str(bare), "batch_size": 1, "use_gpu": False},
            "PreProcess": {"transform_ops": [
@@ -288,9 +284,20 @@ def test_a_paddleclas_export_predicts_with_paddleclas_deploy_config(exported, im
                {"ToCHWImage": None}]},
            "PostProcess": {"main_indicator": "Topk",
                            "Topk": {"topk": 3, "class_id_map_file": "../labels/my_labels.txt"}}}
-    config = conf / "inference_cls.yaml"
+    config = tmp_path / "deploy" / "configs" / "inference_cls.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return bare, config, doc
 
+
+def test_a_paddleclas_export_predicts_with_paddleclas_deploy_config(exported, images, tmp_path):
+    """A model PaddleClas exported is the program and parameters alone; its deploy config
+    (inference_cls.yaml, as PaddleClas ships it: scale as the string "1.0/255.0", the
+    class map a path relative to the config) says the rest. mbv2.predict with config=
+    gives the classes and scores mbv2's own export record gives; without one, and with
+    an op it cannot apply, a sentence that names the file and key."""
+    import yaml
+
+    bare, config, doc = _paddleclas_export(exported, tmp_path)
     run_cli([f"model={exported}", f"inputs={images}", "topk=3", f"out={tmp_path / 'own'}"],
             cwd=ROOT, module="mbv2.predict")
     proc = run_cli([f"model={bare}", f"inputs={images}", "topk=3", f"config={config}",

@@ -176,12 +176,22 @@ def read_class_names(path: Path, line_format: Literal["id_name", "names"]) -> li
         if blank:
             raise DataError(f"bad class names file (data.class_names):{listed(blank)}")
         return [line.strip() for _, line in lines]
+    names, problems = parse_id_names(path, lines)
+    if problems:
+        raise DataError(f"bad class names file (data.class_names):{listed(problems)}")
+    return names
+
+
+def parse_id_names(path: Path, lines: list[tuple[int, str]]) -> tuple[list[str], list[str]]:
+    """PaddleClas's class_id_map_file lines (`meaningful_lines`): `id name`, ids 0..K-1 in
+    any order, names may contain spaces. The names by id, and what is wrong (`path:line:
+    ...` sentences; the caller says which setting pointed at the file)."""
     names: dict[int, str] = {}
     problems = []
     for lineno, line in lines:
         parts = line.strip().split(maxsplit=1)
         if len(parts) != 2 or not _INTEGER.fullmatch(parts[0]):
-            problems.append(f"{path}:{lineno}: expected {want}, got {line!r}")
+            problems.append(f"{path}:{lineno}: expected 'class_id name', got {line!r}")
         elif int(parts[0]) in names:
             problems.append(f"{path}:{lineno}: class id {parts[0]} appears twice")
         else:
@@ -190,6 +200,4 @@ def read_class_names(path: Path, line_format: Literal["id_name", "names"]) -> li
     if not problems and missing:
         problems.append(f"{path}: class ids must be 0..{len(names) - 1} without gaps; missing "
                         f"{missing[:10]}, extra {sorted(set(names) - set(range(len(names))))[:10]}")
-    if problems:
-        raise DataError(f"bad class names file (data.class_names):{listed(problems)}")
-    return [names[i] for i in range(len(names))]
+    return ([names[i] for i in range(len(names))] if not problems else []), problems

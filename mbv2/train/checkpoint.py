@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from mbv2.files import replace_atomic, temporary_name
+from mbv2.files import replace_atomic, replace_together
 from mbv2.train import ckptfile
 
 log = logging.getLogger(__name__)
@@ -223,27 +223,11 @@ class Checkpointer:
         the .pdparams/.pdopt copies, then the .pdckpt, the file resume reads, as the
         commit point (a kill between the renames leaves copies one epoch ahead of it,
         which the next save replaces)."""
-        files = {suffix: Path(str(last) + suffix) for suffix in SUFFIXES}
-        staged = {suffix: temporary_name(path) for suffix, path in files.items()}
-        writers = {CKPT_SUFFIX: lambda tmp: ckptfile.save_checkpoint(ckpt, tmp),
-                   ".pdparams": lambda tmp: paddle.save(ckpt["model"], str(tmp)),
-                   ".pdopt": lambda tmp: paddle.save(ckpt["optimizer"], str(tmp))}
-        last.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            for suffix in SUFFIXES:
-                try:
-                    writers[suffix](staged[suffix])
-                    with open(staged[suffix], "rb") as f:
-                        os.fsync(f.fileno())
-                except OSError as e:  # pickle's write errors name no file: name the one meant
-                    e.filename = str(files[suffix])
-                    raise
-            for suffix in (".pdparams", ".pdopt", CKPT_SUFFIX):
-                os.replace(staged[suffix], files[suffix])
-        finally:
-            for tmp in staged.values():
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+        file = {suffix: Path(str(last) + suffix) for suffix in SUFFIXES}
+        replace_together({file[".pdparams"]: lambda tmp: paddle.save(ckpt["model"], str(tmp)),
+                          file[".pdopt"]: lambda tmp: paddle.save(ckpt["optimizer"], str(tmp)),
+                          file[CKPT_SUFFIX]: lambda tmp: ckptfile.save_checkpoint(ckpt, tmp)},
+                         fsync=True)
 
     def _save_error(self, e: OSError, epoch: int, committed: bool) -> CheckpointSaveError:
         path = e.filename or self.dir
