@@ -11,6 +11,7 @@
 
 #include "paddle/extension.h"
 #include "stream_store.h"
+#include "work_chunks.h"
 
 namespace mbv2 {
 
@@ -44,32 +45,13 @@ inline FoldedNorm Folded(const paddle::Tensor& folded, int64_t c, const float* m
   return {a, a + c, mean, sums};
 }
 
-// Per-thread rows of `size` double partial sums (thread t adds into part(t) inside a
-// parallel region), reduced in thread order afterwards: deterministic for a fixed thread
-// count. Used for the sums the fused ops take while a conv makes its output or gradient.
-class PerThreadSums {
- public:
-  PerThreadSums(int64_t size, int threads)
-      : size_(size), part_(static_cast<size_t>(threads) * size, 0.0) {}
-  double* part(int t) { return part_.data() + static_cast<size_t>(t) * size_; }
-  // out[i] = the sum over threads of part(t)[i], in thread order
-  void ReduceInto(double* out) const {
-    for (int64_t i = 0; i < size_; ++i) out[i] = 0.0;
-    for (size_t o = 0; o < part_.size(); o += static_cast<size_t>(size_))
-      for (int64_t i = 0; i < size_; ++i) out[i] += part_[o + i];
-  }
-
- private:
-  int64_t size_;
-  std::vector<double> part_;
-};
-
 // The sums of a conv's output that the batch norm after it needs, taken by the conv while
 // each block of its output is in cache: per channel c, sum (y - K[c]) and sum (y - K[c])^2
 // with K[c] one of the channel's values (a shift against cancellation, as the batch norm
-// op takes its first one), float within a block or plane, double across (PerThreadSums).
-// Finish() gives the float64 tensor [sums (C), sums of squares (C), K (C), taken]
-// FusedBatchNormStats takes.
+// op takes its first one), float within a block or plane, double across (ChunkSums: the
+// conv's loop sizes the rows to its chunks with Chunks(count) and adds chunk k's into
+// part(k)). Finish() gives the float64 tensor [sums (C), sums of squares (C), K (C),
+// taken] FusedBatchNormStats takes.
 // Taken only for outputs of at least mbv2::StreamThresholdBytes() (half the last-level
 // cache): a smaller output is still in cache for the batch norm's own pass. Steps with
 // every output's sums taken vs only these (alternated in one process): 32 px, batch 128,
@@ -77,16 +59,18 @@ class PerThreadSums {
 // `taken` 0 tells the batch norm to sum for itself.
 class OutputSums {
  public:
-  OutputSums(int64_t c, int threads, int64_t output_floats)
+  OutputSums(int64_t c, int64_t output_floats)
       : c_(c),
         taken_(output_floats * static_cast<int64_t>(sizeof(float)) >= StreamThresholdBytes()),
         shift_(c, 0.f),
-        part_(2 * c, taken_ ? threads : 0) {}
+        part_(2 * c, 0) {}
   bool taken() const { return taken_; }
   float* shift() { return shift_.data(); }
   const float* shift() const { return shift_.data(); }
-  // thread t's [sums (C), sums of squares (C)]
-  double* part(int t) { return part_.part(t); }
+  // one row of partial sums for each of the loop's `count` chunks, zeroed
+  void Chunks(int64_t count) { part_ = ChunkSums(2 * c_, taken_ ? count : 0); }
+  // chunk k's [sums (C), sums of squares (C)]
+  double* part(int64_t k) { return part_.part(k); }
   paddle::Tensor Finish() const {
     auto out = paddle::empty({3 * c_ + 1}, paddle::DataType::FLOAT64, paddle::CPUPlace());
     double* o = out.data<double>();
@@ -102,7 +86,7 @@ class OutputSums {
   int64_t c_;
   bool taken_;
   std::vector<float> shift_;
-  PerThreadSums part_;
+  ChunkSums part_;
 };
 
 // s = sum (y[i] - k), q = sum (y[i] - k)^2 over n floats (float sums; the producers' half

@@ -34,9 +34,10 @@
 // The channel-lane path writes outputs (y, dx) of at least half the last-level cache with
 // streamed stores (stream_store.h).
 //
-// Threads: OpenMP over (channel group, image) work items. Weight gradients go to
-// per-thread partial sums reduced at the end: race-free and deterministic for a fixed
-// thread count. The Python side links this against the OpenMP runtime Paddle uses
+// Threads: OpenMP over (channel group, image) work items; the channel-lane path takes them
+// in chunks a thread that finishes early can take over (work_chunks.h), its weight
+// gradients in per-chunk partial sums reduced at the end: race-free and deterministic for
+// a fixed thread count. The Python side links this against the OpenMP runtime Paddle uses
 // (libiomp5), so the op shares Paddle's thread pool and its OMP_NUM_THREADS.
 
 #include <omp.h>
@@ -52,6 +53,7 @@
 #include "batch_norm_act.h"
 #include "paddle/extension.h"
 #include "stream_store.h"
+#include "work_chunks.h"
 
 namespace {
 
@@ -413,6 +415,21 @@ ClGeom MakeClGeom(const Geom& g) {
           (g.c + kLanes - 1) / kLanes};
 }
 
+// The channel-lane loops' work: (channel group, image) items, group-major, in chunks
+// (mbv2::WorkChunks) of one group's images each (a multiple of the group count), so a
+// chunk's weight gradient and sums are its group's lanes alone; about kChunksPerThread
+// chunks a thread.
+struct LaneChunks {
+  int64_t groups, per_group;  // chunk k is image run k % per_group of group k / per_group
+  mbv2::WorkChunks work;
+  LaneChunks(const ClGeom& cg, int64_t n)
+      : groups(cg.groups),
+        per_group(std::max<int64_t>(1, std::min<int64_t>(
+            n, (mbv2::kChunksPerThread * omp_get_max_threads() + groups - 1) / groups))),
+        work(groups * n, groups * per_group) {}
+  int64_t count() const { return groups * per_group; }
+};
+
 #ifdef __AVX2__
 // In-register transpose of 8 rows of 8 floats.
 inline void Transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
@@ -696,51 +713,50 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
     for (int64_t c = 0; c < g.c; ++c) ys->shift()[c] = FirstOutput(g, x, w, norm, c);
   const ClGeom cg = MakeClGeom(g);
   const bool stream = mbv2::StreamOutput(g.n * g.c * g.ho * g.wo, y);
-  const int64_t items = cg.groups * g.n;  // group-major: weights change rarely per thread
+  LaneChunks chunks(cg, g.n);
+  if (ys != nullptr) ys->Chunks(chunks.count());
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
 #pragma omp parallel
   {
     std::vector<v8> buf(static_cast<size_t>(cg.hp) * cg.wp, v8{}), out(oplane);
     v8 w8[9];
     LaneCoefs coefs;
-    int64_t cur = -1;
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t grp = it / g.n, n = it % g.n, c0 = grp * kLanes;
+    mbv2::ForEachChunk(chunks.work, [&](int64_t k, int64_t first, int64_t end) {
+      const int64_t grp = first / g.n, c0 = grp * kLanes;
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.c - c0));
-      if (grp != cur) {
-        LoadLaneWeights(w, c0, lanes, w8);
-        norm.load(c0, lanes, coefs);
-        cur = grp;
-      }
-      InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
-      norm.apply(g, cg, coefs, buf.data(), buf.data());
-      const int wp = cg.wp;
-      for (int i = 0; i < g.ho; ++i) {
-        const v8* r0 = buf.data() + static_cast<int64_t>(i) * g.sh * wp;
-        const v8* r1 = r0 + wp;
-        const v8* r2 = r1 + wp;
-        v8* o = out.data() + static_cast<int64_t>(i) * g.wo;
-        for (int j = 0; j < g.wo; ++j) {
-          const int q = j * g.sw;
-          o[j] = w8[0] * r0[q] + w8[1] * r0[q + 1] + w8[2] * r0[q + 2] +
-                 w8[3] * r1[q] + w8[4] * r1[q + 1] + w8[5] * r1[q + 2] +
-                 w8[6] * r2[q] + w8[7] * r2[q + 1] + w8[8] * r2[q + 2];
+      LoadLaneWeights(w, c0, lanes, w8);
+      norm.load(c0, lanes, coefs);
+      for (int64_t it = first; it < end; ++it) {
+        const int64_t n = it % g.n;
+        InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
+        norm.apply(g, cg, coefs, buf.data(), buf.data());
+        const int wp = cg.wp;
+        for (int i = 0; i < g.ho; ++i) {
+          const v8* r0 = buf.data() + static_cast<int64_t>(i) * g.sh * wp;
+          const v8* r1 = r0 + wp;
+          const v8* r2 = r1 + wp;
+          v8* o = out.data() + static_cast<int64_t>(i) * g.wo;
+          for (int j = 0; j < g.wo; ++j) {
+            const int q = j * g.sw;
+            o[j] = w8[0] * r0[q] + w8[1] * r0[q + 1] + w8[2] * r0[q + 2] +
+                   w8[3] * r1[q] + w8[4] * r1[q + 1] + w8[5] * r1[q + 2] +
+                   w8[6] * r2[q] + w8[7] * r2[q + 1] + w8[8] * r2[q + 2];
+          }
         }
-      }
-      if (ys != nullptr) {
-        v8 k8{}, s8{}, q8{};
-        for (int l = 0; l < lanes; ++l) k8[l] = ys->shift()[c0 + l];
-        LaneShiftedSums(out.data(), oplane, k8, s8, q8);
-        double* part = ys->part(omp_get_thread_num());
-        for (int l = 0; l < lanes; ++l) {
-          part[c0 + l] += s8[l];
-          part[g.c + c0 + l] += q8[l];
+        if (ys != nullptr) {
+          v8 k8{}, s8{}, q8{};
+          for (int l = 0; l < lanes; ++l) k8[l] = ys->shift()[c0 + l];
+          LaneShiftedSums(out.data(), oplane, k8, s8, q8);
+          double* part = ys->part(k);
+          for (int l = 0; l < lanes; ++l) {
+            part[c0 + l] += s8[l];
+            part[g.c + c0 + l] += q8[l];
+          }
         }
+        InterleaveOut(out.data(), g.ho, g.wo, g.wo, 0, lanes, y + (n * g.c + c0) * oplane, oplane,
+                      stream);
       }
-      InterleaveOut(out.data(), g.ho, g.wo, g.wo, 0, lanes, y + (n * g.c + c0) * oplane, oplane,
-                    stream);
-    }
+    });
   }
 }
 
@@ -762,13 +778,13 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
                 float* dw, const LaneNorm& norm = {}) {
   const ClGeom cg = MakeClGeom(g);
   const bool stream = mbv2::StreamOutput(g.n * g.c * g.h * g.w, dx);
-  const int64_t items = cg.groups * g.n;
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
-  const int max_threads = omp_get_max_threads();
-  std::vector<double> partial(static_cast<size_t>(max_threads) * g.c * 9, 0.0);
-  // the fused op's batch norm sums (LaneNorm::sums): per thread, then reduced in order
+  LaneChunks chunks(cg, g.n);
+  // per chunk, its group's dw (lane l, tap k at l * 9 + k) and the fused op's batch norm
+  // sums (LaneNorm::sums; lane l's at l and kLanes + l), reduced in chunk order
   const bool bn_sums = norm.sums != nullptr;
-  mbv2::PerThreadSums bn_part(2 * g.c, bn_sums ? max_threads : 0);
+  mbv2::ChunkSums dw_part(kLanes * 9, chunks.count());
+  mbv2::ChunkSums bn_part(2 * kLanes, bn_sums ? chunks.count() : 0);
   const int64_t bufn = static_cast<int64_t>(cg.hp) * cg.wp;
   // Stride 1 on planes of 7x7 and up: dx by a gather (a correlation of the bordered dy
   // with the flipped kernel), each dx pixel written once, a row at a time. Elsewhere a
@@ -783,7 +799,6 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
   const int64_t gpadn = gather ? static_cast<int64_t>(cgd.hp) * cgd.wp : 0;
 #pragma omp parallel
   {
-    const int tid = omp_get_thread_num();
     std::vector<v8> buf(bufn, v8{}), dbuf(gather ? 0 : bufn), gbuf(gather ? g.w : oplane);
     std::vector<v8> gpad(gpadn, v8{});
     // with bn_sums the raw x stays in buf for the sums and the conv reads its normalised copy
@@ -791,131 +806,134 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
     v8* const in = bn_sums ? nbuf.data() : buf.data();
     v8 w8[9], f8[9], acc[9];
     LaneCoefs coefs;
-    int64_t cur = -1;
-    int cur_lanes = 0;
-    // Float lane accumulators are flushed to double per channel group.
-    auto flush = [&]() {
-      if (cur < 0) return;
-      double* pc = partial.data() + (static_cast<int64_t>(tid) * g.c + cur * kLanes) * 9;
-      for (int l = 0; l < cur_lanes; ++l)
-        for (int k = 0; k < 9; ++k) pc[l * 9 + k] += acc[k][l];
-    };
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t grp = it / g.n, n = it % g.n, c0 = grp * kLanes;
+    mbv2::ForEachChunk(chunks.work, [&](int64_t chunk, int64_t first, int64_t end) {
+      const int64_t c0 = first / g.n * kLanes;
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.c - c0));
-      if (grp != cur) {
-        flush();
-        LoadLaneWeights(w, c0, lanes, w8);
-        for (int k = 0; k < 9; ++k) f8[k] = w8[8 - k];
-        norm.load(c0, lanes, coefs);
-        for (auto& a : acc) a = v8{};
-        cur = grp;
-        cur_lanes = lanes;
-      }
-      InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
-      norm.apply(g, cg, coefs, buf.data(), in);
-      auto accumulate = [&](const v8* xr, v8* gr, int64_t len, v8& s, v8& q) {
-        if (norm.gated)
-          LaneNorm::Accumulate<true>(coefs, xr, gr, len, s, q);
-        else
-          LaneNorm::Accumulate(coefs, xr, gr, len, s, q);
-      };
-      v8 bs{}, bq{};  // this plane group's batch norm sums (bn_sums)
-      auto add_sums = [&]() {
-        if (!bn_sums) return;
-        double* pb = bn_part.part(tid);
-        for (int l = 0; l < lanes; ++l) {
-          pb[c0 + l] += bs[l];
-          pb[g.c + c0 + l] += bq[l];
+      LoadLaneWeights(w, c0, lanes, w8);
+      for (int k = 0; k < 9; ++k) f8[k] = w8[8 - k];
+      norm.load(c0, lanes, coefs);
+      for (auto& a : acc) a = v8{};  // float lane sums of the chunk's dw, to double at its end
+      for (int64_t it = first; it < end; ++it) {
+        const int64_t n = it % g.n;
+        InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
+        norm.apply(g, cg, coefs, buf.data(), in);
+        auto accumulate = [&](const v8* xr, v8* gr, int64_t len, v8& s, v8& q) {
+          if (norm.gated)
+            LaneNorm::Accumulate<true>(coefs, xr, gr, len, s, q);
+          else
+            LaneNorm::Accumulate(coefs, xr, gr, len, s, q);
+        };
+        v8 bs{}, bq{};  // this plane group's batch norm sums (bn_sums)
+        auto add_sums = [&]() {
+          if (!bn_sums) return;
+          double* pb = bn_part.part(chunk);
+          for (int l = 0; l < lanes; ++l) {
+            pb[l] += bs[l];
+            pb[kLanes + l] += bq[l];
+          }
+        };
+        const float* dyn = dy + (n * g.c + c0) * oplane;
+        float* dxn = dx + (n * g.c + c0) * plane;
+        const int wp = cg.wp;
+        if (gather) {
+          InterleaveIn(gd, cgd, dyn, oplane, lanes, gpad.data());
+          const int gw = cgd.wp;
+          for (int r = 0; r < g.h; ++r) {  // dx, a row at a time
+            const v8* q0 = gpad.data() + static_cast<int64_t>(r) * gw;
+            const v8* q1 = q0 + gw;
+            const v8* q2 = q1 + gw;
+            v8* o = gbuf.data();
+            for (int c = 0; c < g.w; ++c)
+              o[c] = f8[0] * q0[c] + f8[1] * q0[c + 1] + f8[2] * q0[c + 2] +
+                     f8[3] * q1[c] + f8[4] * q1[c + 1] + f8[5] * q1[c + 2] +
+                     f8[6] * q2[c] + f8[7] * q2[c + 1] + f8[8] * q2[c + 2];
+            if (bn_sums)
+              accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
+            InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes, dxn + static_cast<int64_t>(r) * g.w,
+                          plane, stream);
+          }
+          add_sums();
+          for (int i = 0; i < g.ho; ++i) {  // dw: dy against the input's shifted views
+            const v8* r0 = in + static_cast<int64_t>(i) * wp;
+            const v8* r1 = r0 + wp;
+            const v8* r2 = r1 + wp;
+            const v8* gr = gpad.data() + static_cast<int64_t>(i + gd.pt) * gw + gd.pl;
+            for (int j = 0; j < g.wo; ++j) {
+              const v8 gv = gr[j];
+              acc[0] += gv * r0[j]; acc[1] += gv * r0[j + 1]; acc[2] += gv * r0[j + 2];
+              acc[3] += gv * r1[j]; acc[4] += gv * r1[j + 1]; acc[5] += gv * r1[j + 2];
+              acc[6] += gv * r2[j]; acc[7] += gv * r2[j + 1]; acc[8] += gv * r2[j + 2];
+            }
+          }
+          continue;
         }
-      };
-      const float* dyn = dy + (n * g.c + c0) * oplane;
-      float* dxn = dx + (n * g.c + c0) * plane;
-      const int wp = cg.wp;
-      if (gather) {
-        InterleaveIn(gd, cgd, dyn, oplane, lanes, gpad.data());
-        const int gw = cgd.wp;
-        for (int r = 0; r < g.h; ++r) {  // dx, a row at a time
-          const v8* q0 = gpad.data() + static_cast<int64_t>(r) * gw;
-          const v8* q1 = q0 + gw;
-          const v8* q2 = q1 + gw;
-          v8* o = gbuf.data();
-          for (int c = 0; c < g.w; ++c)
-            o[c] = f8[0] * q0[c] + f8[1] * q0[c + 1] + f8[2] * q0[c + 2] +
-                   f8[3] * q1[c] + f8[4] * q1[c + 1] + f8[5] * q1[c + 2] +
-                   f8[6] * q2[c] + f8[7] * q2[c + 1] + f8[8] * q2[c + 2];
-          if (bn_sums)
-            accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
-          InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes, dxn + static_cast<int64_t>(r) * g.w,
-                        plane, stream);
-        }
-        add_sums();
-        for (int i = 0; i < g.ho; ++i) {  // dw: dy against the input's shifted views
-          const v8* r0 = in + static_cast<int64_t>(i) * wp;
-          const v8* r1 = r0 + wp;
-          const v8* r2 = r1 + wp;
-          const v8* gr = gpad.data() + static_cast<int64_t>(i + gd.pt) * gw + gd.pl;
-          for (int j = 0; j < g.wo; ++j) {
-            const v8 gv = gr[j];
-            acc[0] += gv * r0[j]; acc[1] += gv * r0[j + 1]; acc[2] += gv * r0[j + 2];
-            acc[3] += gv * r1[j]; acc[4] += gv * r1[j + 1]; acc[5] += gv * r1[j + 2];
-            acc[6] += gv * r2[j]; acc[7] += gv * r2[j + 1]; acc[8] += gv * r2[j + 2];
+        // dy as [pixel][lane] (no padding).
+        {
+          float* b = reinterpret_cast<float*>(gbuf.data());
+          if (lanes == kLanes) {
+            Gather8(dyn, oplane, oplane, b);
+          } else {
+            for (int l = 0; l < lanes; ++l)
+              for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = dyn[l * oplane + p];
+            for (int l = lanes; l < kLanes; ++l)
+              for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = 0.f;
           }
         }
-        continue;
-      }
-      // dy as [pixel][lane] (no padding).
-      {
-        float* b = reinterpret_cast<float*>(gbuf.data());
-        if (lanes == kLanes) {
-          Gather8(dyn, oplane, oplane, b);
-        } else {
-          for (int l = 0; l < lanes; ++l)
-            for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = dyn[l * oplane + p];
-          for (int l = lanes; l < kLanes; ++l)
-            for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = 0.f;
+        std::fill(dbuf.begin(), dbuf.end(), v8{});
+        for (int i = 0; i < g.ho; ++i) {
+          const int64_t base = static_cast<int64_t>(i) * g.sh * wp;
+          const v8* r0 = in + base;
+          const v8* r1 = r0 + wp;
+          const v8* r2 = r1 + wp;
+          v8* d0 = dbuf.data() + base;
+          v8* d1 = d0 + wp;
+          v8* d2 = d1 + wp;
+          const v8* gr = gbuf.data() + static_cast<int64_t>(i) * g.wo;
+          for (int j = 0; j < g.wo; ++j) {
+            const int q = j * g.sw;
+            const v8 gv = gr[j];
+            d0[q] += w8[0] * gv; d0[q + 1] += w8[1] * gv; d0[q + 2] += w8[2] * gv;
+            d1[q] += w8[3] * gv; d1[q + 1] += w8[4] * gv; d1[q + 2] += w8[5] * gv;
+            d2[q] += w8[6] * gv; d2[q + 1] += w8[7] * gv; d2[q + 2] += w8[8] * gv;
+            acc[0] += gv * r0[q]; acc[1] += gv * r0[q + 1]; acc[2] += gv * r0[q + 2];
+            acc[3] += gv * r1[q]; acc[4] += gv * r1[q + 1]; acc[5] += gv * r1[q + 2];
+            acc[6] += gv * r2[q]; acc[7] += gv * r2[q + 1]; acc[8] += gv * r2[q + 2];
+          }
         }
-      }
-      std::fill(dbuf.begin(), dbuf.end(), v8{});
-      for (int i = 0; i < g.ho; ++i) {
-        const int64_t base = static_cast<int64_t>(i) * g.sh * wp;
-        const v8* r0 = in + base;
-        const v8* r1 = r0 + wp;
-        const v8* r2 = r1 + wp;
-        v8* d0 = dbuf.data() + base;
-        v8* d1 = d0 + wp;
-        v8* d2 = d1 + wp;
-        const v8* gr = gbuf.data() + static_cast<int64_t>(i) * g.wo;
-        for (int j = 0; j < g.wo; ++j) {
-          const int q = j * g.sw;
-          const v8 gv = gr[j];
-          d0[q] += w8[0] * gv; d0[q + 1] += w8[1] * gv; d0[q + 2] += w8[2] * gv;
-          d1[q] += w8[3] * gv; d1[q + 1] += w8[4] * gv; d1[q + 2] += w8[5] * gv;
-          d2[q] += w8[6] * gv; d2[q + 1] += w8[7] * gv; d2[q + 2] += w8[8] * gv;
-          acc[0] += gv * r0[q]; acc[1] += gv * r0[q + 1]; acc[2] += gv * r0[q + 2];
-          acc[3] += gv * r1[q]; acc[4] += gv * r1[q + 1]; acc[5] += gv * r1[q + 2];
-          acc[6] += gv * r2[q]; acc[7] += gv * r2[q + 1]; acc[8] += gv * r2[q + 2];
+        if (bn_sums) {
+          for (int64_t yy = 0; yy < g.h; ++yy) {
+            const int64_t o = (yy + g.pt) * wp + g.pl;
+            accumulate(buf.data() + o, dbuf.data() + o, g.w, bs, bq);
+          }
+          add_sums();
         }
+        InterleaveOut(dbuf.data(), g.h, g.w, wp, static_cast<int64_t>(g.pt) * wp + g.pl, lanes,
+                      dxn, plane, stream);
       }
-      if (bn_sums) {
-        for (int64_t yy = 0; yy < g.h; ++yy) {
-          const int64_t o = (yy + g.pt) * wp + g.pl;
-          accumulate(buf.data() + o, dbuf.data() + o, g.w, bs, bq);
-        }
-        add_sums();
-      }
-      InterleaveOut(dbuf.data(), g.h, g.w, wp, static_cast<int64_t>(g.pt) * wp + g.pl, lanes,
-                    dxn, plane, stream);
+      double* pc = dw_part.part(chunk);
+      for (int l = 0; l < lanes; ++l)
+        for (int k = 0; k < 9; ++k) pc[l * 9 + k] += acc[k][l];
+    });
+  }
+  // each group's sums over its chunks, in chunk order
+  std::vector<double> dw_group(kLanes * 9), bn_group(2 * kLanes);
+  for (int64_t grp = 0; grp < cg.groups; ++grp) {
+    const int64_t c0 = grp * kLanes, lanes = std::min<int64_t>(kLanes, g.c - c0);
+    for (auto& v : dw_group) v = 0.0;
+    for (auto& v : bn_group) v = 0.0;
+    for (int64_t k = grp * chunks.per_group; k < (grp + 1) * chunks.per_group; ++k) {
+      for (int i = 0; i < kLanes * 9; ++i) dw_group[i] += dw_part.part(k)[i];
+      if (bn_sums)
+        for (int i = 0; i < 2 * kLanes; ++i) bn_group[i] += bn_part.part(k)[i];
     }
-    flush();
+    for (int64_t l = 0; l < lanes; ++l) {
+      for (int k = 0; k < 9; ++k) dw[(c0 + l) * 9 + k] = static_cast<float>(dw_group[l * 9 + k]);
+      if (bn_sums) {
+        norm.sums[c0 + l] = bn_group[l];
+        norm.sums[g.c + c0 + l] = bn_group[kLanes + l];
+      }
+    }
   }
-  for (int64_t i = 0; i < g.c * 9; ++i) {
-    double s = 0.0;
-    for (int t = 0; t < max_threads; ++t) s += partial[static_cast<int64_t>(t) * g.c * 9 + i];
-    dw[i] = static_cast<float>(s);
-  }
-  if (bn_sums) bn_part.ReduceInto(norm.sums);
 }
 
 // Which implementation: 0 = by shape, 1 = flat, 2 = channel-lane (tests force each).
@@ -1161,7 +1179,7 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseForward(
   auto stats = mbv2::FusedBatchNormStats(xc, scale, bias, running_mean, running_var, epsilon,
                                          momentum, "bn_relu6_depthwise", sums);
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  mbv2::OutputSums ys(g.c, omp_get_max_threads(), g.n * g.c * g.ho * g.wo);
+  mbv2::OutputSums ys(g.c, g.n * g.c * g.ho * g.wo);
   ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(),
             mbv2::Folded(stats[2], g.c), &ys);
   return {y, stats[0], stats[1], stats[2], ys.Finish()};

@@ -10,11 +10,12 @@
 // byte; Paddle's makes separate passes for dx and dw. Here the plane is cut into blocks of
 // kBlock pixels, and threads take (image, block) items: for each block
 //   dx[n][:, blk] = W^T dy[n][:, blk]           (GEMM C_in x len x C_out)
-//   dw_t         += dy[n][:, blk] x[n][:, blk]^T (GEMM C_out x C_in x len)
-// while the block of dy is in cache for both, with per-thread dw partial sums reduced at
-// the end (deterministic for a fixed thread count). The forward is the same per-block
-// GEMM, y[n][:, blk] = W x[n][:, blk]. MKL runs single-threaded inside the OpenMP
-// region (one thread a block), its per-thread setting restored afterwards.
+//   dw_k         += dy[n][:, blk] x[n][:, blk]^T (GEMM C_out x C_in x len)
+// while the block of dy is in cache for both, the items in chunks (work_chunks.h) with dw
+// partial sums per chunk k reduced at the end (deterministic for a fixed thread count;
+// fewer chunks where dw is large, its partial sums being a pass over memory). The forward
+// is the same per-block GEMM, y[n][:, blk] = W x[n][:, blk]. MKL runs single-threaded
+// inside the OpenMP region (one thread a block), its per-thread setting restored after.
 //
 // The weight gradient of a block is a product whose inner dimension (the pixels) is
 // contiguous in both operands, with a small output (C_out x C_in). MKL's kernels for that
@@ -73,22 +74,32 @@ Shape GetShape(const paddle::Tensor& x, const paddle::Tensor& w) {
   return {xs[0], xs[1], ws[0], xs[2] * xs[3]};
 }
 
-// Calls fn(n, p0, len) for every (image, block) item, threads splitting them statically,
-// MKL single-threaded meanwhile; fn also gets the thread's index.
+// Calls fn(t, k, n, p0, len) for every (image, block) item, in `chunks` chunks of
+// consecutive items (mbv2::WorkChunks: threads that finish early take chunks from the
+// other's share; a chunk's items run in order on one thread, so sums kept per chunk k are
+// the same whichever thread ran it), MKL single-threaded meanwhile; t is the running
+// thread's index (for its scratch).
 template <class Fn>
-void ForBlocks(const Shape& s, Fn fn) {
-  const int64_t blocks = (s.hw + kBlock - 1) / kBlock, items = s.n * blocks;
+void ForBlocks(const Shape& s, int64_t chunks, Fn fn) {
+  const int64_t blocks = (s.hw + kBlock - 1) / kBlock;
+  mbv2::WorkChunks work(s.n * blocks, chunks);
 #pragma omp parallel
   {
     const int prev = MKL_Set_Num_Threads_Local(1);
     const int t = omp_get_thread_num();
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t n = it / blocks, p0 = (it % blocks) * kBlock;
-      fn(t, n, p0, std::min(kBlock, s.hw - p0));
-    }
+    mbv2::ForEachChunk(work, [&](int64_t k, int64_t first, int64_t end) {
+      for (int64_t it = first; it < end; ++it) {
+        const int64_t n = it / blocks, p0 = (it % blocks) * kBlock;
+        fn(t, k, n, p0, std::min(kBlock, s.hw - p0));
+      }
+    });
     MKL_Set_Num_Threads_Local(prev);
   }
+}
+
+// ForBlocks' chunk count for s when each chunk keeps row_bytes of partial sums.
+int64_t BlockChunks(const Shape& s, int64_t row_bytes) {
+  return mbv2::ChunkCount(s.n * ((s.hw + kBlock - 1) / kBlock), row_bytes);
 }
 
 // acc[r * ldacc + c] += sum_p g[r * ldg + p] * x[c * ldx + p], r < RG, c < RX, p < len:
@@ -209,11 +220,12 @@ struct BackwardIo {
         dw(paddle::empty(w_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace())) {}
 };
 
-// dw[i] = sum over threads t of part[t * size + i], in thread order.
-void SumPartials(const std::vector<float>& part, int threads, int64_t size, float* dw) {
+// dw[i] = sum over chunks k of part[k * size + i], in chunk order.
+void SumPartials(const std::vector<float>& part, int64_t size, float* dw) {
+  const size_t rows = part.size() / static_cast<size_t>(std::max<int64_t>(size, 1));
   for (int64_t i = 0; i < size; ++i) {
     float acc = 0.f;
-    for (int t = 0; t < threads; ++t) acc += part[static_cast<size_t>(t) * size + i];
+    for (size_t k = 0; k < rows; ++k) acc += part[k * size + i];
     dw[i] = acc;
   }
 }
@@ -408,7 +420,9 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
   const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   Bf16Scratch xs(BF16 ? omp_get_max_threads() : 0, s.ci * blk);
   FloatScratch xn(norm.a != nullptr, s.ci * blk);
-  ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
+  const int64_t chunks = BlockChunks(s, ys != nullptr ? 2 * s.co * sizeof(double) : 0);
+  if (ys != nullptr) ys->Chunks(chunks);
+  ForBlocks(s, chunks, [&](int t, int64_t k, int64_t n, int64_t p0, int64_t len) {
     int64_t ldx;
     const float* xb = norm.apply(xp + n * s.ci * s.hw + p0, s.ci, len, s.hw, xn.of(t), &ldx);
     float* yb = yp + n * s.co * s.hw + p0;
@@ -420,7 +434,7 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
                   static_cast<int>(ldx), 0.f, yb, hw);
     }
     if (ys != nullptr) {
-      double* part = ys->part(t);
+      double* part = ys->part(k);
       const float* k = ys->shift();
       for (int64_t o = 0; o < s.co; ++o) {
         float sum, sumsq;
@@ -448,7 +462,7 @@ std::vector<paddle::Tensor> PointwiseSumsForward(const paddle::Tensor& x, const 
   const Shape s = GetShape(x, w);
   PD_CHECK(s.n > 0 && s.hw > 0, "pointwise_conv2d: empty input");
   ForwardIo io(x, w, s);
-  mbv2::OutputSums ys(s.co, omp_get_max_threads(), s.n * s.co * s.hw);
+  mbv2::OutputSums ys(s.co, s.n * s.co * s.hw);
   ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(), {}, &ys);
   return {io.y, ys.Finish()};
 }
@@ -463,21 +477,23 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
   const int hw = static_cast<int>(s.hw);
   const int64_t wsize = s.co * s.ci;
   const int threads = omp_get_max_threads();
-  std::vector<float> part(static_cast<size_t>(threads) * wsize, 0.f);
+  const int64_t bn_size = norm.sums ? 2 * s.ci : 0, gram_size = bn.m ? s.ci * (s.ci + 1) : 0;
+  const int64_t chunks =
+      BlockChunks(s, wsize * sizeof(float) + (bn_size + gram_size) * sizeof(double));
+  std::vector<float> part(static_cast<size_t>(chunks) * wsize, 0.f);
   const bool dot = UseDotKernel(s);
   const auto wb = Bf16Copy(wp, s.co, s.ci, BF16);
   const int64_t blk = std::min(kBlock, s.hw);
   Bf16Scratch gs(BF16 ? threads : 0, s.co * blk), xs(BF16 && !dot ? threads : 0, s.ci * blk);
   FloatScratch xn(norm.a != nullptr, s.ci * blk), gram_blk(bn.m != nullptr, s.ci * s.ci);
-  mbv2::PerThreadSums bn_part(2 * s.ci, norm.sums ? threads : 0);
-  mbv2::PerThreadSums gram_part(s.ci * (s.ci + 1), bn.m != nullptr ? threads : 0);
-  ForBlocks(s, [&](int t, int64_t n, int64_t p0, int64_t len) {
+  mbv2::ChunkSums bn_part(bn_size, chunks), gram_part(gram_size, chunks);
+  ForBlocks(s, chunks, [&](int t, int64_t k, int64_t n, int64_t p0, int64_t len) {
     const float* g = gp + n * s.co * s.hw + p0;
     int64_t ldx;
     const float* xraw = xp + n * s.ci * s.hw + p0;
     const float* xb = norm.apply(xraw, s.ci, len, s.hw, xn.of(t), &ldx);
     float* dxb = dxp + n * s.ci * s.hw + p0;
-    float* acc = part.data() + t * wsize;
+    float* acc = part.data() + k * wsize;
     if (BF16) {
       ToBf16(g, s.co, len, s.hw, gs.of(t));
       GemmBf16('T', 'N', s.ci, len, s.co, wb.get(), s.ci, gs.of(t), len, 0.f, dxb, s.hw);
@@ -485,8 +501,8 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
       cblas_sgemm(kRowMajor, kTrans, kNoTrans, s.ci, len, s.co, 1.f, wp, s.ci, g, hw, 0.f, dxb,
                   hw);
     }
-    if (bn.m != nullptr) AddBnTerms(s, bn, xb, ldx, len, dxb, gram_blk.of(t), gram_part.part(t));
-    if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.part(t));
+    if (bn.m != nullptr) AddBnTerms(s, bn, xb, ldx, len, dxb, gram_blk.of(t), gram_part.part(k));
+    if (norm.sums) norm.accumulate(xraw, dxb, s.ci, len, s.hw, bn_part.part(k));
     if (dot) {
       DotProducts(g, s.hw, xb, ldx, s.co, s.ci, len, acc);
     } else if (BF16) {
@@ -497,7 +513,7 @@ void BackwardBlocks(const Shape& s, const float* xp, const float* wp, const floa
                   static_cast<int>(ldx), 1.f, acc, s.ci);
     }
   });
-  SumPartials(part, threads, wsize, dwp);
+  SumPartials(part, wsize, dwp);
   if (norm.sums) bn_part.ReduceInto(norm.sums);
   if (bn.m != nullptr) gram_part.ReduceInto(bn.gram);
 }
@@ -880,7 +896,8 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::T
   float* yp = y.data<float>();
   const int64_t kk = s.kk(), hwo = s.ho * s.wo;
   std::vector<float> cols(static_cast<size_t>(omp_get_max_threads() * kk * kBlock));
-  ForBlocks(s.Blocks(), [&](int t, int64_t n, int64_t p0, int64_t len) {
+  ForBlocks(s.Blocks(), BlockChunks(s.Blocks(), 0),
+            [&](int t, int64_t, int64_t n, int64_t p0, int64_t len) {
     float* buf = cols.data() + t * kk * kBlock;
     GatherColumns(xp + n * s.c * s.h * s.w, s, p0, len, buf);
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, kk, 1.f, wp, kk, buf, len, 0.f,
@@ -899,21 +916,22 @@ std::vector<paddle::Tensor> StemBackward(const paddle::Tensor& x, const paddle::
   const int64_t kk = s.kk(), hwo = s.ho * s.wo, wsize = s.co * kk;
   const int threads = omp_get_max_threads();
   std::vector<float> cols(static_cast<size_t>(threads * kk * kBlock));
-  std::vector<float> part(static_cast<size_t>(threads) * wsize, 0.f);
+  const int64_t chunks = BlockChunks(s.Blocks(), wsize * sizeof(float));
+  std::vector<float> part(static_cast<size_t>(chunks) * wsize, 0.f);
   const bool dot = UseDotKernel(s.Blocks());
-  ForBlocks(s.Blocks(), [&](int t, int64_t n, int64_t p0, int64_t len) {
+  ForBlocks(s.Blocks(), chunks, [&](int t, int64_t k, int64_t n, int64_t p0, int64_t len) {
     float* buf = cols.data() + t * kk * kBlock;
     GatherColumns(xp + n * s.c * s.h * s.w, s, p0, len, buf);
     const float* g = gp + n * s.co * hwo + p0;
     if (dot) {
-      DotProducts(g, hwo, buf, len, s.co, kk, len, part.data() + t * wsize);
+      DotProducts(g, hwo, buf, len, s.co, kk, len, part.data() + k * wsize);
     } else {
       cblas_sgemm(kRowMajor, kNoTrans, kTrans, s.co, kk, len, 1.f, g, hwo, buf, len, 1.f,
-                  part.data() + t * wsize, kk);
+                  part.data() + k * wsize, kk);
     }
   });
   float* dwp = dw.data<float>();
-  SumPartials(part, threads, wsize, dwp);
+  SumPartials(part, wsize, dwp);
   return {dw};
 }
 
