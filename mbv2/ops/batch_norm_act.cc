@@ -21,10 +21,11 @@
 // (stream_store.h) where their planes are 32-byte aligned.
 //
 // Threads: OpenMP over whole channels for planes of 56x56 and up (a channel's second
-// pass then reads what its first left in cache), over the N*C planes in contiguous
-// static chunks (memory order) for mid-size planes, or over images with a vector loop
-// over channels for planes under 8 pixels; per-thread per-channel partial sums are
-// reduced at the end: deterministic for a fixed thread count.
+// pass then reads what its first left in cache), over the N*C planes in memory order for
+// mid-size planes, or over images with a vector loop over channels for planes under 8
+// pixels, each in chunks a thread that finishes early can take over (work_chunks.h);
+// per-chunk per-channel partial sums are reduced at the end: deterministic for a fixed
+// thread count.
 //
 // The running mean/variance are inputs written in place (the layer's buffers, as Paddle's
 // own batch_norm does with MeanOut/VarianceOut sharing them): the op is for dygraph
@@ -64,22 +65,6 @@ Dims GetDims(const paddle::Tensor& x) {
 // path: threads split the images, and the inner loop runs over channels, so a 1x1 plane
 // costs a vector lane instead of a loop setup.
 constexpr int64_t kSmallPlane = 8;
-
-// Per-thread rows of [sum(C), sumsq(C)] doubles, summed into out[0..2C).
-void ReducePartials(const std::vector<double>& part, int threads, int64_t c, double* out) {
-  std::fill(out, out + 2 * c, 0.0);
-  for (int t = 0; t < threads; ++t) {
-    const double* p = part.data() + static_cast<size_t>(t) * 2 * c;
-    for (int64_t i = 0; i < 2 * c; ++i) out[i] += p[i];
-  }
-}
-
-// This thread's share [b0, b1) of `total` items (inside a parallel region).
-inline void MyRange(int64_t total, int64_t* b0, int64_t* b1) {
-  const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-  *b0 = total * t / nt;
-  *b1 = total * (t + 1) / nt;
-}
 
 // The output gradient that reaches the batch norm: dy where ReLU6 passes it. Branch-free
 // and ACT a template argument, so the loops vectorise (a data-dependent branch here
@@ -196,38 +181,37 @@ void SmallDxBwd(const float* x, const float* y, const float* dy, int64_t n0, int
                                              \
   }
 
-// Per-channel sums [s(C), q(C)] in double over the batch: body(acc) runs in every thread
-// of one parallel region and adds that thread's share into its own row acc[0..2C) (sums,
-// then sums of squares); the rows are reduced at the end, in thread order: deterministic
-// for a fixed thread count.
+// Per-channel sums [s(C), q(C)] in double over `items` items: body(first, end, acc) adds
+// items [first, end) into the row acc[0..2C) (sums, then sums of squares) of their chunk
+// (mbv2::WorkChunks); the rows are reduced at the end, in chunk order: deterministic for
+// a fixed thread count.
 template <class Body>
-std::vector<double> ThreadSums(int64_t C, Body body) {
-  const int threads = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(threads) * 2 * C, 0.0);
+std::vector<double> ChannelSums(int64_t C, int64_t items, Body body) {
+  mbv2::WorkChunks work(items, mbv2::ChunkCount(items, 2 * C * sizeof(double)));
+  mbv2::ChunkSums part(2 * C, work.count());
 #pragma omp parallel
-  body(part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C);
+  mbv2::ForEachChunk(work, [&](int64_t k, int64_t first, int64_t end) {
+    body(first, end, part.part(k));
+  });
   std::vector<double> tot(2 * C);
-  ReducePartials(part, threads, C, tot.data());
+  part.ReduceInto(tot.data());
   return tot;
 }
 
-// Small planes: threads split the images; small(n0, n1, s, q) adds images [n0, n1).
+// Small planes: chunks of images; small(n0, n1, s, q) adds images [n0, n1).
 template <class Small>
 std::vector<double> SmallChannelSums(const Dims& d, Small small) {
-  return ThreadSums(d.c, [&](double* acc) {
-    int64_t n0, n1;
-    MyRange(d.n, &n0, &n1);
+  return ChannelSums(d.c, d.n, [&](int64_t n0, int64_t n1, double* acc) {
     small(n0, n1, acc, acc + d.c);
   });
 }
 
-// Mid-size planes: threads split the N*C planes in contiguous static chunks (memory
-// order); plane(p, c, s, q) gives plane p's two float sums.
+// Mid-size planes: chunks of the N*C planes in memory order; plane(p, c, s, q) gives
+// plane p's two float sums.
 template <class Plane>
 std::vector<double> PlaneOrderSums(const Dims& d, Plane plane) {
-  return ThreadSums(d.c, [&](double* acc) {
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < d.n * d.c; ++p) {
+  return ChannelSums(d.c, d.n * d.c, [&](int64_t first, int64_t end, double* acc) {
+    for (int64_t p = first; p < end; ++p) {
       const int64_t c = p % d.c;
       float s = 0.f, q = 0.f;
       plane(p, c, s, q);
@@ -252,17 +236,26 @@ constexpr int64_t kChannelPassPlane = 56 * 56;
 // stream it from memory twice. No cross-thread sums: deterministic for any thread count.
 template <class Plane, class Apply>
 void ByChannel(const Dims& d, Plane plane, Apply apply) {
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < d.c; ++c) {
-    double s = 0.0, q = 0.0;
-    for (int64_t n = 0; n < d.n; ++n) {
-      float ss = 0.f, qq = 0.f;
-      plane(n * d.c + c, c, ss, qq);
-      s += ss;
-      q += qq;
+  mbv2::ForItems(d.c, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s = 0.0, q = 0.0;
+      for (int64_t n = 0; n < d.n; ++n) {
+        float ss = 0.f, qq = 0.f;
+        plane(n * d.c + c, c, ss, qq);
+        s += ss;
+        q += qq;
+      }
+      apply(c, s, q);
     }
-    apply(c, s, q);
-  }
+  });
+}
+
+// apply(p, p % C) for every plane p, in chunks of planes.
+template <class Apply>
+void EveryPlane(const Dims& d, Apply apply) {
+  mbv2::ForItems(d.n * d.c, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) apply(p, p % d.c);
+  });
 }
 
 // TwoPasses' first pass alone, in its order (the fused op's statistics: no second pass).
@@ -284,8 +277,7 @@ template <class Plane, class Finish, class Apply>
 void TwoPasses(const Dims& d, Plane plane, Finish finish, Apply apply) {
   if (d.hw < kChannelPassPlane) {
     FirstPass(d, plane, finish);
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < d.n * d.c; ++p) apply(p, p % d.c);
+    EveryPlane(d, apply);
     return;
   }
   ByChannel(d, plane, [&](int64_t c, double sum, double sumsq) {
@@ -493,21 +485,16 @@ void FixedPlane(int64_t hw, Body body) {
 // statistics folded into a, b) and in inference (running statistics).
 void ScaleShift(const Dims& d, const float* x, const float* a, const float* b, bool act,
                 float* y) {
-  const int64_t C = d.c, hw = d.hw, planes = d.n * d.c;
+  const int64_t C = d.c, hw = d.hw;
   const float hi = act ? 6.f : INFINITY, lo = act ? 0.f : -INFINITY;
   if (hw < kSmallPlane) {
-#pragma omp parallel
-    {
-      int64_t n0, n1;
-      MyRange(d.n, &n0, &n1);
+    mbv2::ForItems(d.n, [&](int64_t n0, int64_t n1) {
       MBV2_DISPATCH_HW(hw, SmallNormFwd, x, n0, n1, C, a, b, lo, hi, y);
-    }
+    });
   } else {
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < planes; ++p) {
-      const int64_t c = p % C;
+    EveryPlane(d, [&](int64_t p, int64_t c) {
       ScalePlane(x + p * hw, hw, a[c], b[c], lo, hi, y + p * hw);
-    }
+    });
   }
 }
 
@@ -641,12 +628,9 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
     });
     for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
     const float *A = ca.data(), *B = cb.data(), *C0 = cc.data();
-#pragma omp parallel
-    {
-      int64_t n0, n1;
-      MyRange(d.n, &n0, &n1);
+    mbv2::ForItems(d.n, [&](int64_t n0, int64_t n1) {
       MBV2_DISPATCH_HW_ACT(hw, SmallDxBwd, x, y, dy, n0, n1, C, A, B, C0, dx);
-    }
+    });
     return;
   }
   const int64_t gb = GateBytes(hw);
@@ -689,8 +673,7 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
   };
   if (sums != nullptr) {
     for (int64_t c = 0; c < C; ++c) finish(c, sums[c], sums[C + c]);
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < d.n * C; ++p) dx_plane(p, p % C);
+    EveryPlane(d, dx_plane);
     return;
   }
   TwoPasses(d, plane, finish, dx_plane);

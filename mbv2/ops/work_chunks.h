@@ -63,7 +63,7 @@ class WorkChunks {
     }
     for (;;) {
       int fullest = -1;
-      uint64_t most = 0;
+      int64_t most = 0;
       for (int o = 0; o < threads_; ++o) {
         const uint64_t v = shares_[o].range.load(std::memory_order_relaxed);
         if (Front(v) < Back(v) && Back(v) - Front(v) > most) {
@@ -111,6 +111,15 @@ inline int64_t ChunkCount(int64_t items, int64_t row_bytes, int threads = omp_ge
   const int64_t per_thread =
       std::clamp<int64_t>(kPartialBytes / std::max<int64_t>(row_bytes * t, 1), 1, kChunksPerThread);
   return std::max<int64_t>(1, std::min(items, t * per_thread));
+}
+
+// fn(first, end) for chunks of items [0, items) in a parallel region of its own, balanced
+// as above: for loops with no sums across items (any chunk may run anywhere).
+template <class Fn>
+void ForItems(int64_t items, Fn fn) {
+  WorkChunks work(items, ChunkCount(items, 0));
+#pragma omp parallel
+  ForEachChunk(work, [&](int64_t, int64_t first, int64_t end) { fn(first, end); });
 }
 
 // Rows of `size` double partial sums, one per chunk (a loop's chunk k adds into part(k)),
