@@ -3,8 +3,10 @@
 peak GFLOP/s = cores used x FP32 lanes per FMA (16 with avx512f, 8 with avx2, 4 else)
                x FMA units per core x 2 (an FMA is a multiply and an add) x clock in GHz.
 The FMA units per core are not readable from /proc/cpuinfo: ASSUMED_FMA_UNITS_PER_CORE is
-an assumption (2, as on AVX-512 server CPUs: Xeon Gold/Platinum, AMD Zen 4/5 EPYC) and is
-reported as one. The clock is lscpu's "CPU max MHz" where it gives one, else /proc/cpuinfo's
+an assumption (2, as on the server CPUs this project has run on: Xeons with AVX-512, AMD
+EPYCs of Zen 3 with AVX2 and of Zen 4/5 with AVX-512) and is reported as one. A measured
+SGEMM checks it: on the Zen 3 EPYC (2 cores, AVX2, 2445 MHz) the formula gives 156.5
+GFLOP/s and Paddle's SGEMM ran at 153. The clock is lscpu's "CPU max MHz" where it gives one, else /proc/cpuinfo's
 "cpu MHz" (a virtual machine's nominal clock; turbo may run faster), raised to what a
 measured SGEMM's rate needs where that is more (see cpu_peak).
 
@@ -86,7 +88,8 @@ def cpu_peak(threads: int, sgemm_gflops: float | None = None) -> dict[str, Any]:
         "clock_mhz": mhz, "clock_source": clock_src, "cpuinfo_mhz": cur, "lscpu_max_mhz": mx,
         "sgemm_gflop_s": round(sgemm_gflops, 1) if sgemm_gflops else None,
         "peak_gflop_s": round(peak, 1) if peak else None,
-        "assumption": f"{fma} FMA units per core (AVX-512 server CPUs); not read from the CPU",
+        "assumption": (f"{fma} FMA units per core (as on Xeon and EPYC server cores); not "
+                       "read from the CPU"),
         "formula": (f"{cores} cores x {lanes} FP32 lanes/FMA x {fma} FMA units/core (assumed) "
                     f"x 2 flop/FMA x {mhz} MHz ({clock_src}) = {peak:.1f} GFLOP/s"
                     + (f"; Paddle's SGEMM 2048^3 measured {sgemm_gflops:.0f} GFLOP/s"
