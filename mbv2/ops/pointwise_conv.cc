@@ -435,10 +435,10 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
     }
     if (ys != nullptr) {
       double* part = ys->part(k);
-      const float* k = ys->shift();
+      const float* shift = ys->shift();
       for (int64_t o = 0; o < s.co; ++o) {
         float sum, sumsq;
-        mbv2::ShiftedRowSums(yb + o * s.hw, len, k[o], sum, sumsq);
+        mbv2::ShiftedRowSums(yb + o * s.hw, len, shift[o], sum, sumsq);
         part[o] += sum;
         part[s.co + o] += sumsq;
       }
