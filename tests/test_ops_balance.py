@@ -29,7 +29,10 @@ def _one_core():
     cpu = min(os.sched_getaffinity(0))
     try:
         for t in tasks:
-            os.sched_setaffinity(t, {cpu})
+            try:
+                os.sched_setaffinity(t, {cpu})
+            except PermissionError:
+                pytest.skip("this process may not pin its threads to a CPU here")
         yield
     finally:
         for t, mask in before.items():
