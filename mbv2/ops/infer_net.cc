@@ -1,0 +1,704 @@
+// MobileNetV2 inference as one Paddle custom operator, mbv2_infer_net: the whole network
+// (stem, inverted residual units, last 1x1 conv, average pool, classifier), batch norms
+// folded into the convs, float32, on the MKL that Paddle ships (without it this file
+// registers nothing and mbv2.predict keeps Paddle Inference). Built into the same library
+// as the training ops; mbv2/ops/inference.py packs the weights, from a network or from the
+// program mbv2.export writes.
+//
+// Paddle Inference (oneDNN) runs the exported program layer by layer, each activation of
+// the batch written to memory and read back by the next layer; on the AVX2 EPYC of round
+// 25 its depthwise convs ran at 9-37 GFLOP/s and its 1x1 convs on 28x28-112x112 maps at
+// 41-100 (x1.0, 224 px, batch 32: 251 ms a batch, two thirds of it those layers). Here:
+// * the batch is cut into groups of images (one image at 224 px, enough images for ~4096
+//   stem pixels at 32 px) and a thread runs its group through the whole network,
+//   activations channels-last (NHWC): a 1x1 conv is a plain row-major GEMM and the
+//   depthwise conv reads whole channel vectors;
+// * within a unit, the expand conv, the depthwise conv and the projection run a band of
+//   rows at a time where the expanded map is large (the group's whole maps where it is
+//   small): the band's expanded rows come from one GEMM, are read by the depthwise conv
+//   while in L2, and its output goes straight into the projection's GEMM; the rows two
+//   bands share stay in the band buffer;
+// * bias + ReLU6 or the shortcut are added to each output block while in cache; products
+//   with a thin side (16-32 channels: the large-map layers) run a register-tiled kernel
+//   here that adds them as it stores (MKL ran those at under half the CPU's peak), the
+//   others MKL's GEMM on weights packed once per weight tensor (cblas_sgemm_pack);
+// * groups go to threads in chunks (work_chunks.h); a group's results do not depend on
+//   which thread ran it, and the classifier runs once over the batch's pooled features.
+// Same machine, same exported model: 1.4-1.8x Paddle Inference's img/s (README).
+//
+// Inputs: X (N, 3, H, W) float32, NCHW as the exported model takes it; Weights, the folded
+// parameters in the order Spec describes. Attributes: spec (the layer table), key (one per
+// weight tensor: the packed copies are kept by it). Output: the logits (N, classes).
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "paddle/extension.h"
+#include "work_chunks.h"
+
+#ifdef MBV2_WITH_MKL
+
+extern "C" {
+void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                 const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                 int ldc);
+int MKL_Set_Num_Threads_Local(int nt);
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest);
+void cblas_sgemm_compute(int layout, int trans_a, int trans_b, int m, int n, int k,
+                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                         int ldc);
+}
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151, kBMatrix = 162;
+
+int64_t OutSize(int64_t in, int64_t stride) { return (in - 1) / stride + 1; }  // 3x3, pad 1
+
+// c[m][n] = a[m][k] b[k][n], row-major, on the calling thread.
+void Gemm(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_t n) {
+  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, static_cast<int>(m), static_cast<int>(n),
+              static_cast<int>(k), 1.f, a, static_cast<int>(k), b, static_cast<int>(n), 0.f, c,
+              static_cast<int>(n));
+}
+
+// A weight matrix [k][n] in MKL's packed format (packed for rows_hint rows of A; any row
+// count computes correctly), 64-byte aligned.
+struct Packed {
+  std::vector<float> buf;
+  float* data = nullptr;
+  const float* raw = nullptr;  // the same matrix, row-major
+  int64_t k = 0, n = 0;
+  void Pack(const float* w, int64_t k_, int64_t n_, int64_t rows_hint) {
+    raw = w, k = k_, n = n_;
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows_hint),
+                                                   static_cast<int>(n), static_cast<int>(k));
+    buf.resize(bytes / sizeof(float) + 32);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    data = reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
+    cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, static_cast<int>(rows_hint),
+                     static_cast<int>(n), static_cast<int>(k), 1.f, w, static_cast<int>(n), data);
+  }
+};
+
+// c[m][n] = a[m][k] b, b packed
+void GemmPacked(const float* a, const Packed& b, float* c, int64_t m) {
+  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(b.n),
+                      static_cast<int>(b.k), a, static_cast<int>(b.k), b.data,
+                      static_cast<int>(b.n), 0.f, c, static_cast<int>(b.n));
+}
+
+// Spec: [version, stem_channels, stem_stride, units, (c_in, hidden, c_out, stride,
+// shortcut) x units, last_channels, classes]. Weights, in that order: stem [27][C] + bias,
+// per unit expand [c_in][hidden] + bias, depthwise [9][hidden] + bias, projection
+// [hidden][c_out] + bias, last [c][last] + bias, classifier [last][classes] + bias.
+constexpr int kSpecVersion = 1;
+
+struct Unit {
+  int64_t ci, hid, co, stride;
+  bool shortcut;
+  const float *we, *be, *wd, *bd, *wp, *bp;
+  const Packed *pe = nullptr, *pp = nullptr;  // we, wp in MKL's packed format
+};
+
+struct Net {
+  int64_t stem_c, stem_stride, last_c, classes;
+  const float *ws, *bs, *wl, *bl, *wf, *bf;
+  const Packed* pl = nullptr;
+  std::vector<Unit> units;
+};
+
+// The packed 1x1 weights of one weight tensor (2 a unit, then the last conv), kept across
+// calls: packing is a pass over all the weights (14 MB at x1.0), which small batches would
+// otherwise pay every call. NetworkInference gives each weight tensor its own key.
+struct PackedNet {
+  int64_t key = 0;
+  const float* weights = nullptr;
+  std::vector<Packed> mats;
+};
+
+std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, const Net& net) {
+  static std::mutex mu;
+  static std::list<std::shared_ptr<const PackedNet>> cache;  // most recent first
+  constexpr size_t kKept = 4;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if ((*it)->key == key && (*it)->weights == weights) {
+      auto hit = *it;
+      cache.erase(it);
+      cache.push_front(hit);
+      return hit;
+    }
+  }
+  auto packed = std::make_shared<PackedNet>();
+  packed->key = key, packed->weights = weights;
+  packed->mats.resize(2 * net.units.size() + 1);
+  for (size_t i = 0; i < net.units.size(); ++i) {
+    const Unit& u = net.units[i];
+    packed->mats[2 * i].Pack(u.we, u.ci, u.hid, 256);
+    packed->mats[2 * i + 1].Pack(u.wp, u.hid, u.co, 256);
+  }
+  packed->mats.back().Pack(net.wl, net.units.back().co, net.last_c, 64);
+  cache.push_front(packed);
+  if (cache.size() > kKept) cache.pop_back();
+  return packed;
+}
+
+int64_t ExpectedWeights(const std::vector<int>& spec) {
+  PD_CHECK(spec.size() >= 6 && spec[0] == kSpecVersion,
+           "mbv2_infer_net: the weight spec is not of this library's version; rebuild it "
+           "(mbv2.ops.inference.pack_network)");
+  const int64_t units = spec[3];
+  PD_CHECK(units >= 1 && static_cast<int64_t>(spec.size()) == 6 + 5 * units,
+           "mbv2_infer_net: the spec's length does not match its unit count");
+  int64_t c = spec[1], total = 27 * c + c;
+  for (int64_t u = 0; u < units; ++u) {
+    const int* p = &spec[4 + 5 * u];
+    PD_CHECK(p[0] == c && p[1] >= 1 && p[2] >= 1 && (p[3] == 1 || p[3] == 2),
+             "mbv2_infer_net: unit ", u, " does not follow the one before it");
+    total += p[0] * p[1] + p[1] + 9 * p[1] + p[1] + p[1] * p[2] + p[2];
+    c = p[2];
+  }
+  const int64_t last = spec[4 + 5 * units], classes = spec[5 + 5 * units];
+  return total + c * last + last + last * classes + classes;
+}
+
+Net Unpack(const std::vector<int>& spec, const float* w) {
+  Net net;
+  net.stem_c = spec[1];
+  net.stem_stride = spec[2];
+  const int64_t units = spec[3];
+  auto take = [&w](int64_t n) {
+    const float* p = w;
+    w += n;
+    return p;
+  };
+  net.ws = take(27 * net.stem_c);
+  net.bs = take(net.stem_c);
+  for (int64_t u = 0; u < units; ++u) {
+    const int* p = &spec[4 + 5 * u];
+    Unit t;
+    t.ci = p[0], t.hid = p[1], t.co = p[2], t.stride = p[3], t.shortcut = p[4] != 0;
+    t.we = take(t.ci * t.hid), t.be = take(t.hid);
+    t.wd = take(9 * t.hid), t.bd = take(t.hid);
+    t.wp = take(t.hid * t.co), t.bp = take(t.co);
+    net.units.push_back(t);
+  }
+  net.last_c = spec[4 + 5 * units];
+  net.classes = spec[5 + 5 * units];
+  const int64_t c = net.units.back().co;
+  net.wl = take(c * net.last_c), net.bl = take(net.last_c);
+  net.wf = take(net.last_c * net.classes), net.bf = take(net.classes);
+  return net;
+}
+
+// y[r][j] = min(max(y[r][j] + b[j], 0), 6)
+void BiasRelu6(float* y, int64_t rows, int64_t n, const float* b) {
+  for (int64_t r = 0; r < rows; ++r, y += n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(b + j));
+      _mm256_storeu_ps(y + j, _mm256_min_ps(_mm256_max_ps(v, zero), six));
+    }
+#endif
+    for (; j < n; ++j) y[j] = std::min(std::max(y[j] + b[j], 0.f), 6.f);
+  }
+}
+
+// y[r][j] += b[j] (+ res[r][j])
+void BiasAdd(float* y, int64_t rows, int64_t n, const float* b, const float* res) {
+  for (int64_t r = 0; r < rows; ++r, y += n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= n; j += 8) {
+      __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(b + j));
+      if (res != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(res + j));
+      _mm256_storeu_ps(y + j, v);
+    }
+#endif
+    for (; j < n; ++j) y[j] += b[j] + (res != nullptr ? res[j] : 0.f);
+    if (res != nullptr) res += n;
+  }
+}
+
+// Products with one side thin (C_in or C_out up to kThin, the large-map layers' 16-32
+// channels): MKL's kernels ran them at under half this CPU's peak. Here a register tile of
+// R rows x V vectors of C accumulates over K (one broadcast of A and V loads of B a step)
+// and leaves with the bias and ReLU6 or the shortcut added, the output written once.
+constexpr int64_t kThin = 32;
+
+enum Epilogue { kRelu6, kLinear };
+
+#ifdef __AVX2__
+template <int R, int V, int E>
+inline __attribute__((always_inline)) void Tile(const float* a, int64_t lda, const float* b,
+                                                int64_t ldb, int64_t k, const float* bias,
+                                                float* c, int64_t ldc, const float* res) {
+  // Fully unrolled, so the accumulators live in registers.
+  __m256 acc[R][V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
+    const __m256 bv = _mm256_loadu_ps(bias + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][v] = bv;
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m256 bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bv[v] = _mm256_loadu_ps(b + kk * ldb + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + kk);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      __m256 y = acc[r][v];
+      if (E == kRelu6) y = _mm256_min_ps(_mm256_max_ps(y, zero), six);
+      if (E == kLinear && res != nullptr)
+        y = _mm256_add_ps(y, _mm256_loadu_ps(res + r * ldc + 8 * v));
+      _mm256_storeu_ps(c + r * ldc + 8 * v, y);
+    }
+}
+
+// Rows of a through Tile<R, V>, the last few one row at a time; b, c and res have rows of
+// ld floats.
+template <int R, int V, int E>
+void TileRowsStrided(const float* a, int64_t m, int64_t k, const float* b, int64_t ld,
+                     const float* bias, float* c, const float* res, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + R <= m; i += R)
+    Tile<R, V, E>(a + i * k, k, b, ld, k, bias, c + i * ldc, ldc, res ? res + i * ldc : nullptr);
+  for (; i < m; ++i)
+    Tile<1, V, E>(a + i * k, k, b, ld, k, bias, c + i * ldc, ldc, res ? res + i * ldc : nullptr);
+}
+
+// c[m][n] = epilogue(a[m][k] b[k][n] + bias (+ res)), n a multiple of 8; column blocks of
+// 16 (6 rows a tile) or 24 (4 rows), 8 for the rest.
+template <int E>
+void ThinGemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n,
+              const float* bias, float* c, const float* res) {
+  for (int64_t j = 0; j < n;) {
+    const int64_t left = n - j;
+    const float* rj = res ? res + j : nullptr;
+    // columns j.. of b, c and res: offsets with the full row strides
+    if (left % 16 == 0) {
+      TileRowsStrided<6, 2, E>(a, m, k, b + j, n, bias + j, c + j, rj, n);
+      j += 16;
+    } else if (left >= 24) {
+      TileRowsStrided<4, 3, E>(a, m, k, b + j, n, bias + j, c + j, rj, n);
+      j += 24;
+    } else {
+      TileRowsStrided<6, 1, E>(a, m, k, b + j, n, bias + j, c + j, rj, n);
+      j += 8;
+    }
+  }
+}
+#endif
+
+// out[m][n] = relu6(a[m][k] w + bias), w a unit's expand weights (or the last conv's).
+void ExpandRows(const float* a, int64_t m, const Packed& w, const float* bias, float* out) {
+#ifdef __AVX2__
+  if ((w.k <= kThin || w.n <= kThin) && w.n % 8 == 0) {
+    ThinGemm<kRelu6>(a, m, w.k, w.raw, w.n, bias, out, nullptr);
+    return;
+  }
+#endif
+  GemmPacked(a, w, out, m);
+  BiasRelu6(out, m, w.n, bias);
+}
+
+// out[m][n] = a[m][k] w + bias (+ res[m][n]), w a unit's projection weights.
+void ProjectRows(const float* a, int64_t m, const Packed& w, const float* bias,
+                 const float* res, float* out) {
+#ifdef __AVX2__
+  if ((w.k <= kThin || w.n <= kThin) && w.n % 8 == 0) {
+    ThinGemm<kLinear>(a, m, w.k, w.raw, w.n, bias, out, res);
+    return;
+  }
+#endif
+  GemmPacked(a, w, out, m);
+  BiasAdd(out, m, w.n, bias, res);
+}
+
+// Depthwise 3x3, pad 1, stride s, bias + ReLU6, channels-last, output rows [r0, r1) of one
+// image into out ([r1 - r0][wo][c]). e holds input rows [e_first, ...) of that image, each
+// [w][c]; rows and columns outside the image are the zero padding. A block of 8 channels
+// at a time keeps its 9 weights in registers and sweeps its rows (their lines stay in L1
+// from one output row to the next), four output pixels at once inside the image.
+void DepthwiseRows(const float* e, int64_t e_first, int64_t h, int64_t w, int64_t c,
+                   int64_t s, const float* wd, const float* bd, int64_t r0, int64_t r1,
+                   int64_t wo, float* out) {
+  // output columns whose three input columns are inside the image
+  const int64_t x_lo = 1, x_hi = std::max<int64_t>(x_lo, std::min(wo, (w - 2) / s + 1));
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (; j + 8 <= c; j += 8) {
+    __m256 wv[9];
+    for (int t = 0; t < 9; ++t) wv[t] = _mm256_loadu_ps(wd + t * c + j);
+    const __m256 bias = _mm256_loadu_ps(bd + j);
+    // one output pixel, any position: the taps inside the image
+    auto edge = [&](int64_t ro, int64_t x) {
+      __m256 acc = bias;
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        const int64_t iy = ro * s - 1 + ky;
+        if (iy < 0 || iy >= h) continue;
+        const float* row = e + (iy - e_first) * w * c + j;
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = x * s - 1 + kx;
+          if (ix < 0 || ix >= w) continue;
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(row + ix * c), wv[ky * 3 + kx], acc);
+        }
+      }
+      _mm256_storeu_ps(out + ((ro - r0) * wo + x) * c + j,
+                       _mm256_min_ps(_mm256_max_ps(acc, zero), six));
+    };
+    for (int64_t ro = r0; ro < r1; ++ro) {
+      if (ro * s - 1 < 0 || ro * s + 1 >= h) {
+        for (int64_t x = 0; x < wo; ++x) edge(ro, x);
+        continue;
+      }
+      const float* top = e + (ro * s - 1 - e_first) * w * c + j;
+      const int64_t rs = w * c;
+      float* o = out + (ro - r0) * wo * c + j;
+      for (int64_t x = 0; x < std::min(x_lo, wo); ++x) edge(ro, x);
+      int64_t x = x_lo;
+      for (; x + 4 <= x_hi; x += 4) {
+        __m256 a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+        const float* p = top + (x * s - 1) * c;
+        const int64_t step = s * c;
+#pragma GCC unroll 3
+        for (int ky = 0; ky < 3; ++ky) {
+          const float* q = p + ky * rs;
+#pragma GCC unroll 3
+          for (int kx = 0; kx < 3; ++kx) {
+            const __m256 wt = wv[ky * 3 + kx];
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + kx * c), wt, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + kx * c + step), wt, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + kx * c + 2 * step), wt, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + kx * c + 3 * step), wt, a3);
+          }
+        }
+        _mm256_storeu_ps(o + x * c, _mm256_min_ps(_mm256_max_ps(a0, zero), six));
+        _mm256_storeu_ps(o + (x + 1) * c, _mm256_min_ps(_mm256_max_ps(a1, zero), six));
+        _mm256_storeu_ps(o + (x + 2) * c, _mm256_min_ps(_mm256_max_ps(a2, zero), six));
+        _mm256_storeu_ps(o + (x + 3) * c, _mm256_min_ps(_mm256_max_ps(a3, zero), six));
+      }
+      for (; x < wo; ++x) edge(ro, x);
+    }
+  }
+#endif
+  for (; j < c; ++j) {
+    for (int64_t ro = r0; ro < r1; ++ro)
+      for (int64_t x = 0; x < wo; ++x) {
+        float acc = bd[j];
+        for (int ky = 0; ky < 3; ++ky) {
+          const int64_t iy = ro * s - 1 + ky;
+          if (iy < 0 || iy >= h) continue;
+          for (int kx = 0; kx < 3; ++kx) {
+            const int64_t ix = x * s - 1 + kx;
+            if (ix < 0 || ix >= w) continue;
+            acc += e[((iy - e_first) * w + ix) * c + j] * wd[(ky * 3 + kx) * c + j];
+          }
+        }
+        out[((ro - r0) * wo + x) * c + j] = std::min(std::max(acc, 0.f), 6.f);
+      }
+  }
+}
+
+// Bytes a unit's expanded band may take: the band's expand output and its depthwise
+// output stay in L2 between the three steps (192 KiB; 96-768 measured level at 224 px).
+// MBV2_INFER_BAND_KB sets it (tests make every unit run in bands of one row).
+int64_t BandBytes() {
+  const char* v = std::getenv("MBV2_INFER_BAND_KB");
+  const int64_t kb = v != nullptr ? std::atoll(v) : 0;
+  return (kb > 0 ? kb : 192) * 1024;
+}
+
+// The per-thread buffers of one group's pass; grown as needed, kept across groups.
+struct Scratch {
+  std::vector<float> a, b, e, d;
+  static float* Fit(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
+};
+
+// Stem: 3x3, stride s, pad 1, 3 -> C, bias + ReLU6, of image x (3, h, w; NCHW) into y
+// (ho, wo, C): an output pixel's 27 inputs (k = (ci, ky, kx)) broadcast against the
+// weights' rows ([27][C]), channels in vectors, two pixels at a time sharing the weight
+// loads.
+void StemPixels(const Net& net, const float* v0, const float* v1, float* o0, float* o1) {
+  const int64_t c = net.stem_c;
+  const float* ws = net.ws;
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (; j + 32 <= c; j += 32) {
+    __m256 a[8];
+    for (int q = 0; q < 4; ++q) a[q] = a[q + 4] = _mm256_loadu_ps(net.bs + j + 8 * q);
+    for (int k = 0; k < 27; ++k) {
+      const __m256 b0 = _mm256_broadcast_ss(v0 + k), b1 = _mm256_broadcast_ss(v1 + k);
+      const float* q = ws + k * c + j;
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m256 wv = _mm256_loadu_ps(q + 8 * r);
+        a[r] = _mm256_fmadd_ps(b0, wv, a[r]);
+        a[r + 4] = _mm256_fmadd_ps(b1, wv, a[r + 4]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      _mm256_storeu_ps(o0 + j + 8 * r, _mm256_min_ps(_mm256_max_ps(a[r], zero), six));
+      _mm256_storeu_ps(o1 + j + 8 * r, _mm256_min_ps(_mm256_max_ps(a[r + 4], zero), six));
+    }
+  }
+  for (; j + 8 <= c; j += 8) {
+    __m256 a0 = _mm256_loadu_ps(net.bs + j), a1 = a0;
+    for (int k = 0; k < 27; ++k) {
+      const __m256 wv = _mm256_loadu_ps(ws + k * c + j);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(v0 + k), wv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(v1 + k), wv, a1);
+    }
+    _mm256_storeu_ps(o0 + j, _mm256_min_ps(_mm256_max_ps(a0, zero), six));
+    _mm256_storeu_ps(o1 + j, _mm256_min_ps(_mm256_max_ps(a1, zero), six));
+  }
+#endif
+  for (; j < c; ++j) {
+    float a0 = net.bs[j], a1 = net.bs[j];
+    for (int k = 0; k < 27; ++k) a0 += v0[k] * ws[k * c + j], a1 += v1[k] * ws[k * c + j];
+    o0[j] = std::min(std::max(a0, 0.f), 6.f);
+    o1[j] = std::min(std::max(a1, 0.f), 6.f);
+  }
+}
+
+void Stem(const Net& net, const float* x, int64_t h, int64_t w, float* y) {
+  const int64_t s = net.stem_stride, c = net.stem_c;
+  const int64_t ho = OutSize(h, s), wo = OutSize(w, s);
+  const int64_t plane = h * w;
+  alignas(32) float v[2][27];
+  for (int64_t ro = 0; ro < ho; ++ro) {
+    const bool rows_inside = ro * s - 1 >= 0 && ro * s + 1 < h;
+    for (int64_t xo = 0; xo < wo; xo += 2) {
+      const int64_t pixels = std::min<int64_t>(2, wo - xo);
+      for (int64_t p = 0; p < pixels; ++p) {
+        const int64_t x0 = (xo + p) * s - 1;
+        float* vp = v[p];
+        if (rows_inside && x0 >= 0 && x0 + 2 < w) {
+          const float* base = x + (ro * s - 1) * w + x0;
+#pragma GCC unroll 3
+          for (int ci = 0; ci < 3; ++ci)
+#pragma GCC unroll 3
+            for (int ky = 0; ky < 3; ++ky) {
+              const float* r = base + ci * plane + ky * w;
+              vp[(ci * 3 + ky) * 3] = r[0], vp[(ci * 3 + ky) * 3 + 1] = r[1],
+                                   vp[(ci * 3 + ky) * 3 + 2] = r[2];
+            }
+        } else {
+          for (int ci = 0; ci < 3; ++ci)
+            for (int ky = 0; ky < 3; ++ky) {
+              const int64_t iy = ro * s - 1 + ky;
+              for (int kx = 0; kx < 3; ++kx) {
+                const int64_t ix = x0 + kx;
+                vp[(ci * 3 + ky) * 3 + kx] =
+                    (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[ci * plane + iy * w + ix] : 0.f;
+              }
+            }
+        }
+      }
+      float* o0 = y + (ro * wo + xo) * c;
+      if (pixels == 2) {
+        StemPixels(net, v[0], v[1], o0, o0 + c);
+      } else {
+        alignas(32) float spare[256];
+        if (c <= 256) {
+          StemPixels(net, v[0], v[0], o0, spare);
+        } else {
+          std::vector<float> tmp(c);
+          StemPixels(net, v[0], v[0], o0, tmp.data());
+        }
+      }
+    }
+  }
+}
+
+// One unit over g images: x (g, h, w, ci) -> y (g, ho, wo, co).
+void RunUnit(const Unit& u, const float* x, int64_t g, int64_t h, int64_t w, float* y,
+             int64_t band_bytes, Scratch& sc) {
+  const int64_t s = u.stride, ho = OutSize(h, s), wo = OutSize(w, s);
+  const int64_t row_bytes = w * u.hid * 4;
+  if (g * h * row_bytes <= 2 * band_bytes) {
+    // Small maps: the group's whole maps in one GEMM each.
+    float* e = Scratch::Fit(sc.e, g * h * w * u.hid);
+    float* d = Scratch::Fit(sc.d, g * ho * wo * u.hid);
+    ExpandRows(x, g * h * w, *u.pe, u.be, e);
+    for (int64_t i = 0; i < g; ++i)
+      DepthwiseRows(e + i * h * w * u.hid, 0, h, w, u.hid, s, u.wd, u.bd, 0, ho, wo,
+                    d + i * ho * wo * u.hid);
+    ProjectRows(d, g * ho * wo, *u.pp, u.bp, u.shortcut ? x : nullptr, y);
+    return;
+  }
+  // Bands of output rows: rows_in input rows a band of `band` output rows needs.
+  const int64_t fit = std::max<int64_t>(3, band_bytes / row_bytes);
+  const int64_t band = std::max<int64_t>(1, (fit - 3) / s + 1);
+  const int64_t rows_in = (band - 1) * s + 3;
+  float* e = Scratch::Fit(sc.e, rows_in * w * u.hid);
+  float* d = Scratch::Fit(sc.d, band * wo * u.hid);
+  for (int64_t i = 0; i < g; ++i) {
+    const float* xi = x + i * h * w * u.ci;
+    float* yi = y + i * ho * wo * u.co;
+    int64_t e_first = 0, e_end = 0;  // input rows [e_first, e_end) are in e
+    for (int64_t r0 = 0; r0 < ho; r0 += band) {
+      const int64_t r1 = std::min(ho, r0 + band);
+      const int64_t lo = std::max<int64_t>(0, r0 * s - 1);
+      const int64_t hi = std::min(h, (r1 - 1) * s + 2);
+      int64_t have = 0;
+      if (e_end > lo && lo >= e_first) {
+        have = e_end - lo;
+        std::memmove(e, e + (lo - e_first) * w * u.hid, have * w * u.hid * sizeof(float));
+      }
+      e_first = lo;
+      if (hi > lo + have) {
+        float* fresh = e + have * w * u.hid;
+        ExpandRows(xi + (lo + have) * w * u.ci, (hi - lo - have) * w, *u.pe, u.be, fresh);
+      }
+      e_end = hi;
+      DepthwiseRows(e, e_first, h, w, u.hid, s, u.wd, u.bd, r0, r1, wo, d);
+      float* out = yi + r0 * wo * u.co;
+      ProjectRows(d, (r1 - r0) * wo, *u.pp, u.bp, u.shortcut ? xi + r0 * wo * u.co : nullptr, out);
+    }
+  }
+}
+
+// Images [n0, n0 + g) of x through the network up to the pooled features (rows n0.. of
+// features).
+void RunGroup(const Net& net, const float* x, int64_t n0, int64_t g, int64_t h, int64_t w,
+              float* features, Scratch& sc, int64_t max_floats, int64_t band_bytes) {
+  float* a = Scratch::Fit(sc.a, g * max_floats);
+  float* b = Scratch::Fit(sc.b, g * max_floats);
+  int64_t hh = OutSize(h, net.stem_stride), ww = OutSize(w, net.stem_stride);
+  for (int64_t i = 0; i < g; ++i)
+    Stem(net, x + (n0 + i) * 3 * h * w, h, w, a + i * hh * ww * net.stem_c);
+  for (const Unit& u : net.units) {
+    RunUnit(u, a, g, hh, ww, b, band_bytes, sc);
+    hh = OutSize(hh, u.stride), ww = OutSize(ww, u.stride);
+    std::swap(a, b);
+  }
+  // last 1x1 conv + ReLU6, the average over the plane, the classifier
+  const int64_t hw = hh * ww;
+  ExpandRows(a, g * hw, *net.pl, net.bl, b);
+  float* pooled = features + n0 * net.last_c;
+  for (int64_t i = 0; i < g; ++i) {
+    float* p = pooled + i * net.last_c;
+    std::fill(p, p + net.last_c, 0.f);
+    for (int64_t q = 0; q < hw; ++q) {
+      const float* f = b + (i * hw + q) * net.last_c;
+      for (int64_t j = 0; j < net.last_c; ++j) p[j] += f[j];
+    }
+    for (int64_t j = 0; j < net.last_c; ++j) p[j] *= 1.f / static_cast<float>(hw);
+  }
+}
+
+// Images a group: enough that the stem's output has ~4096 pixels (small images share their
+// GEMMs and weight reads), no more than a thread's share of the batch.
+int64_t GroupSize(int64_t n, int64_t pixels, int threads) {
+  const int64_t share = (n + threads - 1) / threads;
+  return std::clamp<int64_t>(4096 / std::max<int64_t>(pixels, 1), 1, std::max<int64_t>(share, 1));
+}
+
+std::vector<paddle::Tensor> InferNetForward(const paddle::Tensor& x,
+                                            const paddle::Tensor& weights,
+                                            const std::vector<int>& spec, int64_t key) {
+  PD_CHECK(x.is_cpu() && weights.is_cpu(), "mbv2_infer_net: CPU tensors only");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && weights.dtype() == paddle::DataType::FLOAT32,
+           "mbv2_infer_net: float32 only");
+  const auto xs = x.shape();
+  PD_CHECK(xs.size() == 4 && xs[1] == 3, "mbv2_infer_net: X must be (N, 3, H, W)");
+  PD_CHECK(weights.numel() == ExpectedWeights(spec),
+           "mbv2_infer_net: the packed weights do not match the spec");
+  Net net = Unpack(spec, weights.data<float>());
+  const auto packed = PackedFor(key, weights.data<float>(), net);
+  for (size_t i = 0; i < net.units.size(); ++i)
+    net.units[i].pe = &packed->mats[2 * i], net.units[i].pp = &packed->mats[2 * i + 1];
+  net.pl = &packed->mats.back();
+  const int64_t n = xs[0], h = xs[2], w = xs[3];
+  auto logits = paddle::empty({n, net.classes}, paddle::DataType::FLOAT32, x.place());
+  if (n == 0) return {logits};
+  // the largest activation of one image, between units
+  int64_t hh = OutSize(h, net.stem_stride), ww = OutSize(w, net.stem_stride);
+  int64_t max_floats = std::max(hh * ww * net.stem_c, int64_t{1});
+  for (const Unit& u : net.units) {
+    max_floats = std::max(max_floats, hh * ww * u.ci);
+    hh = OutSize(hh, u.stride), ww = OutSize(ww, u.stride);
+    max_floats = std::max(max_floats, hh * ww * u.co);
+  }
+  max_floats = std::max(max_floats, hh * ww * net.last_c);
+  const int threads = omp_get_max_threads();
+  const int64_t stem_pixels = OutSize(h, net.stem_stride) * OutSize(w, net.stem_stride);
+  const int64_t g = GroupSize(n, stem_pixels, threads);
+  const int64_t groups = (n + g - 1) / g;
+  const float* xp = x.data<float>();
+  float* lp = logits.data<float>();
+  std::vector<float> features(n * net.last_c);
+  const int64_t band_bytes = BandBytes();
+  mbv2::WorkChunks work(groups, groups, threads);
+#pragma omp parallel num_threads(threads)
+  {
+    const int prev = MKL_Set_Num_Threads_Local(1);
+    static thread_local Scratch sc;
+    mbv2::ForEachChunk(work, [&](int64_t, int64_t first, int64_t end) {
+      for (int64_t k = first; k < end; ++k) {
+        const int64_t n0 = k * g;
+        RunGroup(net, xp, n0, std::min(g, n - n0), h, w, features.data(), sc, max_floats,
+                 band_bytes);
+      }
+    });
+    MKL_Set_Num_Threads_Local(prev);
+  }
+  // the classifier, all images in one product (its weights read once)
+  Gemm(features.data(), net.wf, lp, n, net.last_c, net.classes);
+  BiasAdd(lp, n, net.classes, net.bf, nullptr);
+  return {logits};
+}
+
+std::vector<std::vector<int64_t>> InferNetShape(const std::vector<int64_t>& x,
+                                                const std::vector<int64_t>&,
+                                                const std::vector<int>& spec, int64_t) {
+  return {{x[0], spec.empty() ? -1 : static_cast<int64_t>(spec.back())}};
+}
+
+std::vector<paddle::DataType> InferNetDtype(const paddle::DataType& x, const paddle::DataType&) {
+  return {x};
+}
+
+}  // namespace
+
+PD_BUILD_OP(mbv2_infer_net)
+    .Inputs({"X", "Weights"})
+    .Outputs({"Logits"})
+    .Attrs({"spec: std::vector<int>", "key: int64_t"})
+    .SetKernelFn(PD_KERNEL(InferNetForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(InferNetShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(InferNetDtype));
+
+#endif  // MBV2_WITH_MKL
