@@ -91,7 +91,8 @@ def run_export(args: ExportArgs) -> Path:
 
 
 def _check_export(stage: Path, model, size: int, out: Path) -> None:
-    """The staged model, opened as `mbv2.predict` opens one (Paddle Inference, oneDNN),
+    """The staged model, opened in Paddle Inference (oneDNN) as `mbv2.predict engine=paddle`
+    and PaddleClas's deploy tools open one,
     gives the network's probabilities on a random batch, or the export stops with a
     sentence and `out` untouched."""
     import numpy as np
@@ -104,7 +105,7 @@ def _check_export(stage: Path, model, size: int, out: Path) -> None:
         want = model(paddle.to_tensor(x)).numpy()
     why = None
     try:
-        got = ExportedPredictor(stage, threads=1)(x)
+        got = ExportedPredictor(stage, threads=1, engine="paddle")(x)
         if got.shape != want.shape or not np.allclose(got, want, atol=1e-4):
             why = (f"its outputs differ from the checkpoint's (max difference "
                    f"{float(np.abs(got - want).max()) if got.shape == want.shape else got.shape})")

@@ -2,10 +2,12 @@
 
 Class names and scores (softmax probabilities) per image, as a table on stdout and
 `<out>/predictions.csv` (default: the current directory). A file that cannot be decoded is
-listed with its error and the others still run. An exported dir (mbv2.export) runs through
-Paddle Inference with oneDNN on CPU, several times faster than dygraph, and with
-`precision=bf16` (CPUs with AVX512-BF16 or AMX) oneDNN's bfloat16 kernels, faster again;
-a run dir or checkpoint runs the dygraph network. Both apply the eval transform of the
+listed with its error and the others still run. An exported dir (mbv2.export) runs, with
+`engine=auto` (the default), through mbv2's one-op CPU predictor where it can (FP32, the
+kernels' library built with Paddle's MKL, a MobileNetV2 program: mbv2/ops/infer_net.cc,
+1.4-1.8x Paddle Inference here), else through Paddle Inference with oneDNN
+(`engine=paddle`; with `precision=bf16`, CPUs with AVX512-BF16 or AMX, oneDNN's bfloat16
+kernels); a run dir or checkpoint runs the dygraph network. Both apply the eval transform of the
 run's data config. A model PaddleClas exported (no mbv2 record beside it) follows the
 PaddleClas deploy config given as `config=` (or a training config's Infer section):
 `artifacts.read_deploy_config`.
@@ -40,6 +42,9 @@ class PredictArgs:
     ema: bool = False
     # exported models: fp32, or bf16 (oneDNN's bfloat16 kernels; CPUs with AVX512-BF16/AMX)
     precision: str = "fp32"
+    # exported models: auto (mbv2's CPU predictor where it can run the model, else Paddle
+    # Inference), kernels (mbv2's, or an error saying why not), paddle (Paddle Inference)
+    engine: str = "auto"
     # a PaddleClas deploy config (deploy/configs/inference_cls.yaml) for a model PaddleClas
     # exported (inference.pdmodel/.json + .pdiparams, no preprocess.json): its PreProcess
     # and class_id_map_file are followed
@@ -59,6 +64,7 @@ def collect_inputs(spec: str) -> list[Path]:
 
 
 PRECISIONS = ("fp32", "bf16")
+ENGINES = ("auto", "kernels", "paddle")
 
 
 def check_precision(precision: str, key: str = "precision") -> str:
@@ -94,26 +100,59 @@ def inference_config(model: Path, params: Path, threads: int, precision: str = "
 
 
 class ExportedPredictor:
-    """Paddle Inference on an exported dir: oneDNN on CPU, `threads` math threads, FP32
-    or (`precision="bf16"`, CPUs with AVX512-BF16 or AMX) bfloat16 kernels."""
+    """An exported dir's model: Paddle Inference (oneDNN on CPU, `threads` math threads,
+    FP32 or, with `precision="bf16"` on CPUs with AVX512-BF16 or AMX, bfloat16 kernels) or
+    mbv2's one-op CPU predictor (`engine`: see `PredictArgs.engine`). `self.engine` says
+    which runs it, `self.why` why not the other where auto chose."""
 
-    def __init__(self, model_dir: Path, threads: int, precision: str = "fp32"):
-        from paddle import inference
-
+    def __init__(self, model_dir: Path, threads: int, precision: str = "fp32",
+                 engine: str = "auto"):
         from mbv2.artifacts import MODEL_PREFIX, exported_model_files
 
+        if engine not in ENGINES:
+            raise SystemExit(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
         files = exported_model_files(model_dir)
         if files is None:
             raise FileNotFoundError(f"{model_dir}: no {MODEL_PREFIX}.json + {MODEL_PREFIX}.pdiparams; "
                                     f"export the model with `python -m mbv2.export ckpt=<run dir> "
                                     f"out={model_dir}`")
         model, params = files
-        config = inference_config(model, params, threads, precision)
-        self.predictor = inference.create_predictor(config)
-        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        self.why = ""
+        self.kernels = None
+        if engine != "paddle":
+            self.why = self._kernels_why(model, params, threads, precision)
+            if self.why and engine == "kernels":
+                raise SystemExit(f"engine=kernels cannot run {model_dir}: {self.why}; use "
+                                 f"engine=paddle (Paddle Inference)")
+        self.engine = "kernels" if self.kernels is not None else "paddle"
+        if self.engine == "paddle":
+            from paddle import inference
+
+            config = inference_config(model, params, threads, precision)
+            self.predictor = inference.create_predictor(config)
+            self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+            self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+
+    def _kernels_why(self, model: Path, params: Path, threads: int, precision: str) -> str:
+        """"" with self.kernels set, or why mbv2's predictor cannot run this model here."""
+        if precision != "fp32":
+            return f"precision={precision} is Paddle Inference's (mbv2's predictor is FP32)"
+        from mbv2.ops import inference
+        from mbv2.runtime import set_cpu_threads
+
+        try:
+            layers = inference.layers_of_program(model, params)
+        except inference.NotMobileNetV2 as e:
+            return f"{model.name} is not a MobileNetV2 program it reads ({e})"
+        if not inference.available():
+            return "the kernels' library is unavailable here (no compiler, or no MKL in Paddle)"
+        set_cpu_threads(threads)
+        self.kernels = inference.NetworkInference(layers)
+        return ""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.kernels is not None:
+            return self.kernels(batch).numpy()
         self.input.reshape(list(batch.shape))
         self.input.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
         self.predictor.run()
@@ -135,7 +174,8 @@ class DygraphPredictor:
 
 
 def load_predictor(spec: str, threads: int, ema: bool, precision: str = "fp32",
-                   config: str | None = None) -> tuple[Callable, Callable, list[str] | None]:
+                   config: str | None = None,
+                   engine: str = "auto") -> tuple[Callable, Callable, list[str] | None]:
     """(predict(batch) -> probabilities, transform(PIL image) -> CHW array, class names or
     None for class ids). Both kinds of model apply the eval transform as `mbv2.artifacts`
     records it; an exported dir without mbv2's record (a PaddleClas export) follows a
@@ -161,14 +201,18 @@ def load_predictor(spec: str, threads: int, ema: bool, precision: str = "fp32",
             log.info("preprocessing as %s says: short side %d, crop %d; %s", deploy,
                      pre["resize_short"], pre["center_crop"],
                      f"{len(names)} class names" if names else "class ids (no class_id_map_file)")
-            return ExportedPredictor(path, threads, precision), artifacts.eval_transform(pre), names
+            return (_exported(path, threads, precision, engine), artifacts.eval_transform(pre),
+                    names)
         pre = artifacts.read_preprocess(path)
         names = artifacts.read_class_names(path, int(pre["num_classes"]))
-        return (ExportedPredictor(path, threads, precision), artifacts.eval_transform(pre),
+        return (_exported(path, threads, precision, engine), artifacts.eval_transform(pre),
                 names)
     if config:
         raise SystemExit(f"error: config={config} is for an exported model dir; {spec} is a "
                          f"run dir or checkpoint, which carries its own preprocessing")
+    if engine != "auto":
+        raise SystemExit(f"error: engine={engine} is for an exported model dir; {spec} is a "
+                         f"run dir or checkpoint (export it: python -m mbv2.export ckpt={spec})")
     if precision != "fp32":
         raise SystemExit(f"error: precision={precision} runs an exported model; export this one "
                          f"first (python -m mbv2.export ckpt={spec} out=<dir>) and predict "
@@ -181,6 +225,16 @@ def load_predictor(spec: str, threads: int, ema: bool, precision: str = "fp32",
              "(python -m mbv2.export ckpt=%s)", ckpt, meta.get("epoch"), spec)
     transform = artifacts.eval_transform(artifacts.preprocess_spec(cfg.data))
     return DygraphPredictor(net), transform, names
+
+
+def _exported(path: Path, threads: int, precision: str, engine: str) -> ExportedPredictor:
+    predictor = ExportedPredictor(path, threads, precision, engine)
+    if predictor.engine == "kernels":
+        log.info("predicting with mbv2's CPU predictor (engine=kernels, FP32, %d threads)", threads)
+    else:
+        log.info("predicting with Paddle Inference (oneDNN, %s, %d threads)%s", precision, threads,
+                 f"; mbv2's CPU predictor not used: {predictor.why}" if predictor.why else "")
+    return predictor
 
 
 def predict_files(files: Sequence[Path], predict: Callable, transform: Callable,
@@ -246,7 +300,7 @@ def run_predict(args: PredictArgs) -> list[dict]:
         raise SystemExit(f"inputs={args.inputs!r}: no image files there (a file, a directory "
                          f"or a glob such as 'photos/*.jpg')")
     predict, transform, names = load_predictor(args.model, args.threads, args.ema,
-                                               args.precision, args.config)
+                                               args.precision, args.config, args.engine)
     rows = predict_files(files, predict, transform, names, args.topk, args.batch_size)
     out = Path(args.out) / PREDICTIONS_FILE
     write_predictions(rows, out)
@@ -258,7 +312,8 @@ def run_predict(args: PredictArgs) -> list[dict]:
 
 main = entry_point(PredictArgs, run_predict, "mbv2.predict",
                    "model=<exported dir or checkpoint> inputs=<image, dir or glob> [topk=5] [out=<dir>] "
-                   "[precision=fp32|bf16] [config=<PaddleClas inference_cls.yaml>]")
+                   "[precision=fp32|bf16] [engine=auto|kernels|paddle] "
+                   "[config=<PaddleClas inference_cls.yaml>]")
 
 
 if __name__ == "__main__":

@@ -129,17 +129,26 @@ def test_predict_exported_and_checkpoint_agree(exported, trained, images, tmp_pa
     assert dygraph_top1 and all(exported_top1[f] == c for f, c in dygraph_top1.items())
 
 
-def test_predictor_and_dygraph_outputs_within_1e4(exported, trained, images):
+@pytest.mark.parametrize("engine", ["kernels", "paddle"])
+def test_predictor_and_dygraph_outputs_within_1e4(exported, trained, images, engine):
+    """Both engines of an exported dir (mbv2's CPU predictor, Paddle Inference) give the
+    dygraph network's probabilities; auto picks mbv2's where the kernels are built."""
     import paddle
 
     from mbv2.artifacts import restore_run
     from mbv2.data import build_transforms, load_image
+    from mbv2.ops.inference import available
     from mbv2.predict import DygraphPredictor, ExportedPredictor
 
+    if engine == "kernels" and not available():
+        pytest.skip("the kernels' library is not built here")
     net, cfg, names, _, _ = restore_run(trained)
     transform = build_transforms(cfg.data, train=False)
     batch = np.stack([transform(load_image(p)) for p in sorted(images.glob("img*"))])
-    fast = ExportedPredictor(exported, threads=2)(batch)
+    predictor = ExportedPredictor(exported, threads=2, engine=engine)
+    assert predictor.engine == engine
+    assert ExportedPredictor(exported, threads=2).engine == ("kernels" if available() else "paddle")
+    fast = predictor(batch)
     slow = DygraphPredictor(net)(batch)
     assert fast.shape == (6, 4)
     np.testing.assert_allclose(fast, slow, atol=1e-4)
