@@ -56,10 +56,11 @@ def paddle_fns(case: Case, fast: bool,
 
 
 def predictor_fn(case: Case, threads: int, workdir: Path,
-                 precision: str = "fp32") -> Callable[[], Any]:
-    """An inference step of MobileNetV2 exported into `workdir` and run by a Paddle
-    Inference predictor configured as `python -m mbv2.predict` runs one (oneDNN, IR
-    optimisation, `threads` math threads, FP32 or bf16 kernels)."""
+                 precision: str = "fp32", engine: str = "paddle") -> Callable[[], Any]:
+    """An inference step of MobileNetV2 exported into `workdir` and run as `python -m
+    mbv2.predict` runs one: engine "paddle", a Paddle Inference predictor (oneDNN, IR
+    optimisation, `threads` math threads, FP32 or bf16 kernels); engine "kernels", mbv2's
+    one-op CPU predictor reading the same exported files (FP32)."""
     import numpy as np
     import paddle
     from paddle.static import InputSpec
@@ -75,12 +76,17 @@ def predictor_fn(case: Case, threads: int, workdir: Path,
     paddle.jit.save(net, prefix,
                     input_spec=[InputSpec([None, 3, case.image_size, case.image_size], "float32")])
     program = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".pdmodel"
+    x = np.random.default_rng(0).standard_normal(
+        (case.batch, 3, case.image_size, case.image_size)).astype("float32")
+    if engine == "kernels":
+        from mbv2.ops.inference import NetworkInference, layers_of_program
+
+        run = NetworkInference(layers_of_program(Path(program), Path(prefix + ".pdiparams")))
+        return lambda: run(x).numpy()
     config = inference_config(Path(program), Path(prefix + ".pdiparams"), threads, precision)
     predictor = paddle.inference.create_predictor(config)
     inp = predictor.get_input_handle(predictor.get_input_names()[0])
     out = predictor.get_output_handle(predictor.get_output_names()[0])
-    x = np.random.default_rng(0).standard_normal(
-        (case.batch, 3, case.image_size, case.image_size)).astype("float32")
 
     def infer() -> None:
         inp.reshape(list(x.shape))
