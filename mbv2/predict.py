@@ -143,7 +143,7 @@ class ExportedPredictor:
         try:
             layers = inference.layers_of_program(model, params)
         except inference.NotMobileNetV2 as e:
-            return f"{model.name} is not a MobileNetV2 program it reads ({e})"
+            return f"it does not read {model.name} as a MobileNetV2 ({e})"
         if not inference.available():
             return "the kernels' library is unavailable here (no compiler, or no MKL in Paddle)"
         set_cpu_threads(threads)

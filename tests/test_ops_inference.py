@@ -167,7 +167,19 @@ def test_another_program_is_named_and_predict_falls_back(tmp_path):
     with pytest.raises(inference.NotMobileNetV2, match=r"op \d+ \(pd_op\.\w+\)"):
         inference.layers_of_program(model, prefix.with_suffix(".pdiparams"))
     predictor = ExportedPredictor(tmp_path, threads=2)
-    assert predictor.engine == "paddle" and "not a MobileNetV2 program" in predictor.why
+    assert predictor.engine == "paddle" and "as a MobileNetV2 (op " in predictor.why
     assert predictor(_images(2, 16)).shape == (2, 4)
     with pytest.raises(SystemExit, match="engine=kernels cannot run .*engine=paddle"):
         ExportedPredictor(tmp_path, threads=2, engine="kernels")
+
+
+def test_an_unreadable_or_older_program_file_is_named(tmp_path):
+    """A truncated .json and a .pdmodel (Paddle's older format, which PaddleClas exports
+    before PIR used): NotMobileNetV2 naming the file, so predict's auto engine falls back."""
+    (tmp_path / "inference.json").write_text('{"program": ')
+    (tmp_path / "inference.pdiparams").write_bytes(b"")
+    with pytest.raises(inference.NotMobileNetV2, match="could not load inference.json"):
+        inference.layers_of_program(tmp_path / "inference.json", tmp_path / "inference.pdiparams")
+    (tmp_path / "inference.pdmodel").write_bytes(b"\x08\x01")
+    with pytest.raises(inference.NotMobileNetV2, match=r"inference.pdmodel is in Paddle's older"):
+        inference.layers_of_program(tmp_path / "inference.pdmodel", tmp_path / "inference.pdiparams")

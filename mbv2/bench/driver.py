@@ -74,7 +74,7 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
     for r in results.values():
         r.load_after = _loadavg()
         shown = f"{r.img_s:8.1f} img/s" if r.img_s else f"failed ({r.error})"
-        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:19s} "
+        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:24s} "
             f"{shown}" + (f"  (rounds: {r.round_img_s})" if len(r.round_img_s) > 1 else ""))
     return list(results.values())
 

@@ -104,7 +104,16 @@ def layers_of_program(model: Path, params: Path) -> Layers:
             prefix = str(model.with_suffix(""))
             if model.with_suffix("").name != params.with_suffix("").name:
                 raise NotMobileNetV2(f"{model} and {params} are not one model's files")
-            program, _, _ = paddle.static.load_inference_model(prefix, exe)
+            if model.suffix != ".json":
+                raise NotMobileNetV2(f"{model.name} is in Paddle's older program format "
+                                     f"(.pdmodel); mbv2's predictor reads PIR programs (.json, "
+                                     f"what mbv2.export writes)")
+            try:
+                program, _, _ = paddle.static.load_inference_model(prefix, exe)
+            except Exception as e:  # Paddle raises many kinds for a file it cannot parse
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise NotMobileNetV2(f"Paddle could not load {model.name} "
+                                     f"({type(e).__name__}: {first})") from e
             return _ProgramReader(program, scope).read(str(model))
     finally:
         if was_dynamic:
