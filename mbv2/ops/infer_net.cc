@@ -24,7 +24,7 @@
 //   others MKL's GEMM on weights packed once per weight tensor (cblas_sgemm_pack);
 // * groups go to threads in chunks (work_chunks.h); a group's results do not depend on
 //   which thread ran it, and the classifier runs once over the batch's pooled features.
-// Same machine, same exported model: 1.4-1.8x Paddle Inference's img/s (README).
+// Same machine, same exported model: 1.1-1.7x Paddle Inference's img/s (README, Speed).
 //
 // Inputs: X (N, 3, H, W) float32, NCHW as the exported model takes it; Weights, the folded
 // parameters in the order Spec describes. Attributes: spec (the layer table), key (one per
@@ -47,18 +47,7 @@
 
 #ifdef MBV2_WITH_MKL
 
-extern "C" {
-void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                 const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                 int ldc);
-int MKL_Set_Num_Threads_Local(int nt);
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest);
-void cblas_sgemm_compute(int layout, int trans_a, int trans_b, int m, int n, int k,
-                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                         int ldc);
-}
+#include "mkl_cblas.h"
 
 namespace {
 
@@ -314,29 +303,22 @@ void ThinGemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n,
 }
 #endif
 
-// out[m][n] = relu6(a[m][k] w + bias), w a unit's expand weights (or the last conv's).
-void ExpandRows(const float* a, int64_t m, const Packed& w, const float* bias, float* out) {
+// out[m][n] = epilogue(a[m][k] w + bias (+ res[m][n])): E = kRelu6 for an expand conv (or
+// the last conv), kLinear for a projection, res its shortcut or null.
+template <int E>
+void PointwiseRows(const float* a, int64_t m, const Packed& w, const float* bias,
+                   const float* res, float* out) {
 #ifdef __AVX2__
   if ((w.k <= kThin || w.n <= kThin) && w.n % 8 == 0) {
-    ThinGemm<kRelu6>(a, m, w.k, w.raw, w.n, bias, out, nullptr);
+    ThinGemm<E>(a, m, w.k, w.raw, w.n, bias, out, res);
     return;
   }
 #endif
   GemmPacked(a, w, out, m);
-  BiasRelu6(out, m, w.n, bias);
-}
-
-// out[m][n] = a[m][k] w + bias (+ res[m][n]), w a unit's projection weights.
-void ProjectRows(const float* a, int64_t m, const Packed& w, const float* bias,
-                 const float* res, float* out) {
-#ifdef __AVX2__
-  if ((w.k <= kThin || w.n <= kThin) && w.n % 8 == 0) {
-    ThinGemm<kLinear>(a, m, w.k, w.raw, w.n, bias, out, res);
-    return;
-  }
-#endif
-  GemmPacked(a, w, out, m);
-  BiasAdd(out, m, w.n, bias, res);
+  if (E == kRelu6)
+    BiasRelu6(out, m, w.n, bias);
+  else
+    BiasAdd(out, m, w.n, bias, res);
 }
 
 // Depthwise 3x3, pad 1, stride s, bias + ReLU6, channels-last, output rows [r0, r1) of one
@@ -551,11 +533,11 @@ void RunUnit(const Unit& u, const float* x, int64_t g, int64_t h, int64_t w, flo
     // Small maps: the group's whole maps in one GEMM each.
     float* e = Scratch::Fit(sc.e, g * h * w * u.hid);
     float* d = Scratch::Fit(sc.d, g * ho * wo * u.hid);
-    ExpandRows(x, g * h * w, *u.pe, u.be, e);
+    PointwiseRows<kRelu6>(x, g * h * w, *u.pe, u.be, nullptr, e);
     for (int64_t i = 0; i < g; ++i)
       DepthwiseRows(e + i * h * w * u.hid, 0, h, w, u.hid, s, u.wd, u.bd, 0, ho, wo,
                     d + i * ho * wo * u.hid);
-    ProjectRows(d, g * ho * wo, *u.pp, u.bp, u.shortcut ? x : nullptr, y);
+    PointwiseRows<kLinear>(d, g * ho * wo, *u.pp, u.bp, u.shortcut ? x : nullptr, y);
     return;
   }
   // Bands of output rows: rows_in input rows a band of `band` output rows needs.
@@ -580,12 +562,14 @@ void RunUnit(const Unit& u, const float* x, int64_t g, int64_t h, int64_t w, flo
       e_first = lo;
       if (hi > lo + have) {
         float* fresh = e + have * w * u.hid;
-        ExpandRows(xi + (lo + have) * w * u.ci, (hi - lo - have) * w, *u.pe, u.be, fresh);
+        PointwiseRows<kRelu6>(xi + (lo + have) * w * u.ci, (hi - lo - have) * w, *u.pe, u.be,
+                              nullptr, fresh);
       }
       e_end = hi;
       DepthwiseRows(e, e_first, h, w, u.hid, s, u.wd, u.bd, r0, r1, wo, d);
       float* out = yi + r0 * wo * u.co;
-      ProjectRows(d, (r1 - r0) * wo, *u.pp, u.bp, u.shortcut ? xi + r0 * wo * u.co : nullptr, out);
+      const float* res = u.shortcut ? xi + r0 * wo * u.co : nullptr;
+      PointwiseRows<kLinear>(d, (r1 - r0) * wo, *u.pp, u.bp, res, out);
     }
   }
 }
@@ -606,7 +590,7 @@ void RunGroup(const Net& net, const float* x, int64_t n0, int64_t g, int64_t h, 
   }
   // last 1x1 conv + ReLU6, the average over the plane, the classifier
   const int64_t hw = hh * ww;
-  ExpandRows(a, g * hw, *net.pl, net.bl, b);
+  PointwiseRows<kRelu6>(a, g * hw, *net.pl, net.bl, nullptr, b);
   float* pooled = features + n0 * net.last_c;
   for (int64_t i = 0; i < g; ++i) {
     float* p = pooled + i * net.last_c;

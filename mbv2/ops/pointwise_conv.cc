@@ -39,21 +39,18 @@
 
 #ifdef MBV2_WITH_MKL
 
-extern "C" {
-// MKL's CBLAS (libmklml_intel.so), declared here: Paddle ships the library, not its header.
-void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                 const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                 int ldc);
-int MKL_Set_Num_Threads_Local(int nt);
+#include "mkl_cblas.h"
+
 #ifdef MBV2_WITH_DNNL
+extern "C" {
 // oneDNN's bfloat16 GEMM (libdnnl.so.3, which Paddle ships): row-major
 // C = alpha op(A) op(B) + beta C with bfloat16 A and B, float32 accumulation and C;
 // 0 on success. Inside an OpenMP region it runs on the calling thread.
 int dnnl_gemm_bf16bf16f32(char transa, char transb, int64_t m, int64_t n, int64_t k,
                           float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
                           int64_t ldb, float beta, float* c, int64_t ldc);
-#endif
 }
+#endif
 
 namespace {
 
