@@ -5,7 +5,7 @@ Class names and scores (softmax probabilities) per image, as a table on stdout a
 listed with its error and the others still run. An exported dir (mbv2.export) runs, with
 `engine=auto` (the default), through mbv2's one-op CPU predictor where it can (FP32, the
 kernels' library built with Paddle's MKL, a MobileNetV2 program: mbv2/ops/infer_net.cc,
-1.4-1.8x Paddle Inference here), else through Paddle Inference with oneDNN
+1.1-1.7x Paddle Inference here), else through Paddle Inference with oneDNN
 (`engine=paddle`; with `precision=bf16`, CPUs with AVX512-BF16 or AMX, oneDNN's bfloat16
 kernels); a run dir or checkpoint runs the dygraph network. Both apply the eval transform of the
 run's data config. A model PaddleClas exported (no mbv2 record beside it) follows the
