@@ -3,11 +3,11 @@
 Class names and scores (softmax probabilities) per image, as a table on stdout and
 `<out>/predictions.csv` (default: the current directory). A file that cannot be decoded is
 listed with its error and the others still run. An exported dir (mbv2.export) runs, with
-`engine=auto` (the default), through mbv2's one-op CPU predictor where it can (FP32, the
+`engine=auto` (the default), through mbv2's one-op CPU predictor where it can (the
 kernels' library built with Paddle's MKL, a MobileNetV2 program: mbv2/ops/infer_net.cc,
-1.1-1.7x Paddle Inference here), else through Paddle Inference with oneDNN
-(`engine=paddle`; with `precision=bf16`, CPUs with AVX512-BF16 or AMX, oneDNN's bfloat16
-kernels); a run dir or checkpoint runs the dygraph network. Both apply the eval transform of the
+1.1-1.7x Paddle Inference here; `precision=bf16` on CPUs with AVX512-BF16: its 1x1 convs
+in bfloat16), else through Paddle Inference with oneDNN (`engine=paddle`; with
+`precision=bf16`, CPUs with AVX512-BF16 or AMX, oneDNN's bfloat16 kernels); a run dir or checkpoint runs the dygraph network. Both apply the eval transform of the
 run's data config. A model PaddleClas exported (no mbv2 record beside it) follows the
 PaddleClas deploy config given as `config=` (or a training config's Infer section):
 `artifacts.read_deploy_config`.
@@ -40,7 +40,8 @@ class PredictArgs:
     threads: int = 2
     # checkpoints only: predict with the EMA weights
     ema: bool = False
-    # exported models: fp32, or bf16 (oneDNN's bfloat16 kernels; CPUs with AVX512-BF16/AMX)
+    # exported models: fp32, or bf16 (bfloat16 products: mbv2's predictor on CPUs with
+    # AVX512-BF16, oneDNN's bfloat16 kernels in Paddle Inference on those and AMX CPUs)
     precision: str = "fp32"
     # exported models: auto (mbv2's CPU predictor where it can run the model, else Paddle
     # Inference), kernels (mbv2's, or an error saying why not), paddle (Paddle Inference)
@@ -102,7 +103,8 @@ def inference_config(model: Path, params: Path, threads: int, precision: str = "
 class ExportedPredictor:
     """An exported dir's model: Paddle Inference (oneDNN on CPU, `threads` math threads,
     FP32 or, with `precision="bf16"` on CPUs with AVX512-BF16 or AMX, bfloat16 kernels) or
-    mbv2's one-op CPU predictor (`engine`: see `PredictArgs.engine`). `self.engine` says
+    mbv2's one-op CPU predictor (`engine`: see `PredictArgs.engine`; bf16 on CPUs with
+    AVX512-BF16). `self.engine` says
     which runs it, `self.why` why not the other where auto chose."""
 
     def __init__(self, model_dir: Path, threads: int, precision: str = "fp32",
@@ -135,10 +137,11 @@ class ExportedPredictor:
 
     def _kernels_why(self, model: Path, params: Path, threads: int, precision: str) -> str:
         """"" with self.kernels set, or why mbv2's predictor cannot run this model here."""
-        if precision != "fp32":
-            return f"precision={precision} is Paddle Inference's (mbv2's predictor is FP32)"
         from mbv2.ops import inference
         from mbv2.runtime import set_cpu_threads
+
+        if precision == "bf16" and inference.bf16_why_not():
+            return inference.bf16_why_not()
 
         try:
             layers = inference.layers_of_program(model, params)
@@ -147,7 +150,7 @@ class ExportedPredictor:
         if not inference.available():
             return "the kernels' library is unavailable here (no compiler, or no MKL in Paddle)"
         set_cpu_threads(threads)
-        self.kernels = inference.NetworkInference(layers)
+        self.kernels = inference.NetworkInference(layers, precision)
         return ""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -230,7 +233,8 @@ def load_predictor(spec: str, threads: int, ema: bool, precision: str = "fp32",
 def _exported(path: Path, threads: int, precision: str, engine: str) -> ExportedPredictor:
     predictor = ExportedPredictor(path, threads, precision, engine)
     if predictor.engine == "kernels":
-        log.info("predicting with mbv2's CPU predictor (engine=kernels, FP32, %d threads)", threads)
+        log.info("predicting with mbv2's CPU predictor (engine=kernels, %s, %d threads)",
+                 precision, threads)
     else:
         log.info("predicting with Paddle Inference (oneDNN, %s, %d threads)%s", precision, threads,
                  f"; mbv2's CPU predictor not used: {predictor.why}" if predictor.why else "")

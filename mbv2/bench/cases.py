@@ -22,18 +22,23 @@ from mbv2.bench.peak import achieved_gflops
 # in torch.channels_last), "torch_compile" (that + torch.compile, default mode) and
 # "torch_bf16" (channels_last + bfloat16 autocast; n/a without avx512_bf16/amx_bf16).
 # "paddle_predictor_kernels": the same exported model run by mbv2's one-op CPU predictor
-# (`python -m mbv2.predict engine=kernels`, FP32; mbv2/ops/infer_net.cc).
+# (`python -m mbv2.predict engine=kernels`, FP32; mbv2/ops/infer_net.cc);
+# "paddle_predictor_kernels_bf16" the same with `precision=bf16` (its 1x1 convs in bfloat16;
+# n/a without avx512_bf16).
 # "paddle_predictor_bf16": the exported predictor with oneDNN's bfloat16 kernels
-# (`python -m mbv2.predict precision=bf16`; n/a without avx512_bf16/amx_bf16).
+# (`python -m mbv2.predict precision=bf16 engine=paddle`; n/a without avx512_bf16/amx_bf16).
 # "paddle_kernel_bf16": training on the kernels with mixed precision (`trainer.amp=O1` on
 # CPU: the larger 1x1 convs multiply in bfloat16), beside PyTorch's bf16 autocast.
 PADDLE_BACKENDS = ("paddle_native", "paddle_kernel", "paddle_kernel_bf16", "paddle_predictor",
-                   "paddle_predictor_kernels", "paddle_predictor_bf16")
+                   "paddle_predictor_kernels", "paddle_predictor_kernels_bf16",
+                   "paddle_predictor_bf16")
 # inference only
-PREDICTORS = ("paddle_predictor", "paddle_predictor_kernels", "paddle_predictor_bf16")
+PREDICTORS = ("paddle_predictor", "paddle_predictor_kernels", "paddle_predictor_kernels_bf16",
+              "paddle_predictor_bf16")
 TRAIN_ONLY = ("paddle_kernel_bf16",)
 # n/a without bf16 instructions
-BF16_BACKENDS = ("torch_bf16", "paddle_kernel_bf16", "paddle_predictor_bf16")
+BF16_BACKENDS = ("torch_bf16", "paddle_kernel_bf16", "paddle_predictor_kernels_bf16",
+                 "paddle_predictor_bf16")
 EAGER_TORCH = ("torch", "torch_kept_heap")
 TORCH_BACKENDS = EAGER_TORCH + ("torch_channels_last", "torch_compile", "torch_bf16")
 TORCH_VARIANTS = {"torch": "eager", "torch_kept_heap": "eager",
@@ -145,7 +150,9 @@ def _cell(row: dict[str, Any], key: str, w: int, p: int = 1) -> str:
 # (header, row key, width, decimals) of the img/s table and of the GFLOP/s table
 _SPEED_COLS = (("native", "paddle_native", 8, 1), ("kernel", "paddle_kernel", 8, 1),
                ("kern16", "paddle_kernel_bf16", 8, 1), ("predict", "paddle_predictor", 8, 1),
-               ("pred_k", "paddle_predictor_kernels", 8, 1), ("pred16", "paddle_predictor_bf16", 8, 1),
+               ("pred_k", "paddle_predictor_kernels", 8, 1),
+               ("pk16", "paddle_predictor_kernels_bf16", 8, 1),
+               ("pred16", "paddle_predictor_bf16", 8, 1),
                ("torch", "torch", 8, 1),
                ("torch*", "torch_kept_heap", 8, 1), ("t_cl", "torch_channels_last", 8, 1),
                ("t_comp", "torch_compile", 8, 1), ("t_bf16", "torch_bf16", 8, 1),
@@ -157,6 +164,7 @@ _SPEED_COLS = (("native", "paddle_native", 8, 1), ("kernel", "paddle_kernel", 8,
                ("k16/best", "paddle_kernel_bf16_vs_best_torch", 8, 2),
                ("pred/best", "paddle_predictor_vs_best_torch", 9, 2),
                ("pk/best", "paddle_predictor_kernels_vs_best_torch", 8, 2),
+               ("pk16/best", "paddle_predictor_kernels_bf16_vs_best_torch", 9, 2),
                ("p16/best", "paddle_predictor_bf16_vs_best_torch", 8, 2))
 
 
@@ -182,8 +190,9 @@ def format_table(rows: list[dict[str, Any]], threads: int,
     lines = [f"MobileNetV2 img/s, {threads} threads (median of timed steps; higher is better)",
              "native/kernel: dygraph on Paddle's ops / mbv2's CPU kernels; kern16: the kernels "
              "with trainer.amp=O1 (bfloat16 1x1 products, training); predict/pred16: the "
-             "exported model in Paddle Inference (oneDNN), FP32 / bfloat16 kernels; pred_k: "
-             "the exported model in mbv2's one-op CPU predictor (engine=kernels, FP32)"]
+             "exported model in Paddle Inference (oneDNN), FP32 / bfloat16 kernels; pred_k/pk16: "
+             "the exported model in mbv2's one-op CPU predictor (engine=kernels), FP32 / "
+             "bfloat16 1x1 products"]
     lines += _lines(rows, _SPEED_COLS, lambda r, k: r)
     best = sorted({r["best_torch_backend"] for r in rows if r.get("best_torch_backend")})
     lines += ["torch: PyTorch as installed (glibc's default allocator); torch*: PyTorch with "

@@ -60,7 +60,7 @@ def predictor_fn(case: Case, threads: int, workdir: Path,
     """An inference step of MobileNetV2 exported into `workdir` and run as `python -m
     mbv2.predict` runs one: engine "paddle", a Paddle Inference predictor (oneDNN, IR
     optimisation, `threads` math threads, FP32 or bf16 kernels); engine "kernels", mbv2's
-    one-op CPU predictor reading the same exported files (FP32)."""
+    one-op CPU predictor reading the same exported files (FP32 or bf16 1x1 products)."""
     import numpy as np
     import paddle
     from paddle.static import InputSpec
@@ -81,7 +81,8 @@ def predictor_fn(case: Case, threads: int, workdir: Path,
     if engine == "kernels":
         from mbv2.ops.inference import NetworkInference, layers_of_program
 
-        run = NetworkInference(layers_of_program(Path(program), Path(prefix + ".pdiparams")))
+        run = NetworkInference(layers_of_program(Path(program), Path(prefix + ".pdiparams")),
+                               precision)
         return lambda: run(x).numpy()
     config = inference_config(Path(program), Path(prefix + ".pdiparams"), threads, precision)
     predictor = paddle.inference.create_predictor(config)

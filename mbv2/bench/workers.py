@@ -44,7 +44,7 @@ def _step_fns(backend: str, case: Case, threads: int,
         return {"train": paddle_fns(case, True, bf16=True)[0]}
     if backend in PREDICTORS:
         precision = "bf16" if backend.endswith("_bf16") else "fp32"
-        engine = "kernels" if backend.endswith("_kernels") else "paddle"
+        engine = "kernels" if "_kernels" in backend else "paddle"
         return {"infer": predictor_fn(case, threads, workdir, precision, engine)}
     if backend in TORCH_BACKENDS:
         train, infer = torch_fns(case, threads, TORCH_VARIANTS[backend])

@@ -1,6 +1,7 @@
 // MobileNetV2 inference as one Paddle custom operator, mbv2_infer_net: the whole network
 // (stem, inverted residual units, last 1x1 conv, average pool, classifier), batch norms
-// folded into the convs, float32, on the MKL that Paddle ships (without it this file
+// folded into the convs, float32 (or, with `bf16`, bfloat16 products in the 1x1 convs on
+// CPUs with AVX512-BF16), on the MKL that Paddle ships (without it this file
 // registers nothing and mbv2.predict keeps Paddle Inference). Built into the same library
 // as the training ops; mbv2/ops/inference.py packs the weights, from a network or from the
 // program mbv2.export writes.
@@ -28,7 +29,8 @@
 //
 // Inputs: X (N, 3, H, W) float32, NCHW as the exported model takes it; Weights, the folded
 // parameters in the order Spec describes. Attributes: spec (the layer table), key (one per
-// weight tensor: the packed copies are kept by it). Output: the logits (N, classes).
+// weight tensor: the packed copies are kept by it and the precision), bf16. Output: the
+// logits (N, classes).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -42,6 +44,7 @@
 #include <mutex>
 #include <vector>
 
+#include "bf16.h"
 #include "paddle/extension.h"
 #include "work_chunks.h"
 
@@ -88,6 +91,31 @@ void GemmPacked(const float* a, const Packed& b, float* c, int64_t m) {
                       static_cast<int>(b.n), 0.f, c, static_cast<int>(b.n));
 }
 
+// ---------------------------------------------------------------------------------------
+// bfloat16 products (the op's `bf16` attribute; CPUs with AVX512-BF16): every 1x1 conv
+// multiplies bfloat16 rounded activations and weights with float32 sums (vdpbf16ps), the
+// depthwise convs, biases, ReLU6 and shortcuts stay float32. An output vector of 16
+// channels takes two input channels a step: the weights are packed once as pairs along K
+// ([K/2][N'][2], N' = N rounded up to 16, zeros in the padding), the activations rounded
+// to bfloat16 a block of rows at a time, so one 32-bit broadcast of a row's channel pair
+// meets one load of 16 columns' weight pairs.
+
+using mbv2::Bf16Rne;
+using mbv2::HasAvx512Bf16;
+
+// A weight matrix [k][n] as bfloat16 channel pairs.
+struct PackedBf16 {
+  std::vector<uint16_t> w;
+  int64_t k = 0, n = 0, kp = 0, np = 0;  // kp: k rounded up to 2, np: n rounded up to 16
+  void Pack(const float* src, int64_t k_, int64_t n_) {
+    k = k_, n = n_, kp = (k + 1) / 2 * 2, np = (n + 15) / 16 * 16;
+    w.assign(static_cast<size_t>(kp * np), 0);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t j = 0; j < n; ++j)
+        w[((r / 2) * np + j) * 2 + (r & 1)] = Bf16Rne(src[r * n + j]);
+  }
+};
+
 // Spec: [version, stem_channels, stem_stride, units, (c_in, hidden, c_out, stride,
 // shortcut) x units, last_channels, classes]. Weights, in that order: stem [27][C] + bias,
 // per unit expand [c_in][hidden] + bias, depthwise [9][hidden] + bias, projection
@@ -99,12 +127,14 @@ struct Unit {
   bool shortcut;
   const float *we, *be, *wd, *bd, *wp, *bp;
   const Packed *pe = nullptr, *pp = nullptr;  // we, wp in MKL's packed format
+  const PackedBf16 *pe16 = nullptr, *pp16 = nullptr;  // as bfloat16 pairs (bf16 runs)
 };
 
 struct Net {
   int64_t stem_c, stem_stride, last_c, classes;
   const float *ws, *bs, *wl, *bl, *wf, *bf;
   const Packed* pl = nullptr;
+  const PackedBf16* pl16 = nullptr;
   std::vector<Unit> units;
 };
 
@@ -114,16 +144,19 @@ struct Net {
 struct PackedNet {
   int64_t key = 0;
   const float* weights = nullptr;
-  std::vector<Packed> mats;
+  bool bf16 = false;
+  std::vector<Packed> mats;         // FP32 runs
+  std::vector<PackedBf16> mats16;   // bf16 runs, the same order
 };
 
-std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, const Net& net) {
+std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, const Net& net,
+                                           bool bf16) {
   static std::mutex mu;
   static std::list<std::shared_ptr<const PackedNet>> cache;  // most recent first
   constexpr size_t kKept = 4;
   std::lock_guard<std::mutex> lock(mu);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if ((*it)->key == key && (*it)->weights == weights) {
+    if ((*it)->key == key && (*it)->weights == weights && (*it)->bf16 == bf16) {
       auto hit = *it;
       cache.erase(it);
       cache.push_front(hit);
@@ -131,14 +164,25 @@ std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, co
     }
   }
   auto packed = std::make_shared<PackedNet>();
-  packed->key = key, packed->weights = weights;
-  packed->mats.resize(2 * net.units.size() + 1);
-  for (size_t i = 0; i < net.units.size(); ++i) {
-    const Unit& u = net.units[i];
-    packed->mats[2 * i].Pack(u.we, u.ci, u.hid, 256);
-    packed->mats[2 * i + 1].Pack(u.wp, u.hid, u.co, 256);
+  packed->key = key, packed->weights = weights, packed->bf16 = bf16;
+  const size_t count = 2 * net.units.size() + 1;
+  if (bf16) {
+    packed->mats16.resize(count);
+    for (size_t i = 0; i < net.units.size(); ++i) {
+      const Unit& u = net.units[i];
+      packed->mats16[2 * i].Pack(u.we, u.ci, u.hid);
+      packed->mats16[2 * i + 1].Pack(u.wp, u.hid, u.co);
+    }
+    packed->mats16.back().Pack(net.wl, net.units.back().co, net.last_c);
+  } else {
+    packed->mats.resize(count);
+    for (size_t i = 0; i < net.units.size(); ++i) {
+      const Unit& u = net.units[i];
+      packed->mats[2 * i].Pack(u.we, u.ci, u.hid, 256);
+      packed->mats[2 * i + 1].Pack(u.wp, u.hid, u.co, 256);
+    }
+    packed->mats.back().Pack(net.wl, net.units.back().co, net.last_c, 64);
   }
-  packed->mats.back().Pack(net.wl, net.units.back().co, net.last_c, 64);
   cache.push_front(packed);
   if (cache.size() > kKept) cache.pop_back();
   return packed;
@@ -321,6 +365,123 @@ void PointwiseRows(const float* a, int64_t m, const Packed& w, const float* bias
     BiasAdd(out, m, w.n, bias, res);
 }
 
+// The bfloat16 products' kernels (see PackedBf16).
+#define MBV2_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// dst[r][0..kp) = bf16(src[r][0..k)), zero past k.
+MBV2_BF16_TARGET void RowsToBf16(const float* src, int64_t rows, int64_t k, int64_t kp,
+                                 uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    mbv2::RowToBf16Avx512(src + r * k, k, dst + r * kp);
+    for (int64_t j = k; j < kp; ++j) dst[r * kp + j] = 0;
+  }
+}
+
+// R rows x V vectors of 16 columns: c = epilogue(a b + bias (+ res)); `mask`: the columns
+// of the last vector inside the matrix.
+template <int R, int V, int E>
+MBV2_BF16_TARGET inline __attribute__((always_inline)) void TileBf16(
+    const uint16_t* a, int64_t lda, const uint16_t* b, int64_t np, int64_t pairs,
+    const float* bias, float* c, int64_t ldc, const float* res, __mmask16 mask) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
+    const __m512 bv = _mm512_maskz_loadu_ps(v == V - 1 ? mask : 0xffff, bias + 16 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r][v] = bv;
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v)
+      bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (p * np + 16 * v) * 2));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, 4);
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? mask : 0xffff;
+      __m512 y = acc[r][v];
+      if (E == kRelu6) y = _mm512_min_ps(_mm512_max_ps(y, zero), six);
+      if (E == kLinear && res != nullptr)
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, res + r * ldc + 16 * v));
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, m, y);
+    }
+}
+
+template <int R, int V, int E>
+MBV2_BF16_TARGET void TileRowsBf16(const uint16_t* a, int64_t m, int64_t kp, const uint16_t* b,
+                                   int64_t np, const float* bias, float* c, int64_t ldc,
+                                   const float* res, __mmask16 mask) {
+  const int64_t pairs = kp / 2;
+  int64_t i = 0;
+  for (; i + R <= m; i += R)
+    TileBf16<R, V, E>(a + i * kp, kp, b, np, pairs, bias, c + i * ldc, ldc,
+                      res ? res + i * ldc : nullptr, mask);
+  for (; i < m; ++i)
+    TileBf16<1, V, E>(a + i * kp, kp, b, np, pairs, bias, c + i * ldc, ldc,
+                      res ? res + i * ldc : nullptr, mask);
+}
+
+// out[m][n] = epilogue(a[m][k] w + bias (+ res)) with bfloat16 products, a block of rows
+// at a time (rounded into `scratch`), 64 columns a pass where there are.
+template <int E>
+MBV2_BF16_TARGET void PointwiseRowsBf16(const float* a, int64_t m, const PackedBf16& w,
+                                        const float* bias, const float* res, float* out,
+                                        std::vector<uint16_t>& scratch) {
+  // rows a block: their bfloat16 copy ~32 KiB, within L1/L2 while every column block reads it
+  const int64_t block = std::max<int64_t>(12, (16384 / w.kp) / 12 * 12);
+  if (static_cast<int64_t>(scratch.size()) < block * w.kp) scratch.resize(block * w.kp);
+  for (int64_t i0 = 0; i0 < m; i0 += block) {
+    const int64_t rows = std::min(block, m - i0);
+    RowsToBf16(a + i0 * w.k, rows, w.k, w.kp, scratch.data());
+    const float* ri = res ? res + i0 * w.n : nullptr;
+    float* oi = out + i0 * w.n;
+    for (int64_t j = 0; j < w.n;) {
+      const int64_t vecs = (w.n - j + 15) / 16;
+      const int64_t left = w.n - j;
+      const uint16_t* bj = w.w.data() + j * 2;
+      const float* rj = ri ? ri + j : nullptr;
+      if (vecs >= 4) {
+        const __mmask16 mask = left >= 64 ? 0xffff : static_cast<__mmask16>((1u << (left - 48)) - 1);
+        TileRowsBf16<6, 4, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
+        j += 64;
+      } else if (vecs == 3) {
+        const __mmask16 mask = left >= 48 ? 0xffff : static_cast<__mmask16>((1u << (left - 32)) - 1);
+        TileRowsBf16<8, 3, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
+        j += 48;
+      } else if (vecs == 2) {
+        const __mmask16 mask = left >= 32 ? 0xffff : static_cast<__mmask16>((1u << (left - 16)) - 1);
+        TileRowsBf16<12, 2, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
+        j += 32;
+      } else {
+        const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+        TileRowsBf16<12, 1, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
+        j += 16;
+      }
+    }
+  }
+}
+
+// The 1x1 conv of a unit or the last conv: bfloat16 products where the op runs in bf16.
+template <int E>
+void Conv1x1(const float* a, int64_t m, const Packed* w, const PackedBf16* w16,
+             const float* bias, const float* res, float* out, std::vector<uint16_t>& scratch) {
+  if (w16 != nullptr)
+    PointwiseRowsBf16<E>(a, m, *w16, bias, res, out, scratch);
+  else
+    PointwiseRows<E>(a, m, *w, bias, res, out);
+}
+
 // Depthwise 3x3, pad 1, stride s, bias + ReLU6, channels-last, output rows [r0, r1) of one
 // image into out ([r1 - r0][wo][c]). e holds input rows [e_first, ...) of that image, each
 // [w][c]; rows and columns outside the image are the zero padding. A block of 8 channels
@@ -421,6 +582,7 @@ int64_t BandBytes() {
 // The per-thread buffers of one group's pass; grown as needed, kept across groups.
 struct Scratch {
   std::vector<float> a, b, e, d;
+  std::vector<uint16_t> rows16;  // a block of a product's input rows in bfloat16
   static float* Fit(std::vector<float>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
     return v.data();
@@ -533,11 +695,12 @@ void RunUnit(const Unit& u, const float* x, int64_t g, int64_t h, int64_t w, flo
     // Small maps: the group's whole maps in one GEMM each.
     float* e = Scratch::Fit(sc.e, g * h * w * u.hid);
     float* d = Scratch::Fit(sc.d, g * ho * wo * u.hid);
-    PointwiseRows<kRelu6>(x, g * h * w, *u.pe, u.be, nullptr, e);
+    Conv1x1<kRelu6>(x, g * h * w, u.pe, u.pe16, u.be, nullptr, e, sc.rows16);
     for (int64_t i = 0; i < g; ++i)
       DepthwiseRows(e + i * h * w * u.hid, 0, h, w, u.hid, s, u.wd, u.bd, 0, ho, wo,
                     d + i * ho * wo * u.hid);
-    PointwiseRows<kLinear>(d, g * ho * wo, *u.pp, u.bp, u.shortcut ? x : nullptr, y);
+    Conv1x1<kLinear>(d, g * ho * wo, u.pp, u.pp16, u.bp, u.shortcut ? x : nullptr, y,
+                     sc.rows16);
     return;
   }
   // Bands of output rows: rows_in input rows a band of `band` output rows needs.
@@ -562,14 +725,14 @@ void RunUnit(const Unit& u, const float* x, int64_t g, int64_t h, int64_t w, flo
       e_first = lo;
       if (hi > lo + have) {
         float* fresh = e + have * w * u.hid;
-        PointwiseRows<kRelu6>(xi + (lo + have) * w * u.ci, (hi - lo - have) * w, *u.pe, u.be,
-                              nullptr, fresh);
+        Conv1x1<kRelu6>(xi + (lo + have) * w * u.ci, (hi - lo - have) * w, u.pe, u.pe16, u.be,
+                        nullptr, fresh, sc.rows16);
       }
       e_end = hi;
       DepthwiseRows(e, e_first, h, w, u.hid, s, u.wd, u.bd, r0, r1, wo, d);
       float* out = yi + r0 * wo * u.co;
       const float* res = u.shortcut ? xi + r0 * wo * u.co : nullptr;
-      PointwiseRows<kLinear>(d, (r1 - r0) * wo, *u.pp, u.bp, res, out);
+      Conv1x1<kLinear>(d, (r1 - r0) * wo, u.pp, u.pp16, u.bp, res, out, sc.rows16);
     }
   }
 }
@@ -590,7 +753,7 @@ void RunGroup(const Net& net, const float* x, int64_t n0, int64_t g, int64_t h, 
   }
   // last 1x1 conv + ReLU6, the average over the plane, the classifier
   const int64_t hw = hh * ww;
-  PointwiseRows<kRelu6>(a, g * hw, *net.pl, net.bl, nullptr, b);
+  Conv1x1<kRelu6>(a, g * hw, net.pl, net.pl16, net.bl, nullptr, b, sc.rows16);
   float* pooled = features + n0 * net.last_c;
   for (int64_t i = 0; i < g; ++i) {
     float* p = pooled + i * net.last_c;
@@ -612,7 +775,8 @@ int64_t GroupSize(int64_t n, int64_t pixels, int threads) {
 
 std::vector<paddle::Tensor> InferNetForward(const paddle::Tensor& x,
                                             const paddle::Tensor& weights,
-                                            const std::vector<int>& spec, int64_t key) {
+                                            const std::vector<int>& spec, int64_t key,
+                                            bool bf16) {
   PD_CHECK(x.is_cpu() && weights.is_cpu(), "mbv2_infer_net: CPU tensors only");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && weights.dtype() == paddle::DataType::FLOAT32,
            "mbv2_infer_net: float32 only");
@@ -620,11 +784,21 @@ std::vector<paddle::Tensor> InferNetForward(const paddle::Tensor& x,
   PD_CHECK(xs.size() == 4 && xs[1] == 3, "mbv2_infer_net: X must be (N, 3, H, W)");
   PD_CHECK(weights.numel() == ExpectedWeights(spec),
            "mbv2_infer_net: the packed weights do not match the spec");
+  PD_CHECK(!bf16 || HasAvx512Bf16(),
+           "mbv2_infer_net: bf16 needs a CPU with AVX512-BF16; run it in FP32 (precision=fp32)");
   Net net = Unpack(spec, weights.data<float>());
-  const auto packed = PackedFor(key, weights.data<float>(), net);
-  for (size_t i = 0; i < net.units.size(); ++i)
-    net.units[i].pe = &packed->mats[2 * i], net.units[i].pp = &packed->mats[2 * i + 1];
-  net.pl = &packed->mats.back();
+  const auto packed = PackedFor(key, weights.data<float>(), net, bf16);
+  for (size_t i = 0; i < net.units.size(); ++i) {
+    Unit& u = net.units[i];
+    if (bf16)
+      u.pe16 = &packed->mats16[2 * i], u.pp16 = &packed->mats16[2 * i + 1];
+    else
+      u.pe = &packed->mats[2 * i], u.pp = &packed->mats[2 * i + 1];
+  }
+  if (bf16)
+    net.pl16 = &packed->mats16.back();
+  else
+    net.pl = &packed->mats.back();
   const int64_t n = xs[0], h = xs[2], w = xs[3];
   auto logits = paddle::empty({n, net.classes}, paddle::DataType::FLOAT32, x.place());
   if (n == 0) return {logits};
@@ -667,7 +841,7 @@ std::vector<paddle::Tensor> InferNetForward(const paddle::Tensor& x,
 
 std::vector<std::vector<int64_t>> InferNetShape(const std::vector<int64_t>& x,
                                                 const std::vector<int64_t>&,
-                                                const std::vector<int>& spec, int64_t) {
+                                                const std::vector<int>& spec, int64_t, bool) {
   return {{x[0], spec.empty() ? -1 : static_cast<int64_t>(spec.back())}};
 }
 
@@ -680,7 +854,7 @@ std::vector<paddle::DataType> InferNetDtype(const paddle::DataType& x, const pad
 PD_BUILD_OP(mbv2_infer_net)
     .Inputs({"X", "Weights"})
     .Outputs({"Logits"})
-    .Attrs({"spec: std::vector<int>", "key: int64_t"})
+    .Attrs({"spec: std::vector<int>", "key: int64_t", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(InferNetForward))
     .SetInferShapeFn(PD_INFER_SHAPE(InferNetShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(InferNetDtype));

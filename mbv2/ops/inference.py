@@ -8,8 +8,9 @@ Paddle inference program of this architecture: conv2d -> batch_norm -> relu6 uni
 shortcut add, average pool, matmul + add, an optional softmax) and raises `NotMobileNetV2`
 naming the op where it differs. `pack_layers` folds every batch norm into its conv and packs
 the weights channels-last in the op's order; `NetworkInference(layers)` runs batches
-through the op: what the program (or `net` in eval mode) computes. The op needs the
-kernels' library built with Paddle's MKL (`available()`); any input size.
+through the op: what the program (or `net` in eval mode) computes, in FP32 or, with
+`precision="bf16"` on CPUs with AVX512-BF16, with bfloat16 products in the 1x1 convs. The op
+needs the kernels' library built with Paddle's MKL (`available()`); any input size.
 """
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ _keys = itertools.count(1)
 
 class NotMobileNetV2(ValueError):
     """An exported program this op cannot run: the message names the op and what differs."""
+
+
+# fp32; bf16: every 1x1 conv multiplies bfloat16 activations and weights with float32 sums
+# (AVX512-BF16's dot products), the rest stays float32
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_why_not() -> str | None:
+    """None where the op can run in bf16 here, else why not."""
+    from mbv2.runtime import cpu_flags
+
+    if "avx512_bf16" not in cpu_flags():
+        return "mbv2's predictor runs bf16 on CPUs with AVX512-BF16 only; this one has none"
+    return None
 
 
 def available() -> bool:
@@ -295,10 +310,15 @@ class NetworkInference:
     a softmax), x NCHW float32, a numpy array or a CPU tensor. The weights are packed once,
     here: a network whose parameters change afterwards needs a new object."""
 
-    def __init__(self, source):
+    def __init__(self, source, precision: str = "fp32"):
         if not available():
             raise RuntimeError("mbv2's inference op is unavailable: the kernels' library "
                                "was not built, or without Paddle's MKL (see the log)")
+        why = bf16_why_not() if precision == "bf16" else None
+        if precision not in PRECISIONS or why:
+            raise ValueError(f"precision={precision!r}: "
+                             + (why or f"choose one of {', '.join(PRECISIONS)}"))
+        self.precision = precision
         self.layers = source if isinstance(source, Layers) else layers_of_network(source)
         self.spec, weights = pack_layers(self.layers)
         self.weights = paddle.to_tensor(weights, place=paddle.CPUPlace())
@@ -310,5 +330,5 @@ class NetworkInference:
             x = paddle.to_tensor(np.ascontiguousarray(x, dtype=np.float32), place=paddle.CPUPlace())
         with paddle.no_grad():
             y = paddle._C_ops._run_custom_op(OP_NAME, x.detach(), self.weights, self.spec,
-                                             self.key)[0]
+                                             self.key, self.precision == "bf16")[0]
             return paddle.nn.functional.softmax(y, axis=-1) if self.layers.softmax else y

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "batch_norm_act.h"
+#include "bf16.h"
 #include "paddle/extension.h"
 
 #ifdef MBV2_WITH_MKL
@@ -234,28 +235,9 @@ void SumPartials(const std::vector<float>& part, int64_t size, float* dw) {
 // (1024-pixel blocks, this project's AVX512-BF16 EPYC): 1.4-2.1x MKL's SGEMM from 32
 // channels up (384x64: 203 -> 105 us), 1.07-1.19x on the 16- and 24-channel inputs.
 
-bool HasAvx512Bf16() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
-  return yes;
-}
-
-inline uint16_t Bf16Rne(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-__attribute__((target("avx512f,avx512bf16"))) void RowToBf16Avx512(const float* src, int64_t n,
-                                                                   uint16_t* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(v));
-  }
-  for (; i < n; ++i) dst[i] = Bf16Rne(src[i]);
-}
+using mbv2::Bf16Rne;
+using mbv2::HasAvx512Bf16;
+using mbv2::RowToBf16Avx512;
 
 // dst (rows x cols, contiguous) = src (rows x cols, row stride ld) as bfloat16.
 void ToBf16(const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst) {
