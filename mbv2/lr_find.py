@@ -12,6 +12,8 @@ committed width x LR study on the digits (experiments/results/width_lr_digits.md
 min/10 gave 0.0099 at x0.5 and 0.0105 at x1.0, inside the LRs within one point of the
 best at x1.0 (0.01-0.03) and 1.1 points short of it at x0.5; `steep` gave 0.066 and 0.083,
 on the unstable side (0.1 loses 13-44 points with this recipe), so it is not the default.
+Where the curve shows no fall (its lowest point is noise) or its lowest point is within a
+decade of `--start`, nothing is suggested and the output says why (`suggest`).
 Nothing is trained for real: the weights are restored at the end, and nothing is written
 into a run dir.
 
@@ -70,17 +72,43 @@ def smooth(losses: Sequence[float], beta: float = BETA) -> list[float]:
     return out
 
 
-def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float]:
+def suggest(lrs: Sequence[float], smoothed: Sequence[float],
+            losses: Sequence[float] | None = None) -> dict[str, Any]:
     """`suggested` (= `min_10`): a tenth of the LR at the smoothed loss's minimum; `steep`:
-    the LR of its steepest fall against log10(LR), looked for before the minimum."""
-    lrs_a, loss_a = np.asarray(lrs), np.asarray(smoothed)
-    low = int(np.argmin(loss_a))
+    the LR of its steepest fall against log10(LR), looked for before the minimum. Both skip
+    the first 5 % of the points (the moving average's warm-up, where it is mostly noise).
+
+    `suggested` is None, with `why`, where the curve does not support one: the raw losses
+    (`losses`), averaged over a tenth of the steps, never fell below their first average by
+    more than three times the scatter two such averages have (a flat curve whose minimum is
+    noise), or its minimum lies within a decade of the first LR (min/10 would be below the
+    range that was tested)."""
+    lrs_a, loss_a = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    raw = loss_a if losses is None else np.asarray(losses, dtype=float)
     skip = max(1, len(lrs_a) // 20)  # the first few points are mostly the average's warm-up
+    low = skip + int(np.nanargmin(loss_a[skip:]))
     window = slice(skip, max(skip + 2, low + 1))
     slopes = np.gradient(loss_a[window], np.log10(lrs_a[window]))
     steep = float(lrs_a[window][int(np.argmin(slopes))])
     min_10 = float(lrs_a[low] / 10)
-    return {"suggested": min_10, "min_10": min_10, "steep": steep, "min_loss_lr": float(lrs_a[low])}
+    # Did the loss fall? Moving averages of the raw losses over w steps: the first against
+    # the lowest up to the minimum, beside the step-to-step scatter (differences: a trend
+    # does not count) that two such averages leave.
+    w = max(3, len(raw) // 10)
+    avg = np.convolve(raw[:max(low + 1, w)], np.ones(w) / w, mode="valid")
+    fall = float(avg[0] - np.min(avg))
+    scatter = float(np.std(np.diff(raw[:low + 1]))) / math.sqrt(2) if low >= 2 else 0.0
+    noise = 3 * scatter * math.sqrt(2 / w)
+    why = None
+    if fall <= noise:
+        why = (f"the loss did not fall before its lowest point at LR {lrs_a[low]:.3g} (by "
+               f"{fall:.3g}, within its noise of {noise:.3g}): raise --end or --steps, or check "
+               f"that the data can be learned")
+    elif min_10 < lrs_a[0]:
+        why = (f"the lowest loss is at LR {lrs_a[low]:.3g}, within a decade of --start "
+               f"{lrs_a[0]:.3g}: lower --start to see where the loss falls")
+    return {"suggested": None if why else min_10, "min_10": min_10, "steep": steep,
+            "min_loss_lr": float(lrs_a[low]), "why": why}
 
 
 def range_test(cfg, start: float, end: float, steps: int) -> dict[str, Any]:
@@ -129,7 +157,7 @@ def _diverged(losses: Sequence[float]) -> bool:
     return not math.isfinite(s[-1]) or s[-1] > DIVERGED * min(s)
 
 
-def write_results(result: dict[str, Any], out: Path, command: str) -> None:
+def write_results(result: dict[str, Any], out: Path, command: str | None) -> None:
     """lr_find.json, lr_find.png and VisualDL scalars in `out`."""
     from visualdl import LogWriter
 
@@ -149,7 +177,8 @@ def write_results(result: dict[str, Any], out: Path, command: str) -> None:
     ax.plot(result["lrs"], result["losses"], color="0.8", lw=0.8, label="loss")
     ax.plot(result["lrs"], result["smoothed"], label="smoothed loss")
     chosen, steep = result["suggestion"]["suggested"], result["suggestion"]["steep"]
-    ax.axvline(chosen, color="tab:red", ls="--", label=f"suggested LR {chosen:.3g} (min/10)")
+    if chosen is not None:
+        ax.axvline(chosen, color="tab:red", ls="--", label=f"suggested LR {chosen:.3g} (min/10)")
     ax.axvline(steep, color="0.5", ls=":", label=f"steepest fall {steep:.3g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -180,17 +209,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if len(result["losses"]) < 10:
         raise SystemExit(f"{PROG}: only {len(result['losses'])} steps ran; the loss diverged at "
                          f"once - lower --start")
-    result["suggestion"] = suggest(result["lrs"], result["smoothed"])
+    result["suggestion"] = s = suggest(result["lrs"], result["smoothed"], result["losses"])
     out = Path(args.out) if args.out else Path("outputs/lr_find") / time.strftime("%Y-%m-%d/%H-%M-%S")
     kept = [o for o in args.overrides if not o.startswith("optim.lr=")]
-    command = shlex.join(["python", "-m", "mbv2.run", *kept, f"optim.lr={result['suggestion']['suggested']:.3g}"])
+    command = (shlex.join(["python", "-m", "mbv2.run", *kept, f"optim.lr={s['suggested']:.3g}"])
+               if s["suggested"] is not None else None)
     write_results(result, out, command)
-    s = result["suggestion"]
-    print(f"{len(result['losses'])} steps in {result['seconds']:.1f} s (LR {args.start:g} -> "
-          f"{result['lrs'][-1]:.3g}); suggested LR {s['suggested']:.3g} (a tenth of the LR at the "
-          f"lowest loss; steepest fall at {s['steep']:.3g})\n-> {out / 'lr_find.png'}, "
-          f"{out / 'lr_find.json'}\n"
-          f"train with it: {command}")
+    ran = (f"{len(result['losses'])} steps in {result['seconds']:.1f} s (LR {args.start:g} -> "
+           f"{result['lrs'][-1]:.3g})")
+    files = f"-> {out / 'lr_find.png'}, {out / 'lr_find.json'}"
+    if command is None:
+        print(f"{ran}; no LR to suggest: {s['why']}\n{files}")
+    else:
+        print(f"{ran}; suggested LR {s['suggested']:.3g} (a tenth of the LR at the lowest loss; "
+              f"steepest fall at {s['steep']:.3g})\n{files}\ntrain with it: {command}")
     return result
 
 
