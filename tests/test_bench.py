@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mbv2 import bench
-from mbv2.runtime import has_bf16
+from mbv2.runtime import cpu_flags, has_bf16
 
 
 def test_tiny_case_every_backend():
@@ -32,6 +32,9 @@ def test_tiny_case_every_backend():
         if key[1] in bench.BF16_BACKENDS and not has_bf16():
             assert (r.error or "").startswith("n/a")
             continue  # no bfloat16 instructions on this CPU: the column says n/a
+        if key[1] == "paddle_predictor_kernels_bf16" and "avx512_bf16" not in cpu_flags():
+            assert (r.error or "").startswith("n/a")
+            continue  # bf16 from AMX alone: mbv2's predictor says n/a
         assert r.error is None, (key, r.error)
         assert r.img_s and r.img_s > 0
     rows = bench.table(results)
@@ -95,3 +98,17 @@ def test_best_torch_selection_and_ratios():
     assert "n/a" in text and "best_t" in text and "FP32 peak" in text
     (bare,) = bench.table(rs[:1], unavailable={"torch": "torch not installed"})
     assert "no torch" in bench.format_table([bare], threads=1)
+
+
+def test_bf16_columns_say_na_where_the_cpu_lacks_their_instructions(monkeypatch):
+    """No bf16 instructions: every bf16 column n/a; AMX without AVX512-BF16: only mbv2's
+    predictor in bf16 (its products are AVX512-BF16 code) is n/a."""
+    from mbv2.bench import driver
+
+    monkeypatch.setattr(driver, "has_bf16", lambda: False)
+    assert all((driver._not_here(b) or "").startswith("n/a") for b in bench.BF16_BACKENDS)
+    monkeypatch.setattr(driver, "has_bf16", lambda: True)
+    monkeypatch.setattr(driver, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert "AVX512-BF16 only" in driver._not_here("paddle_predictor_kernels_bf16")
+    assert driver._not_here("paddle_predictor_bf16") is None
+    assert driver._not_here("paddle_kernel") is None

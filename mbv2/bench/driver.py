@@ -25,7 +25,7 @@ from mbv2.bench.peak import cpu_peak
 from mbv2.bench.torch_side import torch_available
 from mbv2.bench.workers import (backend_worker, default_run, in_subprocess, loader_speed,
                                 measured_sgemm_gflops, thread_env)
-from mbv2.runtime import BF16_FLAGS, has_bf16
+from mbv2.runtime import BF16_FLAGS, cpu_flags, has_bf16
 
 
 def _loadavg() -> float:
@@ -36,6 +36,17 @@ def _loadavg() -> float:
 
 
 _NO_BF16 = f"{NA_PREFIX}: the CPU reports none of {', '.join(BF16_FLAGS)}"
+
+
+def _not_here(backend: str) -> str | None:
+    """Why a bf16 backend cannot run on this CPU (an n/a error), else None."""
+    if backend not in BF16_BACKENDS:
+        return None
+    if not has_bf16():
+        return _NO_BF16
+    if backend == "paddle_predictor_kernels_bf16" and "avx512_bf16" not in cpu_flags():
+        return f"{NA_PREFIX}: mbv2's predictor runs bf16 on AVX512-BF16 only"
+    return None
 
 
 def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], None],
@@ -53,8 +64,7 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
             else ("train", "infer")
         for m in modes:
             results[(backend, m)] = Result(case, m, backend, load_before=_loadavg())
-            if backend in BF16_BACKENDS and not has_bf16():
-                results[(backend, m)].error = _NO_BF16
+            results[(backend, m)].error = _not_here(backend)
     rounds = max(1, min(rounds, case.reps))
     for rnd in range(rounds):
         # this round's share of the timed steps (train: reps, infer: 2 x reps in all)
@@ -74,7 +84,7 @@ def run_case(case: Case, threads: int, with_torch: bool, log: Callable[[str], No
     for r in results.values():
         r.load_after = _loadavg()
         shown = f"{r.img_s:8.1f} img/s" if r.img_s else f"failed ({r.error})"
-        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:24s} "
+        log(f"x{case.scale} {case.image_size}px b{case.batch} {r.mode:5s} {r.backend:29s} "
             f"{shown}" + (f"  (rounds: {r.round_img_s})" if len(r.round_img_s) > 1 else ""))
     return list(results.values())
 
