@@ -166,23 +166,20 @@ std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, co
   auto packed = std::make_shared<PackedNet>();
   packed->key = key, packed->weights = weights, packed->bf16 = bf16;
   const size_t count = 2 * net.units.size() + 1;
-  if (bf16) {
-    packed->mats16.resize(count);
-    for (size_t i = 0; i < net.units.size(); ++i) {
-      const Unit& u = net.units[i];
-      packed->mats16[2 * i].Pack(u.we, u.ci, u.hid);
-      packed->mats16[2 * i + 1].Pack(u.wp, u.hid, u.co);
-    }
-    packed->mats16.back().Pack(net.wl, net.units.back().co, net.last_c);
-  } else {
-    packed->mats.resize(count);
-    for (size_t i = 0; i < net.units.size(); ++i) {
-      const Unit& u = net.units[i];
-      packed->mats[2 * i].Pack(u.we, u.ci, u.hid, 256);
-      packed->mats[2 * i + 1].Pack(u.wp, u.hid, u.co, 256);
-    }
-    packed->mats.back().Pack(net.wl, net.units.back().co, net.last_c, 64);
+  (bf16 ? packed->mats16.resize(count) : packed->mats.resize(count));
+  // matrix i, [k][n], in the run's format (MKL's packing: for rows_hint rows of A)
+  auto pack = [&](size_t i, const float* w, int64_t k, int64_t n, int64_t rows_hint) {
+    if (bf16)
+      packed->mats16[i].Pack(w, k, n);
+    else
+      packed->mats[i].Pack(w, k, n, rows_hint);
+  };
+  for (size_t i = 0; i < net.units.size(); ++i) {
+    const Unit& u = net.units[i];
+    pack(2 * i, u.we, u.ci, u.hid, 256);
+    pack(2 * i + 1, u.wp, u.hid, u.co, 256);
   }
+  pack(count - 1, net.wl, net.units.back().co, net.last_c, 64);
   cache.push_front(packed);
   if (cache.size() > kKept) cache.pop_back();
   return packed;
@@ -447,27 +444,22 @@ MBV2_BF16_TARGET void PointwiseRowsBf16(const float* a, int64_t m, const PackedB
     const float* ri = res ? res + i0 * w.n : nullptr;
     float* oi = out + i0 * w.n;
     for (int64_t j = 0; j < w.n;) {
-      const int64_t vecs = (w.n - j + 15) / 16;
-      const int64_t left = w.n - j;
+      // up to 4 vectors of 16 columns; the last one's columns inside the matrix
+      const int64_t vecs = std::min<int64_t>(4, (w.n - j + 15) / 16);
+      const int64_t tail = w.n - j - 16 * (vecs - 1);
+      const __mmask16 mask = tail >= 16 ? 0xffff : static_cast<__mmask16>((1u << tail) - 1);
+      const uint16_t* a16 = scratch.data();
       const uint16_t* bj = w.w.data() + j * 2;
       const float* rj = ri ? ri + j : nullptr;
-      if (vecs >= 4) {
-        const __mmask16 mask = left >= 64 ? 0xffff : static_cast<__mmask16>((1u << (left - 48)) - 1);
-        TileRowsBf16<6, 4, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
-        j += 64;
-      } else if (vecs == 3) {
-        const __mmask16 mask = left >= 48 ? 0xffff : static_cast<__mmask16>((1u << (left - 32)) - 1);
-        TileRowsBf16<8, 3, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
-        j += 48;
-      } else if (vecs == 2) {
-        const __mmask16 mask = left >= 32 ? 0xffff : static_cast<__mmask16>((1u << (left - 16)) - 1);
-        TileRowsBf16<12, 2, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
-        j += 32;
-      } else {
-        const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-        TileRowsBf16<12, 1, E>(scratch.data(), rows, w.kp, bj, w.np, bias + j, oi + j, w.n, rj, mask);
-        j += 16;
+      const float* bias_j = bias + j;
+      float* oj = oi + j;
+      switch (vecs) {
+        case 4: TileRowsBf16<6, 4, E>(a16, rows, w.kp, bj, w.np, bias_j, oj, w.n, rj, mask); break;
+        case 3: TileRowsBf16<8, 3, E>(a16, rows, w.kp, bj, w.np, bias_j, oj, w.n, rj, mask); break;
+        case 2: TileRowsBf16<12, 2, E>(a16, rows, w.kp, bj, w.np, bias_j, oj, w.n, rj, mask); break;
+        default: TileRowsBf16<12, 1, E>(a16, rows, w.kp, bj, w.np, bias_j, oj, w.n, rj, mask);
       }
+      j += 16 * vecs;
     }
   }
 }
@@ -788,17 +780,15 @@ std::vector<paddle::Tensor> InferNetForward(const paddle::Tensor& x,
            "mbv2_infer_net: bf16 needs a CPU with AVX512-BF16; run it in FP32 (precision=fp32)");
   Net net = Unpack(spec, weights.data<float>());
   const auto packed = PackedFor(key, weights.data<float>(), net, bf16);
+  // matrix i of the run's format; the other format's pointers stay null
+  auto f32 = [&](size_t i) { return bf16 ? nullptr : &packed->mats[i]; };
+  auto b16 = [&](size_t i) { return bf16 ? &packed->mats16[i] : nullptr; };
+  const size_t last = 2 * net.units.size();
   for (size_t i = 0; i < net.units.size(); ++i) {
     Unit& u = net.units[i];
-    if (bf16)
-      u.pe16 = &packed->mats16[2 * i], u.pp16 = &packed->mats16[2 * i + 1];
-    else
-      u.pe = &packed->mats[2 * i], u.pp = &packed->mats[2 * i + 1];
+    u.pe = f32(2 * i), u.pp = f32(2 * i + 1), u.pe16 = b16(2 * i), u.pp16 = b16(2 * i + 1);
   }
-  if (bf16)
-    net.pl16 = &packed->mats16.back();
-  else
-    net.pl = &packed->mats.back();
+  net.pl = f32(last), net.pl16 = b16(last);
   const int64_t n = xs[0], h = xs[2], w = xs[3];
   auto logits = paddle::empty({n, net.classes}, paddle::DataType::FLOAT32, x.place());
   if (n == 0) return {logits};
