@@ -140,9 +140,9 @@ class ExportedPredictor:
         from mbv2.ops import inference
         from mbv2.runtime import set_cpu_threads
 
-        if precision == "bf16" and inference.bf16_why_not():
-            return inference.bf16_why_not()
-
+        why = inference.bf16_why_not() if precision == "bf16" else None
+        if why:
+            return why
         try:
             layers = inference.layers_of_program(model, params)
         except inference.NotMobileNetV2 as e:

@@ -54,6 +54,12 @@ def has_bf16(flags: set[str] | None = None) -> bool:
     return any(f in flags for f in BF16_FLAGS)
 
 
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16, which mbv2's own bf16 code (the predictor's
+    products) is written in; has_bf16 also counts AMX, which oneDNN uses."""
+    return "avx512_bf16" in cpu_flags()
+
+
 def mkl_cpu_type(flags: set[str] | None = None) -> str | None:
     """The MKL_DEBUG_CPU_TYPE for this CPU, or None to leave MKL alone.
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mbv2 import bench
-from mbv2.runtime import cpu_flags, has_bf16
+from mbv2.runtime import has_avx512_bf16, has_bf16
 
 
 def test_tiny_case_every_backend():
@@ -32,7 +32,7 @@ def test_tiny_case_every_backend():
         if key[1] in bench.BF16_BACKENDS and not has_bf16():
             assert (r.error or "").startswith("n/a")
             continue  # no bfloat16 instructions on this CPU: the column says n/a
-        if key[1] == "paddle_predictor_kernels_bf16" and "avx512_bf16" not in cpu_flags():
+        if key[1] == "paddle_predictor_kernels_bf16" and not has_avx512_bf16():
             assert (r.error or "").startswith("n/a")
             continue  # bf16 from AMX alone: mbv2's predictor says n/a
         assert r.error is None, (key, r.error)
@@ -108,7 +108,7 @@ def test_bf16_columns_say_na_where_the_cpu_lacks_their_instructions(monkeypatch)
     monkeypatch.setattr(driver, "has_bf16", lambda: False)
     assert all((driver._not_here(b) or "").startswith("n/a") for b in bench.BF16_BACKENDS)
     monkeypatch.setattr(driver, "has_bf16", lambda: True)
-    monkeypatch.setattr(driver, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(driver, "has_avx512_bf16", lambda: False)  # AMX alone
     assert "AVX512-BF16 only" in driver._not_here("paddle_predictor_kernels_bf16")
     assert driver._not_here("paddle_predictor_bf16") is None
     assert driver._not_here("paddle_kernel") is None

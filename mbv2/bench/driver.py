@@ -25,7 +25,7 @@ from mbv2.bench.peak import cpu_peak
 from mbv2.bench.torch_side import torch_available
 from mbv2.bench.workers import (backend_worker, default_run, in_subprocess, loader_speed,
                                 measured_sgemm_gflops, thread_env)
-from mbv2.runtime import BF16_FLAGS, cpu_flags, has_bf16
+from mbv2.runtime import BF16_FLAGS, has_avx512_bf16, has_bf16
 
 
 def _loadavg() -> float:
@@ -44,7 +44,7 @@ def _not_here(backend: str) -> str | None:
         return None
     if not has_bf16():
         return _NO_BF16
-    if backend == "paddle_predictor_kernels_bf16" and "avx512_bf16" not in cpu_flags():
+    if backend == "paddle_predictor_kernels_bf16" and not has_avx512_bf16():
         return f"{NA_PREFIX}: mbv2's predictor runs bf16 on AVX512-BF16 only"
     return None
 

@@ -38,9 +38,9 @@ PRECISIONS = ("fp32", "bf16")
 
 def bf16_why_not() -> str | None:
     """None where the op can run in bf16 here, else why not."""
-    from mbv2.runtime import cpu_flags
+    from mbv2.runtime import has_avx512_bf16
 
-    if "avx512_bf16" not in cpu_flags():
+    if not has_avx512_bf16():
         return "mbv2's predictor runs bf16 on CPUs with AVX512-BF16 only; this one has none"
     return None
 
@@ -215,18 +215,25 @@ class _ProgramReader:
         data = [op for op in self.all_ops if op.name() == "pd_op.data"]
         if len(data) != 1:
             raise NotMobileNetV2(f"{where}: expected one input, found {len(data)}")
-        value = data[0].result(0)
-        stem, value = self.conv_bn(value, 3, False, True)
+        stem, value = self.conv_bn(data[0].result(0), 3, False, True)
         if stem.weight.shape[1] != 3:
             raise NotMobileNetV2(f"{where}: the stem reads {stem.weight.shape[1]} channels, not 3")
+        units, last, value = self.units(value)
+        fc_w, fc_b, softmax = self.classifier(value)
+        if self.i != len(self.ops):
+            self.fail("ops after the classifier")
+        return Layers(stem, units, last, fc_w, fc_b, softmax, source=where)
+
+    def units(self, value):
+        """The inverted residual units after the stem, then the last conv: (units, last
+        conv's ConvBN, its output value)."""
         units: list[Unit] = []
         while True:
             start, unit_in = self.i, value
             head, value = self.conv_bn(value, 1, False, True)
             if self.peek() not in ("pd_op.depthwise_conv2d", "pd_op.conv2d") or \
                     self.ops[self.i].attrs().get("groups", 1) == 1:
-                last = head  # conv -> bn -> relu6 and no depthwise conv after it
-                break
+                break  # conv -> bn -> relu6 and no depthwise conv after it: the last conv
             dw, value = self.conv_bn(value, 3, True, True)
             proj, value = self.conv_bn(value, 1, False, False)
             shortcut = False
@@ -243,6 +250,11 @@ class _ProgramReader:
             units.append(Unit(head, dw, proj, shortcut))
         if not units:
             self.fail("no inverted residual units")
+        return units, head, value
+
+    def classifier(self, value):
+        """Global average pool, flatten, matmul + bias add (+ softmax) of the last conv's
+        output: (fc weight, fc bias, softmax)."""
         pool = self.take("pd_op.pool2d")
         pa = pool.attrs()
         if not self.feeds(pool, value) or pa.get("pooling_type") != "avg" or not (
@@ -276,9 +288,7 @@ class _ProgramReader:
                 self.i -= 1
                 self.fail("a softmax that is not over the classes")
             softmax = True
-        if self.i != len(self.ops):
-            self.fail("ops after the classifier")
-        return Layers(stem, units, last, fc_w, fc_b, softmax, source=where)
+        return fc_w, fc_b, softmax
 
 
 def pack_layers(layers: Layers) -> tuple[list[int], np.ndarray]:
