@@ -23,7 +23,7 @@ def torch_model(class_num: int, scale: float):
     (including the t=1 unit's expand conv, which PaddleClas keeps)."""
     import torch.nn as tnn
 
-    from mbv2.model import PADDLECLAS_BOTTLENECK
+    from mbv2.model.table import PADDLECLAS_BOTTLENECK
 
     class ConvBN(tnn.Module):
         def __init__(self, cin: int, cout: int, k: int, s: int, p: int, groups: int = 1):

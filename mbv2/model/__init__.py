@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mbv2.model.counting import count_macs, count_parameters
-    from mbv2.model.network import (PADDLECLAS_BOTTLENECK, ConvBNLayer, MobileNetV2,
-                                    ModelConfigError, check_architecture)
+    from mbv2.model.network import ConvBNLayer, MobileNetV2, ModelConfigError, check_architecture
     from mbv2.model.pretrained import load_pretrained
     from mbv2.model.summary import layer_summary, write_summary_csv
+    from mbv2.model.table import PADDLECLAS_BOTTLENECK
 
 # public name -> the submodule that defines it
 _LAZY = {
     "count_macs": "counting", "count_parameters": "counting",
-    "PADDLECLAS_BOTTLENECK": "network", "ConvBNLayer": "network", "MobileNetV2": "network",
+    "PADDLECLAS_BOTTLENECK": "table", "ConvBNLayer": "network", "MobileNetV2": "network",
     "ModelConfigError": "network", "check_architecture": "network",
     "load_pretrained": "pretrained",
     "layer_summary": "summary", "write_summary_csv": "summary",

@@ -13,19 +13,8 @@ from typing import Any
 import paddle
 import paddle.nn as nn
 
+from mbv2.model.table import PADDLECLAS_BOTTLENECK
 from mbv2.ops import PADDLE_OPS, Ops, select_ops
-
-# (t, c, n, s): expansion factor, output channels, units, stride of the first unit. The
-# one copy of the table: `model.bottleneck: null` (the default) means this.
-PADDLECLAS_BOTTLENECK: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
 
 
 class ConvBNLayer(nn.Layer):
