@@ -22,7 +22,7 @@ from mbv2.ops import pointwise as pw
 pytestmark = pytest.mark.usefixtures("op_threads")
 
 
-def _layers(c: int, stride: int, rng) -> tuple[paddle.nn.BatchNorm2D, paddle.nn.Conv2D]:
+def bn_depthwise_layers(c: int, stride: int, rng) -> tuple[paddle.nn.BatchNorm2D, paddle.nn.Conv2D]:
     bn = paddle.nn.BatchNorm2D(c)
     # gammas of both signs, a zero and a tiny one; betas that clamp some channels at 0 or 6
     gam = rng.uniform(0.3, 2.0, c) * rng.choice([1, -1], c)
@@ -43,7 +43,7 @@ def run(shape, stride, fuse: bool, seed=0):
     """[z, dx, dgamma, dbeta, dweight, running mean, running var]: fused op or the two ops."""
     rng = np.random.default_rng(seed)
     xn = (rng.standard_normal(shape) * 2 + 1).astype("float32")
-    bn, conv = _layers(shape[1], stride, rng)
+    bn, conv = bn_depthwise_layers(shape[1], stride, rng)
     x = paddle.to_tensor(xn, stop_gradient=False)
     if fuse:
         assert fused.depthwise_covers(x, bn, conv)
@@ -107,7 +107,7 @@ def test_fused_op_matches_paddle(kernel):
     got = run(shape, stride, True)
     rng = np.random.default_rng(0)
     xn = (rng.standard_normal(shape) * 2 + 1).astype("float32")
-    bn, conv = _layers(shape[1], stride, rng)
+    bn, conv = bn_depthwise_layers(shape[1], stride, rng)
     x = paddle.to_tensor(xn, stop_gradient=False)
     z = conv(F.relu6(bn(x)))
     up = rng.standard_normal(z.shape).astype("float32")
@@ -133,14 +133,14 @@ def test_streamed_outputs_equal_cached_ones(kernel, monkeypatch):
 
 def test_covers_only_what_the_op_takes(kernel):
     rng = np.random.default_rng(1)
-    bn, conv = _layers(16, 1, rng)
+    bn, conv = bn_depthwise_layers(16, 1, rng)
     x = paddle.randn([2, 16, 8, 8])
     assert fused.depthwise_covers(x, bn, conv)
     assert not fused.depthwise_covers(paddle.randn([2, 16, 2, 2]), bn, conv)  # planes under 8 pixels
     bn.eval()
     assert not fused.depthwise_covers(x, bn, conv)  # running statistics: the inference op's business
     bn.train()
-    bn3, conv3 = _layers(3, 1, rng)
+    bn3, conv3 = bn_depthwise_layers(3, 1, rng)
     assert not fused.depthwise_covers(paddle.randn([2, 3, 40, 40]), bn3, conv3)  # the flat path's shape
     assert not fused.depthwise_covers(x.astype("float64"), bn, conv)
 
@@ -208,7 +208,7 @@ def run_pointwise(shape, c_out, fuse: bool, bf16: bool = False, seed=0):
     conv: the fused op or the two ops."""
     rng = np.random.default_rng(seed)
     xn = (rng.standard_normal(shape) * 2 + 1).astype("float32")
-    bn, _ = _layers(shape[1], 1, rng)
+    bn, _ = bn_depthwise_layers(shape[1], 1, rng)
     conv = paddle.nn.Conv2D(shape[1], c_out, 1, bias_attr=False)
     conv.weight.set_value((rng.standard_normal((c_out, shape[1], 1, 1)) * 0.3).astype("float32"))
     x = paddle.to_tensor(xn, stop_gradient=False)
@@ -291,8 +291,8 @@ def test_producer_sums_feed_the_fused_ops(kernel, bf16, monkeypatch):
     y, sums = pw.pointwise_conv2d_sums(x, w_expand, bf16)
     assert np.array_equal(y.numpy(), pw.pointwise_conv2d(x, w_expand, bf16).numpy())
     _check_sums(y.numpy(), sums.numpy())
-    bn1, conv = _layers(64, 1, rng)
-    bn2, _ = _layers(64, 1, rng)
+    bn1, conv = bn_depthwise_layers(64, 1, rng)
+    bn2, _ = bn_depthwise_layers(64, 1, rng)
     proj = paddle.nn.Conv2D(64, 32, 1, bias_attr=False)
     proj.weight.set_value((rng.standard_normal((32, 64, 1, 1)) * 0.3).astype("float32"))
     out = []
@@ -319,7 +319,7 @@ def test_outputs_in_cache_leave_the_sums_to_the_batch_norm(kernel, monkeypatch):
     w = paddle.to_tensor((rng.standard_normal((32, 16, 1, 1)) * 0.3).astype("float32"))
     if pw.block_op(x, w) is None:
         pytest.skip("the 1x1 op is not used here")
-    bn, conv = _layers(32, 1, rng)
+    bn, conv = bn_depthwise_layers(32, 1, rng)
     out = []
     for threshold in (str(1 << 50), "0"):
         monkeypatch.setenv("MBV2_STREAM_BYTES", threshold)
@@ -335,7 +335,7 @@ def test_outputs_in_cache_leave_the_sums_to_the_batch_norm(kernel, monkeypatch):
 
 def test_pointwise_op_covers_only_what_it_takes(kernel):
     rng = np.random.default_rng(3)
-    bn, _ = _layers(16, 1, rng)
+    bn, _ = bn_depthwise_layers(16, 1, rng)
     conv = paddle.nn.Conv2D(16, 8, 1, bias_attr=False)
     x = paddle.randn([2, 16, 8, 8])
     if pw.block_op(x, conv.weight) is None:
@@ -348,7 +348,7 @@ def test_pointwise_op_covers_only_what_it_takes(kernel):
     assert fused.pointwise_op(x, bn, conv) is None
 
 
-def test_layers_with_forward_hooks_run_as_layers(kernel, monkeypatch):
+def test_layers_with_forward_hooks_run_asbn_depthwise_layers(kernel, monkeypatch):
     """A forward hook on a unit's expand layer sees its output: that unit runs its layers
     one by one, the other units keep the fused op."""
     calls = []
@@ -369,88 +369,3 @@ def test_layers_with_forward_hooks_run_as_layers(kernel, monkeypatch):
     net(x)
     assert seen and seen[0][1] == unit._bottleneck_conv._conv._in_channels
     assert calls.count(fused.OP_NAME) == before - 1
-
-
-def run_expand(shape, c_exp, stride, merged: bool, seed=0, offset=1.0):
-    """[z, sums, dx, dweight (expand), dgamma, dbeta, dweight (depthwise), running mean,
-    running var] of x -> 1x1 expand -> relu6(bn) -> depthwise: the one op or the two ops
-    (the 1x1 op giving its output's sums, then the fused batch norm -> depthwise op)."""
-    rng = np.random.default_rng(seed)
-    x = paddle.to_tensor((rng.standard_normal(shape) + offset).astype("float32"), stop_gradient=False)
-    expand = paddle.nn.Conv2D(shape[1], c_exp, 1, bias_attr=False)
-    expand.weight.set_value((rng.standard_normal((c_exp, shape[1], 1, 1)) * 0.5).astype("float32"))
-    bn, conv = _layers(c_exp, stride, rng)
-    if merged:
-        z, sums = fused.expand_bn_relu6_depthwise(x, expand, bn, conv)
-    else:
-        y, ysums = pw.pointwise_conv2d_sums(x, expand.weight)
-        assert ysums is not None  # the per-block op, as the one op runs
-        z, sums = fused.bn_relu6_depthwise(y, bn, conv, ysums)
-    up = rng.standard_normal(z.shape).astype("float32")
-    (z * paddle.to_tensor(up)).sum().backward()
-    return [z.numpy(), sums.numpy(), x.grad.numpy(), expand.weight.grad.numpy(),
-            bn.weight.grad.numpy(), bn.bias.grad.numpy(), conv.weight.grad.numpy(),
-            bn._mean.numpy(), bn._variance.numpy()]
-
-
-EXPAND_NAMES = ("z", "sums", "dx", "dweight_expand", "dgamma", "dbeta", "dweight", "running_mean",
-                "running_var")
-# (n, c_in, h, w), c_out, stride: MobileNetV2's expansion 6 on maps of 28x28 and up (strides
-# 1 and 2), odd maps (pixel tails in the blocks, the channel-lane path's rows), channel
-# groups left partial, a map over one 1,024-pixel block per image, and maps in cache
-EXPAND_CASES = [((2, 8, 28, 28), 48, 1), ((2, 8, 28, 28), 48, 2), ((2, 5, 29, 31), 30, 1),
-                ((1, 4, 45, 45), 20, 2), ((2, 16, 9, 11), 20, 1), ((3, 12, 8, 8), 72, 1)]
-
-
-@pytest.mark.parametrize("shape,c_exp,stride", EXPAND_CASES,
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_expand_op_matches_the_two_ops(kernel, shape, c_exp, stride):
-    """The one op computes what the 1x1 op and the fused op compute: the forward, the batch
-    norm's and the depthwise conv's gradients bit for bit (the same arithmetic); the 1x1
-    conv's gradients, taken from dy's terms apart (M x, the Gram matrix), to rounding."""
-    got, ref = run_expand(shape, c_exp, stride, True), run_expand(shape, c_exp, stride, False)
-    for name, a, b in zip(EXPAND_NAMES, got, ref):
-        assert a.shape == b.shape, name
-        if name in ("dx", "dweight_expand"):
-            # per input channel (dx) or output row (dweight): none hides in another's norm
-            axis = 1 if name == "dx" else 0
-            for ch in range(a.shape[axis]):
-                ac, bc = np.take(a, ch, axis), np.take(b, ch, axis)
-                assert np.abs(ac - bc).max() <= 2e-5 * max(np.abs(bc).max(), 1e-3), (name, ch)
-            continue
-        assert np.array_equal(a, b, equal_nan=True), (name, float(np.abs(a - b).max()))
-
-
-def test_expand_op_keeps_its_accuracy_on_offset_inputs(kernel):
-    """The 1x1 gradients' terms B W (x x^T) and C0 (sum x)^T cancel where the expand
-    conv's outputs sit far from zero: inputs at mean 4 (outputs ~5x their spread) stay
-    within float32 rounding of the two ops."""
-    got = run_expand((2, 8, 28, 28), 48, 1, True, seed=3, offset=4.0)
-    ref = run_expand((2, 8, 28, 28), 48, 1, False, seed=3, offset=4.0)
-    for name, a, b in zip(EXPAND_NAMES, got, ref):
-        if name in ("dx", "dweight_expand"):
-            assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), name
-
-
-def test_expand_op_covers_only_where_it_pays(kernel):
-    """Training-mode batch norms, the float32 per-block 1x1 op, expansion 4 and up, maps
-    of 28x28 and up (fused.EXPAND_MIN_*); everything else runs the ops apart."""
-    rng = np.random.default_rng(0)
-    bn, conv = _layers(48, 1, rng)
-    expand = paddle.nn.Conv2D(8, 48, 1, bias_attr=False)
-    x = paddle.randn([2, 8, 28, 28])
-    assert fused.expand_covers(x, expand, bn, conv)
-    assert not fused.expand_covers(paddle.randn([2, 8, 27, 28]), expand, bn, conv)  # map
-    assert not fused.expand_covers(paddle.randn([2, 16, 28, 28]), paddle.nn.Conv2D(16, 48, 1, bias_attr=False), bn, conv)  # expansion 3
-    assert not fused.expand_covers(x, paddle.nn.Conv2D(8, 48, 1), bn, conv)  # a bias
-    bn.eval()
-    assert not fused.expand_covers(x, expand, bn, conv)  # running statistics
-    bn.train()
-    # where mixed precision gives the expand conv the bfloat16 op, the ops stay apart
-    bn_wide, conv_wide = _layers(192, 1, rng)
-    wide = paddle.nn.Conv2D(32, 192, 1, bias_attr=False)
-    x_wide = paddle.randn([2, 32, 28, 28])
-    assert fused.expand_covers(x_wide, wide, bn_wide, conv_wide)
-    if dw.load_kernel().pointwise_bf16:
-        assert pw.block_op(x_wide, wide.weight, True) == pw.BF16_OP_NAME
-        assert not fused.expand_covers(x_wide, wide, bn_wide, conv_wide, bf16=True)
