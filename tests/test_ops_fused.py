@@ -17,26 +17,10 @@ from mbv2.ops import CPU_KERNELS, fused
 from mbv2.ops import batch_norm as fbn
 from mbv2.ops import depthwise as dw
 from mbv2.ops import pointwise as pw
+from tests.fused_layers import bn_depthwise_layers
 
 # the ops at the thread count the runs use (conftest.op_threads)
 pytestmark = pytest.mark.usefixtures("op_threads")
-
-
-def bn_depthwise_layers(c: int, stride: int, rng) -> tuple[paddle.nn.BatchNorm2D, paddle.nn.Conv2D]:
-    bn = paddle.nn.BatchNorm2D(c)
-    # gammas of both signs, a zero and a tiny one; betas that clamp some channels at 0 or 6
-    gam = rng.uniform(0.3, 2.0, c) * rng.choice([1, -1], c)
-    gam[0] = 0.0
-    if c > 1:
-        gam[1] = 1e-4
-    bn.weight.set_value(gam.astype("float32"))
-    bn.bias.set_value(rng.uniform(-1.0, 5.0, c).astype("float32"))
-    bn._mean.set_value(rng.standard_normal(c).astype("float32"))
-    bn._variance.set_value(rng.uniform(0.5, 2.0, c).astype("float32"))
-    bn.train()
-    conv = paddle.nn.Conv2D(c, c, 3, stride=stride, padding=1, groups=c, bias_attr=False)
-    conv.weight.set_value(rng.standard_normal((c, 1, 3, 3)).astype("float32"))
-    return bn, conv
 
 
 def run(shape, stride, fuse: bool, seed=0):
@@ -348,7 +332,7 @@ def test_pointwise_op_covers_only_what_it_takes(kernel):
     assert fused.pointwise_op(x, bn, conv) is None
 
 
-def test_layers_with_forward_hooks_run_asbn_depthwise_layers(kernel, monkeypatch):
+def test_layers_with_forward_hooks_run_as_layers(kernel, monkeypatch):
     """A forward hook on a unit's expand layer sees its output: that unit runs its layers
     one by one, the other units keep the fused op."""
     calls = []

@@ -14,7 +14,7 @@ import paddle
 from mbv2.ops import depthwise as dw
 from mbv2.ops import fused
 from mbv2.ops import pointwise as pw
-from tests.test_ops_fused import bn_depthwise_layers
+from tests.fused_layers import bn_depthwise_layers
 
 # the ops at the thread count the runs use (conftest.op_threads)
 pytestmark = pytest.mark.usefixtures("op_threads")
