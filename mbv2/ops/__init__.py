@@ -11,7 +11,8 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
   batch norm + ReLU6 outputs are folded into the convs that read them (`fused`: those
   activations are never written), and on maps of 28x28 and up the expand conv joins the
   depthwise one (`fused.expand_bn_relu6_depthwise`: its output's gradient is never
-  formed). Each wrapper sends a shape it does not cover to
+  formed); on maps under 8 pixels (2x2, 1x1) the whole unit is one op
+  (`fused.small_unit`). Each wrapper sends a shape it does not cover to
   Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
   (`trainer.amp` on CPU, `mixed_precision`).
 
@@ -91,6 +92,9 @@ class CpuKernels(Ops):
         see their calls."""
         if _hooked(expand) or _hooked(depthwise) or _hooked(linear):
             return super().inverted_residual(expand, depthwise, linear, x)
+        plan = fused.small_unit_plan(x, expand, depthwise, linear, self.bf16)
+        if plan is not None:
+            return fused.small_unit(x, plan)
         bn, conv = expand._batch_norm, depthwise._conv
         if fused.batch_stats(bn) and fused.expand_covers(x, expand._conv, bn, conv, self.bf16):
             z, sums = fused.expand_bn_relu6_depthwise(x, expand._conv, bn, conv)

@@ -56,7 +56,8 @@ SOURCE = Path(__file__).with_name("depthwise_conv.cc")
 # depthwise_conv.cc also holds the batch norm + ReLU6 -> depthwise op of `mbv2.ops.fused`.
 EXTRA_SOURCES = (Path(__file__).with_name("batch_norm_act.cc"),
                  Path(__file__).with_name("pointwise_conv.cc"),
-                 Path(__file__).with_name("infer_net.cc"))
+                 Path(__file__).with_name("infer_net.cc"),
+                 Path(__file__).with_name("small_unit.cc"))
 HEADERS = (Path(__file__).with_name("stream_store.h"),  # included by the sources
            Path(__file__).with_name("batch_norm_act.h"),
            Path(__file__).with_name("work_chunks.h"),

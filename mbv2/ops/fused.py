@@ -19,6 +19,11 @@ On maps of 28x28 and up the expand conv and the first op run as one
 the expand conv's output gradient: the 1x1 backward takes the batch norm backward's terms
 apart (see `pointwise_conv.cc`), so the batch norm's dx pass over that map is not made.
 
+On maps under 8 pixels (2x2 and 1x1: the last stages at 32 px) a whole unit, expand ->
+batch norm -> ReLU6 -> depthwise -> batch norm -> ReLU6 -> projection -> batch norm, is one
+op (`mbv2_small_unit`, `small_unit.cc`; `small_unit_covers`, `small_unit`): seven ops and
+seven grad nodes apart, each mostly dispatch around a few microseconds of arithmetic.
+
 `depthwise_covers(x, bn, conv)` and `pointwise_op(x, bn, conv, bf16)` say where they apply
 (training-mode batch statistics on float32 NCHW CPU tensors, planes of 8 pixels and up, a
 conv shape the library's own paths take); `CpuKernels.inverted_residual` runs the ops
@@ -175,4 +180,97 @@ def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op
     depthwise op that made x took them, else summed here."""
     outs = paddle._C_ops._run_custom_op(op, *_inputs(x, bn, conv), sums, float(bn._epsilon),
                                         float(bn._momentum))
+    return outs[0]
+
+
+SMALL_UNIT_OP = "mbv2_small_unit"
+
+
+def _plain_depthwise(conv: nn.Conv2D) -> bool:
+    """A bias-free 3x3 depthwise conv, padding 1, stride 1 or 2 both ways, NCHW."""
+    stride = _dw._stride2(conv._stride)
+    return (conv._groups == conv._in_channels == conv._out_channels and conv.bias is None
+            and tuple(conv._kernel_size) == (3, 3) and tuple(conv._dilation) == (1, 1)
+            and _dw._pad4(conv._padding) == [1, 1, 1, 1] and stride in ([1, 1], [2, 2])
+            and getattr(conv, "_data_format", "NCHW") == "NCHW")
+
+
+class SmallUnitPlan(NamedTuple):
+    """What the one op needs of a unit's layers that does not change between calls."""
+    c_in: int
+    stride: int
+    convs: tuple  # the expand, depthwise and projection nn.Conv2D
+    bns: tuple  # their nn.BatchNorm2D
+
+
+# Attribute of the expand ConvBNLayer holding its unit's SmallUnitPlan (or False: the
+# unit's convs are not the op's), worked out on the first call: the layer checks and the
+# Layer attribute lookups (~1 us each through Layer.__getattr__) cost more than the op's
+# own dispatch when they ran every call.
+_PLAN_ATTR = "_mbv2_small_unit_plan"
+
+
+def _unit_plan(expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer) -> SmallUnitPlan | None:
+    plan = expand.__dict__.get(_PLAN_ATTR)
+    if plan is not None and (plan is False or plan.convs[1] is depthwise._conv):
+        return plan or None
+    e, d, p = expand._conv, depthwise._conv, linear._conv
+    bns = (expand._batch_norm, depthwise._batch_norm, linear._batch_norm)
+    ok = (_plain_1x1(e) and _plain_1x1(p) and _plain_depthwise(d)
+          and d._in_channels == e._out_channels and p._in_channels == d._out_channels
+          and all(getattr(bn, "_data_format", "NCHW") == "NCHW" and bn.weight is not None
+                  and bn.bias is not None for bn in bns))
+    plan = SmallUnitPlan(e._in_channels, _dw._stride2(d._stride)[0], (e, d, p), bns) if ok else False
+    object.__setattr__(expand, _PLAN_ATTR, plan)
+    return plan or None
+
+
+def small_unit_plan(x: paddle.Tensor, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer,
+                    bf16: bool = False) -> SmallUnitPlan | None:
+    """The plan `small_unit` runs the unit of these three ConvBNLayers on x with, as one
+    op, or None: training-mode batch statistics in all three batch norms, float32 NCHW CPU
+    input with maps under 8 pixels, the unit's usual conv shapes (bias-free 1x1s around a
+    3x3 depthwise conv, padding 1, stride 1 or 2), and a library built with MKL. bf16
+    (mixed precision): None where either 1x1 product would run in bfloat16 apart (the op's
+    products are float32)."""
+    shape = x.shape
+    if len(shape) != 4 or shape[2] * shape[3] >= MIN_PLANE:
+        return None  # first: the cheap test that rules out the units on larger maps
+    plan = _unit_plan(expand, depthwise, linear)
+    if plan is None or shape[1] != plan.c_in or not paddle.in_dynamic_mode():
+        return None
+    n, _, h, w = shape
+    ho, wo = (h - 1) // plan.stride + 1, (w - 1) // plan.stride + 1
+    if n * h * w <= 1 or n * ho * wo <= 1:
+        return None  # Paddle raises for one value per channel in training; let it
+    if any(not bn.training or getattr(bn, "_use_global_stats", None) for bn in plan.bns):
+        return None
+    if x.dtype != paddle.float32 or not x.place.is_cpu_place():
+        return None
+    kernel = _dw.load_kernel()
+    if kernel is None or not kernel.pointwise:
+        return None
+    if bf16 and kernel.pointwise_bf16:
+        hidden, c_out = plan.convs[1]._in_channels, plan.convs[2]._out_channels
+        if (_pw._rows_bf16_pays(plan.c_in, hidden, n * h * w)
+                or _pw._rows_bf16_pays(hidden, c_out, n * ho * wo)):
+            return None
+    return plan
+
+
+def small_unit(x: paddle.Tensor, plan: SmallUnitPlan) -> paddle.Tensor:
+    """linear(depthwise(expand(x))) of an inverted residual unit (ReLU6, ReLU6, linear)
+    through the one op, with what `small_unit_plan` gave; the running statistics of the
+    three batch norms updated as the layers would."""
+    grad = paddle.is_grad_enabled()
+    args = [x if grad else x.detach()]
+    for conv, bn in zip(plan.convs, plan.bns):
+        cp, bp = conv._parameters, bn._parameters  # Layer.__getattr__ bypassed
+        trio = (cp["weight"], bp["weight"], bp["bias"])
+        args += trio if grad else [t.detach() for t in trio]  # no grad node under no_grad
+        args += (bp["_mean"], bp["_variance"])
+    bns = plan.bns
+    outs = paddle._C_ops._run_custom_op(
+        SMALL_UNIT_OP, *args, plan.stride,
+        [float(bn._epsilon) for bn in bns], [float(bn._momentum) for bn in bns])
     return outs[0]
