@@ -146,6 +146,9 @@ def test_network_uses_the_fused_ops_in_training(kernel, monkeypatch):
     x = paddle.to_tensor(np.random.default_rng(2).standard_normal((16, 3, 32, 32)).astype("float32"))
     real_covers, real_pointwise = fused.depthwise_covers, fused.pointwise_op
     fused_ops = (fused.OP_NAME, fused.EXPAND_OP, *fused.POINTWISE_OPS.values())
+    # the pair ops on every unit they cover: the 4x4 ones would otherwise run as one op
+    # (small_unit, tested in test_ops_small_unit.py)
+    monkeypatch.setattr(fused, "SMALL_UNIT_MAX_PIXELS", 0)
 
     def step(depthwise: bool, pointwise: bool):
         monkeypatch.setattr(fused, "depthwise_covers", real_covers if depthwise else (lambda *a: False))

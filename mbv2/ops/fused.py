@@ -19,7 +19,7 @@ On maps of 28x28 and up the expand conv and the first op run as one
 the expand conv's output gradient: the 1x1 backward takes the batch norm backward's terms
 apart (see `pointwise_conv.cc`), so the batch norm's dx pass over that map is not made.
 
-On maps under 8 pixels (2x2 and 1x1: the last stages at 32 px) a whole unit, expand ->
+On maps of at most 16 pixels (4x4, 2x2, 1x1: the last stages at 32 px) a whole unit, expand ->
 batch norm -> ReLU6 -> depthwise -> batch norm -> ReLU6 -> projection -> batch norm, is one
 op (`mbv2_small_unit`, `small_unit.cc`; `small_unit_covers`, `small_unit`): seven ops and
 seven grad nodes apart, each mostly dispatch around a few microseconds of arithmetic.
@@ -184,6 +184,12 @@ def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op
 
 
 SMALL_UNIT_OP = "mbv2_small_unit"
+# Maps of at most this many pixels take the one op. Whole training steps at 32 px, batch
+# 128, 2 threads, alternated in one process (medians of 8-12 rounds): with the 4x4 units
+# taken too (16 against 7) x0.5 1.008, x1.0 1.035; with the 8x8 ones (64 against 16)
+# x0.5 0.936 (one 12->72->12 unit at 8x8: 0.55-0.63x the ops apart, whose per-plane
+# kernels pay there).
+SMALL_UNIT_MAX_PIXELS = 16
 
 
 def _plain_depthwise(conv: nn.Conv2D) -> bool:
@@ -229,12 +235,12 @@ def small_unit_plan(x: paddle.Tensor, expand: nn.Layer, depthwise: nn.Layer, lin
                     bf16: bool = False) -> SmallUnitPlan | None:
     """The plan `small_unit` runs the unit of these three ConvBNLayers on x with, as one
     op, or None: training-mode batch statistics in all three batch norms, float32 NCHW CPU
-    input with maps under 8 pixels, the unit's usual conv shapes (bias-free 1x1s around a
+    input with maps of at most SMALL_UNIT_MAX_PIXELS pixels, the unit's usual conv shapes (bias-free 1x1s around a
     3x3 depthwise conv, padding 1, stride 1 or 2), and a library built with MKL. bf16
     (mixed precision): None where either 1x1 product would run in bfloat16 apart (the op's
     products are float32)."""
     shape = x.shape
-    if len(shape) != 4 or shape[2] * shape[3] >= MIN_PLANE:
+    if len(shape) != 4 or shape[2] * shape[3] > SMALL_UNIT_MAX_PIXELS:
         return None  # first: the cheap test that rules out the units on larger maps
     plan = _unit_plan(expand, depthwise, linear)
     if plan is None or shape[1] != plan.c_in or not paddle.in_dynamic_mode():

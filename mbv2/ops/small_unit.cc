@@ -3,8 +3,8 @@
 //
 //   y = bn3(proj(relu6(bn2(dw3x3(relu6(bn1(expand(x))))))))
 //
-// for maps under 8 pixels (MobileNetV2's last stages at 32 px: 2x2 and 1x1), the unit's
-// shortcut left to the caller. Apart, those are seven ops a unit forward and seven grad
+// for maps of at most 16 pixels (MobileNetV2's last stages at 32 px: 4x4, 2x2 and 1x1),
+// the unit's shortcut left to the caller. Apart, those are seven ops a unit forward and seven grad
 // nodes backward (two 1x1 products, three batch norms, the depthwise conv, the residual
 // add), each a few tens of microseconds of Paddle dispatch, Python routing and thread
 // start-up around a few microseconds of arithmetic: x0.5 at 32 px, batch 128, the ten
@@ -46,8 +46,8 @@
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-// Maps of fewer pixels than this (the fused ops' MIN_PLANE) are the op's.
-constexpr int64_t kMaxPixels = 7;
+// Maps of at most this many pixels (4x4) are the op's; fused.SMALL_UNIT_MAX_PIXELS routes.
+constexpr int64_t kMaxPixels = 16;
 // Rows a float partial sum runs over before it is added into the channel's double sum.
 constexpr int64_t kRowBlock = 32;
 
@@ -200,58 +200,137 @@ std::vector<float> Taps(const float* wd, int64_t c) {
   return t;
 }
 
-// Calls fn(out_row, in_row, tap) for every (output pixel, tap) pair of a 3x3 conv with
-// padding 1 whose input pixel is inside the map, image by image.
-template <typename Fn>
-void ForTaps(const UnitShape& s, Fn fn) {
-  for (int64_t n = 0; n < s.n; ++n)
+// The 3x3 conv's (padding 1) pairs of an output pixel q and an input pixel p inside the
+// map, one image's worth (the same for every image), grouped three ways: by output pixel
+// (the forward gathers them), by input pixel (the input gradient gathers them: each
+// element written once) and by tap (the weight gradient: one register sum a tap).
+struct TapPairs {
+  struct Pair {
+    int64_t q, p;
+    int k;
+  };
+  std::vector<std::vector<Pair>> by_out, by_in, by_tap;
+  explicit TapPairs(const UnitShape& s) : by_out(s.q()), by_in(s.p()), by_tap(9) {
     for (int64_t oy = 0; oy < s.ho; ++oy)
-      for (int64_t ox = 0; ox < s.wo; ++ox) {
-        const int64_t orow = (n * s.ho + oy) * s.wo + ox;
+      for (int64_t ox = 0; ox < s.wo; ++ox)
         for (int ky = 0; ky < 3; ++ky) {
           const int64_t iy = oy * s.stride - 1 + ky;
           if (iy < 0 || iy >= s.h) continue;
           for (int kx = 0; kx < 3; ++kx) {
             const int64_t ix = ox * s.stride - 1 + kx;
             if (ix < 0 || ix >= s.w) continue;
-            fn(orow, (n * s.h + iy) * s.w + ix, ky * 3 + kx);
+            const Pair pr{oy * s.wo + ox, iy * s.w + ix, ky * 3 + kx};
+            by_out[pr.q].push_back(pr);
+            by_in[pr.p].push_back(pr);
+            by_tap[pr.k].push_back(pr);
           }
         }
+  }
+};
+
+// Eight channels in a vector register (GCC's vector extension: AVX with the library's
+// flags, SSE pairs without), loaded and stored unaligned.
+typedef float V8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+// Bytes of A and dD rows the weight gradient takes a block of images at a time for (a
+// quarter of a core's L2 here).
+constexpr int64_t kBlockBytes = 256 * 1024;
+inline V8 Load8(const float* p) {
+  V8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store8(float* p, V8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// Channels [c0, c1) of the depthwise conv: D (m2 rows) from A (m1 rows), each output row
+// summed in registers over its taps and written once.
+__attribute__((noinline)) void DepthwiseForward(const UnitShape& s, const TapPairs& tp,
+                                                const float* A, const float* taps, int64_t c0,
+                                                int64_t c1, float* D) {
+  const int64_t ch = s.ch;
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t q = 0; q < s.q(); ++q) {
+      const auto& pairs = tp.by_out[q];
+      float* o = D + (n * s.q() + q) * ch;
+      const float* an = A + n * s.p() * ch;
+      int64_t c = c0;
+      for (; c + kLanes <= c1; c += kLanes) {
+        V8 acc = {};
+        for (const auto& pr : pairs) acc += Load8(an + pr.p * ch + c) * Load8(taps + pr.k * ch + c);
+        Store8(o + c, acc);
       }
-}
-
-// Channels [c0, c1) of the depthwise conv: D (m2 rows) from A (m1 rows).
-__attribute__((noinline)) void DepthwiseForward(const UnitShape& s, const float* A,
-                                                const float* taps, int64_t c0, int64_t c1,
-                                                float* D) {
-  for (int64_t r = 0; r < s.m2(); ++r) std::fill(D + r * s.ch + c0, D + r * s.ch + c1, 0.f);
-  ForTaps(s, [&](int64_t orow, int64_t irow, int k) {
-    float* __restrict o = D + orow * s.ch;
-    const float* __restrict in = A + irow * s.ch;
-    const float* __restrict t = taps + k * s.ch;
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) o[c] += in[c] * t[c];
-  });
-}
-
-// Its backward on channels [c0, c1): dA (zeroed here) and the taps' gradient dtaps (9 rows
-// of ch, added to) from dD.
-__attribute__((noinline)) void DepthwiseBackward(const UnitShape& s, const float* A,
-                                                 const float* dD, const float* taps, int64_t c0,
-                                                 int64_t c1, float* dA, float* dtaps) {
-  for (int64_t r = 0; r < s.m1(); ++r) std::fill(dA + r * s.ch + c0, dA + r * s.ch + c1, 0.f);
-  ForTaps(s, [&](int64_t orow, int64_t irow, int k) {
-    const float* __restrict g = dD + orow * s.ch;
-    const float* __restrict in = A + irow * s.ch;
-    float* __restrict d = dA + irow * s.ch;
-    const float* __restrict t = taps + k * s.ch;
-    float* __restrict dt = dtaps + k * s.ch;
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      d[c] += g[c] * t[c];
-      dt[c] += g[c] * in[c];
+      for (; c < c1; ++c) {
+        float acc = 0.f;
+        for (const auto& pr : pairs) acc += an[pr.p * ch + c] * taps[pr.k * ch + c];
+        o[c] = acc;
+      }
     }
-  });
+}
+
+// Its backward on channels [c0, c1): dA (every element written once, gathered over the
+// output pixels that read it) and the taps' gradient dtaps (9 rows of ch), each tap's sum
+// in four register accumulators over the images (a sum through memory would wait on its
+// own store every pixel).
+__attribute__((noinline)) void DepthwiseBackward(const UnitShape& s, const TapPairs& tp,
+                                                 const float* A, const float* dD,
+                                                 const float* taps, int64_t c0, int64_t c1,
+                                                 float* dA, float* dtaps) {
+  const int64_t ch = s.ch, P = s.p(), Q = s.q();
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t p = 0; p < P; ++p) {
+      const auto& pairs = tp.by_in[p];
+      float* o = dA + (n * P + p) * ch;
+      const float* gn = dD + n * Q * ch;
+      int64_t c = c0;
+      for (; c + kLanes <= c1; c += kLanes) {
+        V8 acc = {};
+        for (const auto& pr : pairs) acc += Load8(gn + pr.q * ch + c) * Load8(taps + pr.k * ch + c);
+        Store8(o + c, acc);
+      }
+      for (; c < c1; ++c) {
+        float acc = 0.f;
+        for (const auto& pr : pairs) acc += gn[pr.q * ch + c] * taps[pr.k * ch + c];
+        o[c] = acc;
+      }
+    }
+  // the weight gradient: images in blocks that stay in cache across the taps and channel
+  // groups (a group's 8 channels are a quarter of each row's cache lines)
+  const int64_t len = c1 - c0;
+  if (len <= 0) return;
+  for (int k = 0; k < 9; ++k) std::fill(dtaps + k * ch + c0, dtaps + k * ch + c1, 0.f);
+  const int64_t nb = std::max<int64_t>(1, kBlockBytes / ((P + Q) * ch * int64_t{sizeof(float)}));
+  for (int64_t n0 = 0; n0 < s.n; n0 += nb) {
+    const int64_t n1 = std::min(s.n, n0 + nb);
+    for (int k = 0; k < 9; ++k) {
+      const auto& pairs = tp.by_tap[k];
+      if (pairs.empty()) continue;
+      float* dt = dtaps + k * ch;
+      int64_t c = c0;
+      for (; c + kLanes <= c1; c += kLanes) {
+        V8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4)
+          for (const auto& pr : pairs) {
+            const float* g = dD + (n * Q + pr.q) * ch + c;
+            const float* a = A + (n * P + pr.p) * ch + c;
+            a0 += Load8(g) * Load8(a);
+            a1 += Load8(g + Q * ch) * Load8(a + P * ch);
+            a2 += Load8(g + 2 * Q * ch) * Load8(a + 2 * P * ch);
+            a3 += Load8(g + 3 * Q * ch) * Load8(a + 3 * P * ch);
+          }
+        for (; n < n1; ++n)
+          for (const auto& pr : pairs)
+            a0 += Load8(dD + (n * Q + pr.q) * ch + c) * Load8(A + (n * P + pr.p) * ch + c);
+        Store8(dt + c, Load8(dt + c) + ((a0 + a1) + (a2 + a3)));
+      }
+      for (; c < c1; ++c) {
+        float acc = 0.f;
+        for (int64_t n = n0; n < n1; ++n)
+          for (const auto& pr : pairs) acc += dD[(n * Q + pr.q) * ch + c] * A[(n * P + pr.p) * ch + c];
+        dt[c] += acc;
+      }
+    }
+  }
 }
 
 // Channels [c0, c1) of the batch norm backward from g's rows (gated by the saved
@@ -351,7 +430,7 @@ std::vector<paddle::Tensor> SmallUnitForward(
              "small_unit: x and the weights must be float32 CPU tensors");
   PD_CHECK(eps.size() == 3 && momentum.size() == 3, "small_unit: three epsilons and momentums");
   const UnitShape s = GetShape(x.shape(), we.shape(), wd.shape(), wp.shape(), stride);
-  PD_CHECK(s.p() <= kMaxPixels, "small_unit: maps under 8 pixels only");
+  PD_CHECK(s.p() <= kMaxPixels, "small_unit: maps of at most 16 pixels only");
   PD_CHECK(s.m1() > 1 && s.m2() > 1, "small_unit: batch norm needs more than one value a channel");
   for (auto* t : {&g1, &b1, &rm1, &rv1, &g2, &b2, &rm2, &rv2}) CheckVector(*t, s.ch, "a hidden batch norm's vector");
   for (auto* t : {&g3, &b3, &rm3, &rv3}) CheckVector(*t, s.co, "the output batch norm's vector");
@@ -374,6 +453,7 @@ std::vector<paddle::Tensor> SmallUnitForward(
   cblas_sgemm(kRowMajor, kNoTrans, kTrans, m1, ch, ci, 1.f, X, ci, wec.data<float>(), ci, 0.f,
               E, ch);
   const std::vector<float> taps = Taps(wdc.data<float>(), s.ch);
+  const TapPairs tp(s);
 #pragma omp parallel
   {
     int64_t c0, c1;
@@ -381,7 +461,7 @@ std::vector<paddle::Tensor> SmallUnitForward(
     ForwardStats(E, s.m1(), s.ch, c0, c1, g1.data<float>(), b1.data<float>(), Mutable(rm1),
                  Mutable(rv1), eps[0], momentum[0], st1);
     Normalise<true>(E, s.m1(), s.ch, c0, c1, st1, A);
-    DepthwiseForward(s, A, taps.data(), c0, c1, D);
+    DepthwiseForward(s, tp, A, taps.data(), c0, c1, D);
     ForwardStats(D, s.m2(), s.ch, c0, c1, g2.data<float>(), b2.data<float>(), Mutable(rm2),
                  Mutable(rv2), eps[1], momentum[1], st2);
     Normalise<true>(D, s.m2(), s.ch, c0, c1, st2, B);
@@ -446,6 +526,7 @@ std::vector<paddle::Tensor> SmallUnitBackward(
   cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m2, ch, co, 1.f, dQ, co, wpc.data<float>(), ch, 0.f,
               dB, ch);
   const std::vector<float> taps = Taps(wdc.data<float>(), s.ch);
+  const TapPairs tp(s);
   std::vector<float> dtaps(9 * s.ch, 0.f);
   float* dA = Scratch(dabuf, s.m1() * s.ch);
 #pragma omp parallel
@@ -455,7 +536,7 @@ std::vector<paddle::Tensor> SmallUnitBackward(
     // dD = bn2'(dB gated by B), in place
     BackwardNorm(dB, B, D, s.m2(), s.ch, c0, c1, g2.data<float>(), st2, dB,
                  dgb[2].data<float>(), dgb[3].data<float>());
-    DepthwiseBackward(s, A, dB, taps.data(), c0, c1, dA, dtaps.data());
+    DepthwiseBackward(s, tp, A, dB, taps.data(), c0, c1, dA, dtaps.data());
     // dE = bn1'(dA gated by A), in place
     BackwardNorm(dA, A, E, s.m1(), s.ch, c0, c1, g1.data<float>(), st1, dA,
                  dgb[0].data<float>(), dgb[1].data<float>());
