@@ -62,7 +62,8 @@ HEADERS = (Path(__file__).with_name("stream_store.h"),  # included by the source
            Path(__file__).with_name("batch_norm_act.h"),
            Path(__file__).with_name("work_chunks.h"),
            Path(__file__).with_name("mkl_cblas.h"),
-           Path(__file__).with_name("bf16.h"))
+           Path(__file__).with_name("bf16.h"),
+           Path(__file__).with_name("repack.h"))
 CACHE_ENV = "MBV2_OPS_CACHE"
 # Only these shapes go to the op; they are what MobileNetV2 uses and what tests cover.
 SUPPORTED_KERNEL = 3

@@ -36,6 +36,7 @@
 
 #include "batch_norm_act.h"
 #include "bf16.h"
+#include "repack.h"
 #include "paddle/extension.h"
 
 #ifdef MBV2_WITH_MKL
@@ -668,41 +669,12 @@ MBV2_BN_POINTWISE_OP(mbv2_bn_relu6_pointwise_bf16, BnPointwiseForward<true>,
 // (4 Paddle ops each way) that the same product needed as Paddle ops.
 namespace {
 
-// rows[n * P + p][c] = x[n][c][p] (x: N x C x P), or the inverse (kPack false). P a
-// template argument and the channel loop innermost: unit-stride on the rows side and a
-// constant stride on the other, which GCC vectorises (the P-inner loop cost 1.5x the
-// GEMM of these layers).
-template <int64_t P, bool kPack>
-void Repack(const float* src, int64_t n, int64_t c, float* dst) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float* si = src + i * c * P;
-    float* di = dst + i * c * P;
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t ch = 0; ch < c; ++ch) {
-        if (kPack)
-          di[p * c + ch] = si[ch * P + p];
-        else
-          di[ch * P + p] = si[p * c + ch];
-      }
-  }
-}
-
-template <bool kPack>
-void RepackAny(const float* src, int64_t n, int64_t c, int64_t P, float* dst) {
-  switch (P) {
-    case 2: Repack<2, kPack>(src, n, c, dst); break;
-    case 3: Repack<3, kPack>(src, n, c, dst); break;
-    default: Repack<4, kPack>(src, n, c, dst); break;
-  }
-}
-
 void PackRows(const float* x, int64_t n, int64_t c, int64_t P, float* rows) {
-  RepackAny<true>(x, n, c, P, rows);
+  mbv2::Repack<true>(x, n, c, P, rows);
 }
 
 void UnpackRows(const float* rows, int64_t n, int64_t c, int64_t P, float* y) {
-  RepackAny<false>(rows, n, c, P, y);
+  mbv2::Repack<false>(rows, n, c, P, y);
 }
 
 // Uninitialised float32 scratch from Paddle's allocator (a std::vector's zero fill was

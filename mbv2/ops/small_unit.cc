@@ -42,6 +42,7 @@
 #ifdef MBV2_WITH_MKL
 
 #include "mkl_cblas.h"
+#include "repack.h"
 
 namespace {
 
@@ -96,23 +97,6 @@ void ChannelRange(int64_t c, int64_t& c0, int64_t& c1) {
   c1 = std::min(c, c0 + per);
 }
 
-// rows[n*P + p][c] = x[n][c][p] (pack) or back (unpack).
-template <bool kPack>
-void Repack(const float* src, int64_t n, int64_t c, int64_t P, float* dst) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float* si = src + i * c * P;
-    float* di = dst + i * c * P;
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t ch = 0; ch < c; ++ch) {
-        if (kPack)
-          di[p * c + ch] = si[ch * P + p];
-        else
-          di[ch * P + p] = si[p * c + ch];
-      }
-  }
-}
-
 float* Scratch(paddle::Tensor& t, int64_t n) {
   t = paddle::empty({std::max<int64_t>(n, 1)}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   return t.data<float>();
@@ -124,6 +108,27 @@ struct Stats {
   Stats(float* base, int64_t c) : mean(base), invstd(base + c), a(base + 2 * c), b(base + 3 * c) {}
 };
 
+// Two per-channel sums over m rows into the doubles a and b (len channels, zeroed here):
+// row(r, pa, pb) adds row r's terms into float partials, which are added into a and b
+// every kRowBlock rows (vector lanes in float, double across blocks).
+template <typename Row>
+void RowBlockSums(int64_t m, int64_t len, std::vector<double>& a, std::vector<double>& b,
+                  Row row) {
+  a.assign(len, 0.0);
+  b.assign(len, 0.0);
+  std::vector<float> fa(len), fb(len);
+  for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+    const int64_t r1 = std::min(m, r0 + kRowBlock);
+    std::fill(fa.begin(), fa.end(), 0.f);
+    std::fill(fb.begin(), fb.end(), 0.f);
+    for (int64_t r = r0; r < r1; ++r) row(r, fa.data(), fb.data());
+    for (int64_t i = 0; i < len; ++i) {
+      a[i] += fa[i];
+      b[i] += fb[i];
+    }
+  }
+}
+
 // Batch norm statistics of channels [c0, c1) of v (m rows of c), the running statistics
 // updated in place and the folded a, b set, as the batch norm op does.
 __attribute__((noinline)) void ForwardStats(const float* v, int64_t m, int64_t c, int64_t c0, int64_t c1,
@@ -131,30 +136,17 @@ __attribute__((noinline)) void ForwardStats(const float* v, int64_t m, int64_t c
                   float eps, float momentum, Stats st) {
   const int64_t len = c1 - c0;
   if (len <= 0) return;
-  std::vector<double> s(len, 0.0), q(len, 0.0);
-  std::vector<float> fs(len), fq(len);
+  std::vector<double> s, q;
   const float* k = v + c0;  // row 0: the shift
-  // float sums over kRowBlock rows at a time (vector lanes), double across blocks
-  for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-    const int64_t r1 = std::min(m, r0 + kRowBlock);
-    float* __restrict ps = fs.data();
-    float* __restrict pq = fq.data();
-    std::fill(ps, ps + len, 0.f);
-    std::fill(pq, pq + len, 0.f);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* __restrict row = v + r * c + c0;
+  RowBlockSums(m, len, s, q, [&](int64_t r, float* __restrict ps, float* __restrict pq) {
+    const float* __restrict row = v + r * c + c0;
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float d = row[i] - k[i];
-        ps[i] += d;
-        pq[i] += d * d;
-      }
-    }
     for (int64_t i = 0; i < len; ++i) {
-      s[i] += ps[i];
-      q[i] += pq[i];
+      const float d = row[i] - k[i];
+      ps[i] += d;
+      pq[i] += d * d;
     }
-  }
+  });
   for (int64_t i = 0; i < len; ++i) {
     const int64_t ch = c0 + i;
     const double ms = s[i] / m;
@@ -242,57 +234,53 @@ inline V8 Load8(const float* p) {
 }
 inline void Store8(float* p, V8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
-// Channels [c0, c1) of the depthwise conv: D (m2 rows) from A (m1 rows), each output row
-// summed in registers over its taps and written once.
-__attribute__((noinline)) void DepthwiseForward(const UnitShape& s, const TapPairs& tp,
-                                                const float* A, const float* taps, int64_t c0,
-                                                int64_t c1, float* D) {
-  const int64_t ch = s.ch;
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t q = 0; q < s.q(); ++q) {
-      const auto& pairs = tp.by_out[q];
-      float* o = D + (n * s.q() + q) * ch;
-      const float* an = A + n * s.p() * ch;
+// Channels [c0, c1) of dst's rows (dst_per rows an image) as sums over tap pairs of src's
+// rows (src_per an image) times the taps: row j of an image sums lists[j], the source row of
+// a pair its input pixel (kFromIn: the forward, lists by output pixel) or its output pixel
+// (the input gradient, lists by input pixel). Each row is summed in registers and written
+// once.
+template <bool kFromIn>
+void GatherTaps(const std::vector<std::vector<TapPairs::Pair>>& lists, int64_t n_img,
+                const float* src, int64_t src_per, const float* taps, int64_t ch, int64_t c0,
+                int64_t c1, float* dst) {
+  const int64_t dst_per = static_cast<int64_t>(lists.size());
+  for (int64_t n = 0; n < n_img; ++n)
+    for (int64_t j = 0; j < dst_per; ++j) {
+      const auto& pairs = lists[j];
+      float* o = dst + (n * dst_per + j) * ch;
+      const float* sn = src + n * src_per * ch;
       int64_t c = c0;
       for (; c + kLanes <= c1; c += kLanes) {
         V8 acc = {};
-        for (const auto& pr : pairs) acc += Load8(an + pr.p * ch + c) * Load8(taps + pr.k * ch + c);
+        for (const auto& pr : pairs)
+          acc += Load8(sn + (kFromIn ? pr.p : pr.q) * ch + c) * Load8(taps + pr.k * ch + c);
         Store8(o + c, acc);
       }
       for (; c < c1; ++c) {
         float acc = 0.f;
-        for (const auto& pr : pairs) acc += an[pr.p * ch + c] * taps[pr.k * ch + c];
+        for (const auto& pr : pairs) acc += sn[(kFromIn ? pr.p : pr.q) * ch + c] * taps[pr.k * ch + c];
         o[c] = acc;
       }
     }
 }
 
-// Its backward on channels [c0, c1): dA (every element written once, gathered over the
-// output pixels that read it) and the taps' gradient dtaps (9 rows of ch), each tap's sum
-// in four register accumulators over the images (a sum through memory would wait on its
-// own store every pixel).
+// Channels [c0, c1) of the depthwise conv: D (m2 rows) from A (m1 rows).
+__attribute__((noinline)) void DepthwiseForward(const UnitShape& s, const TapPairs& tp,
+                                                const float* A, const float* taps, int64_t c0,
+                                                int64_t c1, float* D) {
+  GatherTaps<true>(tp.by_out, s.n, A, s.p(), taps, s.ch, c0, c1, D);
+}
+
+// Its backward on channels [c0, c1): dA (gathered over the output pixels that read each
+// input pixel) and the taps' gradient dtaps (9 rows of ch), each tap's sum in four register
+// accumulators over the images (a sum through memory would wait on its own store every
+// pixel).
 __attribute__((noinline)) void DepthwiseBackward(const UnitShape& s, const TapPairs& tp,
                                                  const float* A, const float* dD,
                                                  const float* taps, int64_t c0, int64_t c1,
                                                  float* dA, float* dtaps) {
   const int64_t ch = s.ch, P = s.p(), Q = s.q();
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t p = 0; p < P; ++p) {
-      const auto& pairs = tp.by_in[p];
-      float* o = dA + (n * P + p) * ch;
-      const float* gn = dD + n * Q * ch;
-      int64_t c = c0;
-      for (; c + kLanes <= c1; c += kLanes) {
-        V8 acc = {};
-        for (const auto& pr : pairs) acc += Load8(gn + pr.q * ch + c) * Load8(taps + pr.k * ch + c);
-        Store8(o + c, acc);
-      }
-      for (; c < c1; ++c) {
-        float acc = 0.f;
-        for (const auto& pr : pairs) acc += gn[pr.q * ch + c] * taps[pr.k * ch + c];
-        o[c] = acc;
-      }
-    }
+  GatherTaps<false>(tp.by_in, s.n, dD, Q, taps, ch, c0, c1, dA);
   // the weight gradient: images in blocks that stay in cache across the taps and channel
   // groups (a group's 8 channels are a quarter of each row's cache lines)
   const int64_t len = c1 - c0;
@@ -341,39 +329,28 @@ __attribute__((noinline)) void BackwardNorm(const float* g, const float* act, co
                   float* dgamma, float* dbeta) {
   const int64_t len = c1 - c0;
   if (len <= 0) return;
-  std::vector<double> sg(len, 0.0), sgx(len, 0.0);
-  std::vector<float> fg(len), fgx(len), A(len), B(len), C0(len);
+  std::vector<double> sg, sgx;
+  std::vector<float> A(len), B(len), C0(len);
   const float* __restrict mu = st.mean + c0;
-  for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-    const int64_t r1 = std::min(m, r0 + kRowBlock);
-    float* __restrict pg = fg.data();
-    float* __restrict pgx = fgx.data();
-    std::fill(pg, pg + len, 0.f);
-    std::fill(pgx, pgx + len, 0.f);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* __restrict gr = g + r * c + c0;
-      const float* __restrict vr = v + r * c + c0;
-      if (act != nullptr) {
-        const float* __restrict ar = act + r * c + c0;
+  RowBlockSums(m, len, sg, sgx, [&](int64_t r, float* __restrict pg, float* __restrict pgx) {
+    const float* __restrict gr = g + r * c + c0;
+    const float* __restrict vr = v + r * c + c0;
+    if (act != nullptr) {
+      const float* __restrict ar = act + r * c + c0;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float gi = (ar[i] > 0.f && ar[i] < 6.f) ? gr[i] : 0.f;
-          pg[i] += gi;
-          pgx[i] += gi * (vr[i] - mu[i]);
-        }
-      } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const float gi = (ar[i] > 0.f && ar[i] < 6.f) ? gr[i] : 0.f;
+        pg[i] += gi;
+        pgx[i] += gi * (vr[i] - mu[i]);
+      }
+    } else {
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          pg[i] += gr[i];
-          pgx[i] += gr[i] * (vr[i] - mu[i]);
-        }
+      for (int64_t i = 0; i < len; ++i) {
+        pg[i] += gr[i];
+        pgx[i] += gr[i] * (vr[i] - mu[i]);
       }
     }
-    for (int64_t i = 0; i < len; ++i) {
-      sg[i] += pg[i];
-      sgx[i] += pgx[i];
-    }
-  }
+  });
   for (int64_t i = 0; i < len; ++i) {
     const int64_t ch = c0 + i;
     const double is = st.invstd[ch];
@@ -445,7 +422,7 @@ std::vector<paddle::Tensor> SmallUnitForward(
   const float* X = xc.data<float>();
   if (s.p() > 1) {
     float* rows = Scratch(xbuf, s.m1() * s.ci);
-    Repack<true>(X, s.n, s.ci, s.p(), rows);
+    mbv2::Repack<true>(X, s.n, s.ci, s.p(), rows);
     X = rows;
   }
   const int m1 = static_cast<int>(s.m1()), m2 = static_cast<int>(s.m2());
@@ -477,7 +454,7 @@ std::vector<paddle::Tensor> SmallUnitForward(
                  Mutable(rv3), eps[2], momentum[2], st3);
     Normalise<false>(Q, s.m2(), s.co, c0, c1, st3, Y);
   }
-  if (s.q() > 1) Repack<false>(Y, s.n, s.co, s.q(), y.data<float>());
+  if (s.q() > 1) mbv2::Repack<false>(Y, s.n, s.co, s.q(), y.data<float>());
   return {y, saved};
 }
 
@@ -510,7 +487,7 @@ std::vector<paddle::Tensor> SmallUnitBackward(
   float* dQ = Scratch(dqbuf, s.m2() * s.co);
   const float* G = dyc.data<float>();
   if (s.q() > 1) {
-    Repack<true>(G, s.n, s.co, s.q(), dQ);
+    mbv2::Repack<true>(G, s.n, s.co, s.q(), dQ);
     G = dQ;
   }
 #pragma omp parallel
@@ -547,7 +524,7 @@ std::vector<paddle::Tensor> SmallUnitBackward(
   const float* X = xc.data<float>();
   if (s.p() > 1) {
     float* rows = Scratch(xbuf, s.m1() * s.ci);
-    Repack<true>(X, s.n, s.ci, s.p(), rows);
+    mbv2::Repack<true>(X, s.n, s.ci, s.p(), rows);
     X = rows;
   }
   cblas_sgemm(kRowMajor, kTrans, kNoTrans, ch, ci, m1, 1.f, dA, ch, X, ci, 0.f,
@@ -555,7 +532,7 @@ std::vector<paddle::Tensor> SmallUnitBackward(
   float* dX = s.p() > 1 ? Scratch(dxbuf, s.m1() * s.ci) : dx.data<float>();
   cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m1, ci, ch, 1.f, dA, ch, wec.data<float>(), ci, 0.f,
               dX, ci);
-  if (s.p() > 1) Repack<false>(dX, s.n, s.ci, s.p(), dx.data<float>());
+  if (s.p() > 1) mbv2::Repack<false>(dX, s.n, s.ci, s.p(), dx.data<float>());
   return {dx, dwe, dgb[0], dgb[1], dwd, dgb[2], dgb[3], dwp, dgb[4], dgb[5]};
 }
 
