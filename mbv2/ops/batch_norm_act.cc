@@ -523,21 +523,8 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
   // Channel c's statistics from its sums of (x - K) and (x - K)^2: saved, running, and
   // the folded scale av[c] and shift bv[c].
   auto finish = [&](int64_t c, double sum, double sumsq) {
-    const double ms = sum / m;  // mean of (x - K)
-    double var = sumsq / m - ms * ms;
-    if (var < 0.0) var = 0.0;  // rounding
-    // A variance float32 cannot hold (diverged training: the float sums overflowed) is
-    // NaN, as in Paddle's kernel, so that the non-finite loss check stops the run instead
-    // of the layer quietly outputting beta.
-    if (!(var <= FLT_MAX)) var = NAN;
-    const double mean = ms + shift[c];
-    const double invstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
-    saved_mean[c] = static_cast<float>(mean);
-    saved_invstd[c] = static_cast<float>(invstd);
-    run_mean[c] = momentum * run_mean[c] + (1.f - momentum) * static_cast<float>(mean);
-    run_var[c] = momentum * run_var[c] + (1.f - momentum) * static_cast<float>(var);
-    av[c] = static_cast<float>(gamma[c] * invstd);
-    bv[c] = static_cast<float>(beta[c] - mean * gamma[c] * invstd);
+    mbv2::FinishStatsChannel(c, sum, sumsq, m, shift[c], gamma, beta, eps, momentum, saved_mean,
+                             saved_invstd, run_mean, run_var, av, bv);
   };
   if (given != nullptr && y == nullptr) {
     for (int64_t c = 0; c < C; ++c) finish(c, given[c], given[C + c]);
@@ -586,23 +573,6 @@ void DxPlane(const float* x, const float* dy, int64_t hw, float a, float b, floa
   for (int64_t i = 0; i < hw; ++i) dx[i] = a * dy[i] + b * x[i] + c0;
 }
 
-// Channel c's batch norm backward from its sums of g and g * (x - mean) over m values:
-// dgamma, dbeta, and the coefficients of dx = A * g + B * x + C0 (g gated).
-void FinishChannel(int64_t c, double sum_g, double sum_gx, int64_t m, const float* gamma,
-                   const float* mean, const float* invstd, float* dgamma, float* dbeta, float* ca,
-                   float* cb, float* cc) {
-  const double is = invstd[c];
-  const double db = sum_g;
-  const double dg = sum_gx * is;
-  dbeta[c] = static_cast<float>(db);
-  dgamma[c] = static_cast<float>(dg);
-  const double A = gamma[c] * is;
-  const double B = -gamma[c] * is * is * dg / m;
-  ca[c] = static_cast<float>(A);
-  cb[c] = static_cast<float>(B);
-  cc[c] = static_cast<float>(-A * db / m - B * mean[c]);
-}
-
 // y: read (its ReLU6 test) only for planes under kSmallPlane; larger planes read `gate`,
 // or, where fa is not null (the fused ops: ACT, planes of kSmallPlane and up), recompute
 // it from x and the forward's folded fa, fb (RecomputedGate). dx may be dy itself.
@@ -618,8 +588,8 @@ void Backward(const Dims& d, const float* x, const float* gamma, const float* y,
   // dx = A * g + B * x + C0 per channel, from the channel's sums of g and g * (x - mean).
   std::vector<float> ca(C), cb(C), cc(C);
   auto finish = [&](int64_t c, double sum_g, double sum_gx) {
-    FinishChannel(c, sum_g, sum_gx, m, gamma, mean, invstd, dgamma, dbeta, ca.data(), cb.data(),
-                  cc.data());
+    mbv2::FinishGradChannel(c, sum_g, sum_gx, m, gamma, mean, invstd, dgamma, dbeta, ca.data(),
+                            cb.data(), cc.data());
   };
   if (hw < kSmallPlane) {
     const std::vector<double> tot = SmallChannelSums(d, [&](int64_t n0, int64_t n1, double* s,
@@ -686,6 +656,42 @@ void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
 
 }  // namespace
 
+void mbv2::FinishStatsChannel(int64_t c, double sum, double sumsq, int64_t m, float shift,
+                              const float* gamma, const float* beta, float eps, float momentum,
+                              float* saved_mean, float* saved_invstd, float* run_mean,
+                              float* run_var, float* a, float* b) {
+  const double ms = sum / m;  // mean of (x - K)
+  double var = sumsq / m - ms * ms;
+  if (var < 0.0) var = 0.0;  // rounding
+  // A variance float32 cannot hold (diverged training: the float sums overflowed) is NaN,
+  // as in Paddle's kernel, so that the non-finite loss check stops the run instead of the
+  // layer quietly outputting beta.
+  if (!(var <= FLT_MAX)) var = NAN;
+  const double mean = ms + shift;
+  const double invstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+  saved_mean[c] = static_cast<float>(mean);
+  saved_invstd[c] = static_cast<float>(invstd);
+  run_mean[c] = momentum * run_mean[c] + (1.f - momentum) * static_cast<float>(mean);
+  run_var[c] = momentum * run_var[c] + (1.f - momentum) * static_cast<float>(var);
+  a[c] = static_cast<float>(gamma[c] * invstd);
+  b[c] = static_cast<float>(beta[c] - mean * gamma[c] * invstd);
+}
+
+void mbv2::FinishGradChannel(int64_t c, double sum_g, double sum_gx, int64_t m,
+                             const float* gamma, const float* mean, const float* invstd,
+                             float* dgamma, float* dbeta, float* ca, float* cb, float* cc) {
+  const double is = invstd[c];
+  const double db = sum_g;
+  const double dg = sum_gx * is;
+  dbeta[c] = static_cast<float>(db);
+  dgamma[c] = static_cast<float>(dg);
+  const double A = gamma[c] * is;
+  const double B = -gamma[c] * is * is * dg / m;
+  ca[c] = static_cast<float>(A);
+  cb[c] = static_cast<float>(B);
+  cc[c] = static_cast<float>(-A * db / m - B * mean[c]);
+}
+
 std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(
     const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& bias,
     const paddle::Tensor& running_mean, const paddle::Tensor& running_var, float eps,
@@ -744,7 +750,7 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormCoefs(const paddle::Tensor& scal
   auto coefs = paddle::empty({3 * c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   float* k = coefs.data<float>();
   for (int64_t i = 0; i < c; ++i)
-    FinishChannel(i, sums[i], sums[c + i], m, scale.data<float>(), mean.data<float>(),
+    mbv2::FinishGradChannel(i, sums[i], sums[c + i], m, scale.data<float>(), mean.data<float>(),
                   invstd.data<float>(), dgamma.data<float>(), dbeta.data<float>(), k, k + c,
                   k + 2 * c);
   return {dgamma, dbeta, coefs};

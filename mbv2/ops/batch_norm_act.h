@@ -15,6 +15,20 @@
 
 namespace mbv2 {
 
+// Channel c's batch statistics from its sums of (x - shift) and (x - shift)^2 over m values:
+// saved mean and 1/sqrt(var + eps), the running statistics updated in place as Paddle's
+// kernel does (biased variance), and the folded a[c], b[c] with bn(x) = x * a + b.
+void FinishStatsChannel(int64_t c, double sum, double sumsq, int64_t m, float shift,
+                        const float* gamma, const float* beta, float eps, float momentum,
+                        float* saved_mean, float* saved_invstd, float* run_mean, float* run_var,
+                        float* a, float* b);
+
+// Channel c's batch norm backward from its sums of g and g * (x - mean) over m values:
+// dgamma, dbeta, and the coefficients of dx = A * g + B * x + C0 (g gated) in ca, cb, cc.
+void FinishGradChannel(int64_t c, double sum_g, double sum_gx, int64_t m, const float* gamma,
+                       const float* mean, const float* invstd, float* dgamma, float* dbeta,
+                       float* ca, float* cb, float* cc);
+
 // x's batch statistics (x contiguous), the running statistics updated in place: {saved
 // mean, saved 1/sqrt(var + eps), folded [a (C), b (C)]} with relu6(bn(x)) = clamp(x * a +
 // b, 0, 6). `op` names the caller in errors. sums: x's sums as the conv that made x took

@@ -21,8 +21,8 @@ apart (see `pointwise_conv.cc`), so the batch norm's dx pass over that map is no
 
 On maps of at most 16 pixels (4x4, 2x2, 1x1: the last stages at 32 px) a whole unit, expand ->
 batch norm -> ReLU6 -> depthwise -> batch norm -> ReLU6 -> projection -> batch norm, is one
-op (`mbv2_small_unit`, `small_unit.cc`; `small_unit_covers`, `small_unit`): seven ops and
-seven grad nodes apart, each mostly dispatch around a few microseconds of arithmetic.
+op (`mbv2_small_unit`, `small_unit.cc`; `small_unit_plan`, `small_unit`): six ops and six
+grad nodes apart, each mostly dispatch around a few microseconds of arithmetic.
 
 `depthwise_covers(x, bn, conv)` and `pointwise_op(x, bn, conv, bf16)` say where they apply
 (training-mode batch statistics on float32 NCHW CPU tensors, planes of 8 pixels and up, a
@@ -209,34 +209,35 @@ class SmallUnitPlan(NamedTuple):
     bns: tuple  # their nn.BatchNorm2D
 
 
-# Attribute of the expand ConvBNLayer holding its unit's SmallUnitPlan (or False: the
-# unit's convs are not the op's), worked out on the first call: the layer checks and the
-# Layer attribute lookups (~1 us each through Layer.__getattr__) cost more than the op's
-# own dispatch when they ran every call.
+# Attribute of the expand ConvBNLayer holding ((its unit's three convs), their
+# SmallUnitPlan or None), worked out on the first call and again if a conv is replaced:
+# the layer checks and the Layer attribute lookups (~1 us each through Layer.__getattr__)
+# cost more than the op's own dispatch when they ran every call.
 _PLAN_ATTR = "_mbv2_small_unit_plan"
 
 
 def _unit_plan(expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer) -> SmallUnitPlan | None:
-    plan = expand.__dict__.get(_PLAN_ATTR)
-    if plan is not None and (plan is False or plan.convs[1] is depthwise._conv):
-        return plan or None
     e, d, p = expand._conv, depthwise._conv, linear._conv
+    cached = expand.__dict__.get(_PLAN_ATTR)
+    if cached is not None and cached[0] == (e, d, p):
+        return cached[1]
     bns = (expand._batch_norm, depthwise._batch_norm, linear._batch_norm)
     ok = (_plain_1x1(e) and _plain_1x1(p) and _plain_depthwise(d)
           and d._in_channels == e._out_channels and p._in_channels == d._out_channels
           and all(getattr(bn, "_data_format", "NCHW") == "NCHW" and bn.weight is not None
                   and bn.bias is not None for bn in bns))
-    plan = SmallUnitPlan(e._in_channels, _dw._stride2(d._stride)[0], (e, d, p), bns) if ok else False
-    object.__setattr__(expand, _PLAN_ATTR, plan)
-    return plan or None
+    plan = SmallUnitPlan(e._in_channels, _dw._stride2(d._stride)[0], (e, d, p), bns) if ok else None
+    object.__setattr__(expand, _PLAN_ATTR, ((e, d, p), plan))
+    return plan
 
 
 def small_unit_plan(x: paddle.Tensor, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer,
                     bf16: bool = False) -> SmallUnitPlan | None:
     """The plan `small_unit` runs the unit of these three ConvBNLayers on x with, as one
     op, or None: training-mode batch statistics in all three batch norms, float32 NCHW CPU
-    input with maps of at most SMALL_UNIT_MAX_PIXELS pixels, the unit's usual conv shapes (bias-free 1x1s around a
-    3x3 depthwise conv, padding 1, stride 1 or 2), and a library built with MKL. bf16
+    input with maps of at most SMALL_UNIT_MAX_PIXELS pixels, the unit's usual conv shapes
+    (bias-free 1x1s around a 3x3 depthwise conv, padding 1, stride 1 or 2), and a library
+    built with MKL. bf16
     (mixed precision): None where either 1x1 product would run in bfloat16 apart (the op's
     products are float32)."""
     shape = x.shape

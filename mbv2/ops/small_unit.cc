@@ -4,11 +4,12 @@
 //   y = bn3(proj(relu6(bn2(dw3x3(relu6(bn1(expand(x))))))))
 //
 // for maps of at most 16 pixels (MobileNetV2's last stages at 32 px: 4x4, 2x2 and 1x1),
-// the unit's shortcut left to the caller. Apart, those are seven ops a unit forward and seven grad
-// nodes backward (two 1x1 products, three batch norms, the depthwise conv, the residual
-// add), each a few tens of microseconds of Paddle dispatch, Python routing and thread
-// start-up around a few microseconds of arithmetic: x0.5 at 32 px, batch 128, the ten
-// such units were 14 ms of a 36 ms training step.
+// the unit's shortcut left to the caller. Apart, those are six ops a unit forward and six
+// grad nodes backward (two 1x1 products, three batch norms, the depthwise conv; the
+// residual add is a seventh either way), each a few tens of microseconds of Paddle
+// dispatch, Python routing and thread start-up around a few microseconds of arithmetic:
+// x0.5 at 32 px, batch 128, the units on 2x2 and 1x1 maps were 14 ms of a 36 ms training
+// step.
 //
 // Here the batch is folded into the rows of each product, rows[n*P + p][c] = x[n][c][p]
 // (P = H*W, nothing to pack for 1x1 maps), and every step between the products works on
@@ -19,9 +20,9 @@
 // Batch norm and the depthwise conv are per channel, so the steps between two products run
 // in one OpenMP region with each thread on a fixed range of channels (no reduction across
 // threads: the results do not depend on the thread that ran them). Statistics as the batch
-// norm op takes them (batch_norm_act.cc): sums of (v - K) and (v - K)^2 in double with K
-// the channel's first value, biased variance, the running statistics updated in place
-// with Paddle's formula. The backward reverses it, the ReLU6 gates read off the saved A and
+// norm op takes them (batch_norm_act.cc, whose per-channel finishing steps both ops call):
+// sums of (v - K) and (v - K)^2 in double with K the channel's first value, biased
+// variance, the running statistics updated in place with Paddle's formula. The backward reverses it, the ReLU6 gates read off the saved A and
 // B (0 < v < 6, as Paddle's relu6 grad reads its output):
 //   dQ = bn3'(dy);  dWp = dQ^T B, dB = dQ Wp (MKL)
 //   dD = bn2'(dB gated);  dA, dWd = depthwise'(dD);  dE = bn1'(dA gated)
@@ -32,11 +33,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cfloat>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "batch_norm_act.h"
 #include "paddle/extension.h"
 
 #ifdef MBV2_WITH_MKL
@@ -147,21 +147,9 @@ __attribute__((noinline)) void ForwardStats(const float* v, int64_t m, int64_t c
       pq[i] += d * d;
     }
   });
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t ch = c0 + i;
-    const double ms = s[i] / m;
-    double var = q[i] / m - ms * ms;
-    if (var < 0.0) var = 0.0;
-    if (!(var <= FLT_MAX)) var = NAN;  // as the batch norm op: a diverged run stops on NaN
-    const double mean = ms + k[i];
-    const double invstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
-    st.mean[ch] = static_cast<float>(mean);
-    st.invstd[ch] = static_cast<float>(invstd);
-    run_mean[ch] = momentum * run_mean[ch] + (1.f - momentum) * static_cast<float>(mean);
-    run_var[ch] = momentum * run_var[ch] + (1.f - momentum) * static_cast<float>(var);
-    st.a[ch] = static_cast<float>(gamma[ch] * invstd);
-    st.b[ch] = static_cast<float>(beta[ch] - mean * gamma[ch] * invstd);
-  }
+  for (int64_t i = 0; i < len; ++i)
+    mbv2::FinishStatsChannel(c0 + i, s[i], q[i], m, k[i], gamma, beta, eps, momentum, st.mean,
+                             st.invstd, run_mean, run_var, st.a, st.b);
 }
 
 // out = v * a + b on channels [c0, c1), clamped to [0, 6] when ACT.
@@ -330,7 +318,7 @@ __attribute__((noinline)) void BackwardNorm(const float* g, const float* act, co
   const int64_t len = c1 - c0;
   if (len <= 0) return;
   std::vector<double> sg, sgx;
-  std::vector<float> A(len), B(len), C0(len);
+  std::vector<float> A(c), B(c), C0(c);  // by channel, [c0, c1) set
   const float* __restrict mu = st.mean + c0;
   RowBlockSums(m, len, sg, sgx, [&](int64_t r, float* __restrict pg, float* __restrict pgx) {
     const float* __restrict gr = g + r * c + c0;
@@ -351,20 +339,11 @@ __attribute__((noinline)) void BackwardNorm(const float* g, const float* act, co
       }
     }
   });
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t ch = c0 + i;
-    const double is = st.invstd[ch];
-    const double db = sg[i];
-    const double dg = sgx[i] * is;
-    dbeta[ch] = static_cast<float>(db);
-    dgamma[ch] = static_cast<float>(dg);
-    const double a = gamma[ch] * is;
-    const double b = -gamma[ch] * is * is * dg / m;
-    A[i] = static_cast<float>(a);
-    B[i] = static_cast<float>(b);
-    C0[i] = static_cast<float>(-a * db / m - b * st.mean[ch]);
-  }
-  const float *__restrict pa = A.data(), *__restrict pb = B.data(), *__restrict pc = C0.data();
+  for (int64_t i = 0; i < len; ++i)
+    mbv2::FinishGradChannel(c0 + i, sg[i], sgx[i], m, gamma, st.mean, st.invstd, dgamma, dbeta,
+                            A.data(), B.data(), C0.data());
+  const float *__restrict pa = A.data() + c0, *__restrict pb = B.data() + c0,
+                         *__restrict pc = C0.data() + c0;
   for (int64_t r = 0; r < m; ++r) {
     const float* gr = g + r * c + c0;  // may be o itself
     const float* __restrict vr = v + r * c + c0;
