@@ -87,9 +87,11 @@ def test_shape_picked_paths_match_paddle_conv(kernel, shape, stride):
 
 
 # channel-lane outputs with planes of a multiple of 8 pixels (the ones that may stream):
-# dense output rows (forward), row by row (input gradient), 16-wide and 8x8 planes
+# dense output rows (forward), row by row (input gradient), 16-wide and 8x8 planes, and
+# 12-wide rows (the input gradient's plane at once, transposes spanning two rows)
 @pytest.mark.parametrize("shape,stride", [((2, 16, 16, 16), 1), ((2, 16, 16, 16), 2),
-                                          ((1, 24, 8, 24), 1)],
+                                          ((1, 24, 8, 24), 1), ((2, 16, 12, 12), 1),
+                                          ((2, 16, 24, 12), 2)],
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_streamed_outputs_equal_cached_ones(kernel, shape, stride, monkeypatch):
     """Streamed stores (MBV2_STREAM_BYTES: every output from that size up; here all) give

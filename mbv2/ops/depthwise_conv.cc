@@ -449,72 +449,84 @@ inline void Transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r
 }
 #endif
 
-// dst[p * 8 + l] = src[l * stride + p] for p < len, all 8 lanes (8x8 register transposes;
-// the scalar loop was most of the channel-lane path's time on 56-112 px planes).
-inline void Gather8(const float* src, int64_t stride, int64_t len, float* dst) {
-  int64_t p = 0;
+// The kLanes planes (channel stride `stride`) of an h x w image as [pixel][lane] vectors
+// placed in rows of `row_stride` vectors: dst[(y * row_stride + x) * 8 + l] =
+// src[l * stride + y * w + x]. The 8x8 transposes run over the flat plane, so a block may
+// span two rows and rows narrower or not a multiple of 8 wide take them too. A row at a
+// time, 14- and 28-wide rows left 6 and 4 pixels of each to a scalar tail; the flat
+// transposes took (batch 32, 2 threads, fused batch norm op, forward / backward ms)
+// 384x14x14 1.80 / 4.56 -> 1.54 / 3.40, 576x14x14 stride 2 2.42 / 4.97 -> 1.69 / 3.77,
+// 960x7x7 1.21 / 2.80 -> 1.07 / 2.56, 192x28x28 2.84 / 7.67 -> 2.58 / 7.01.
+inline void Gather8Plane(const float* src, int64_t stride, int64_t h, int64_t w,
+                         int64_t row_stride, float* dst) {
+  const int64_t plane = h * w;
+  int64_t p = 0, y = 0, x = 0;  // (y, x): pixel p's place
 #ifdef __AVX2__
-  for (; p + 8 <= len; p += 8) {
+  for (; p + 8 <= plane; p += 8) {
     const float* s = src + p;
-    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + stride),
-           r2 = _mm256_loadu_ps(s + 2 * stride), r3 = _mm256_loadu_ps(s + 3 * stride),
-           r4 = _mm256_loadu_ps(s + 4 * stride), r5 = _mm256_loadu_ps(s + 5 * stride),
-           r6 = _mm256_loadu_ps(s + 6 * stride), r7 = _mm256_loadu_ps(s + 7 * stride);
-    Transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
-    float* d = dst + p * kLanes;
-    _mm256_storeu_ps(d, r0); _mm256_storeu_ps(d + 8, r1); _mm256_storeu_ps(d + 16, r2);
-    _mm256_storeu_ps(d + 24, r3); _mm256_storeu_ps(d + 32, r4); _mm256_storeu_ps(d + 40, r5);
-    _mm256_storeu_ps(d + 48, r6); _mm256_storeu_ps(d + 56, r7);
+    __m256 r[8] = {_mm256_loadu_ps(s), _mm256_loadu_ps(s + stride),
+                   _mm256_loadu_ps(s + 2 * stride), _mm256_loadu_ps(s + 3 * stride),
+                   _mm256_loadu_ps(s + 4 * stride), _mm256_loadu_ps(s + 5 * stride),
+                   _mm256_loadu_ps(s + 6 * stride), _mm256_loadu_ps(s + 7 * stride)};
+    Transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+    if (x + 8 <= w) {  // the block within one row
+      float* d = dst + (y * row_stride + x) * kLanes;
+      for (int k = 0; k < 8; ++k) _mm256_storeu_ps(d + k * kLanes, r[k]);
+      x += 8;
+      if (x == w) x = 0, ++y;
+      continue;
+    }
+    for (int k = 0; k < 8; ++k) {
+      _mm256_storeu_ps(dst + (y * row_stride + x) * kLanes, r[k]);
+      if (++x == w) x = 0, ++y;
+    }
   }
 #endif
-  for (; p < len; ++p)
-    for (int l = 0; l < kLanes; ++l) dst[p * kLanes + l] = src[l * stride + p];
+  for (; p < plane; ++p) {
+    for (int l = 0; l < kLanes; ++l) dst[(y * row_stride + x) * kLanes + l] = src[l * stride + p];
+    if (++x == w) x = 0, ++y;
+  }
 }
 
-// dst[l * stride + p] = src[p * 8 + l] for p < len, all 8 lanes: Gather8's inverse.
-// STREAM: streamed stores (stream_store.h; dst and stride 32-byte aligned).
+// Gather8Plane's inverse: dst[l * stride + y * w + x] = src[(y * row_stride + x) * 8 + l].
+// STREAM: streamed stores (dst, stride and the plane 32-byte aligned).
 template <bool STREAM = false>
-inline void Scatter8(const float* src, int64_t len, float* dst, int64_t stride) {
-  int64_t p = 0;
+inline void Scatter8Plane(const float* src, int64_t h, int64_t w, int64_t row_stride,
+                          float* dst, int64_t stride) {
+  const int64_t plane = h * w;
+  int64_t p = 0, y = 0, x = 0;
 #ifdef __AVX2__
-  for (; p + 8 <= len; p += 8) {
-    const float* s = src + p * kLanes;
-    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + 8), r2 = _mm256_loadu_ps(s + 16),
-           r3 = _mm256_loadu_ps(s + 24), r4 = _mm256_loadu_ps(s + 32),
-           r5 = _mm256_loadu_ps(s + 40), r6 = _mm256_loadu_ps(s + 48),
-           r7 = _mm256_loadu_ps(s + 56);
-    Transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
+  for (; p + 8 <= plane; p += 8) {
+    __m256 r[8];
+    if (x + 8 <= w) {
+      const float* s = src + (y * row_stride + x) * kLanes;
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(s + k * kLanes);
+      x += 8;
+      if (x == w) x = 0, ++y;
+    } else {
+      for (int k = 0; k < 8; ++k) {
+        r[k] = _mm256_loadu_ps(src + (y * row_stride + x) * kLanes);
+        if (++x == w) x = 0, ++y;
+      }
+    }
+    Transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
     float* d = dst + p;
-    mbv2::Store<STREAM>(d, r0); mbv2::Store<STREAM>(d + stride, r1);
-    mbv2::Store<STREAM>(d + 2 * stride, r2); mbv2::Store<STREAM>(d + 3 * stride, r3);
-    mbv2::Store<STREAM>(d + 4 * stride, r4); mbv2::Store<STREAM>(d + 5 * stride, r5);
-    mbv2::Store<STREAM>(d + 6 * stride, r6); mbv2::Store<STREAM>(d + 7 * stride, r7);
+    for (int k = 0; k < 8; ++k) mbv2::Store<STREAM>(d + k * stride, r[k]);
   }
   if (STREAM) _mm_sfence();
 #endif
-  for (; p < len; ++p)
-    for (int l = 0; l < kLanes; ++l) dst[l * stride + p] = src[p * kLanes + l];
+  for (; p < plane; ++p) {
+    for (int l = 0; l < kLanes; ++l) dst[l * stride + p] = src[(y * row_stride + x) * kLanes + l];
+    if (++x == w) x = 0, ++y;
+  }
 }
-
-// Planes up to this many pixels with rows narrower than kLanes are gathered whole.
-constexpr int64_t kNarrowPlane = 64;
 
 // buf[(y + pt) * wp + x + pl][l] = planes[l][y][x] for l < lanes; lanes >= `lanes` zero.
 inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, int64_t plane,
                          int lanes, v8* buf) {
   float* b = reinterpret_cast<float*>(buf);
-  if (lanes == kLanes && g.w < kLanes && plane <= kNarrowPlane) {
-    // Rows narrower than a transpose: gather the whole plane (contiguous in NCHW) at once,
-    // then place its rows (a row at a time left every pixel to Gather8's scalar tail).
-    v8 dense[kNarrowPlane];
-    Gather8(planes, plane, plane, reinterpret_cast<float*>(dense));
-    for (int64_t yy = 0; yy < g.h; ++yy)
-      std::copy(dense + yy * g.w, dense + (yy + 1) * g.w, buf + (yy + g.pt) * cg.wp + g.pl);
-    return;
-  }
   if (lanes == kLanes) {
-    for (int64_t yy = 0; yy < g.h; ++yy)
-      Gather8(planes + yy * g.w, plane, g.w, b + ((yy + g.pt) * cg.wp + g.pl) * kLanes);
+    Gather8Plane(planes, plane, g.h, g.w, cg.wp, b + (g.pt * cg.wp + g.pl) * kLanes);
     return;
   }
   for (int l = 0; l < lanes; ++l) {
@@ -530,35 +542,23 @@ inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, i
       for (int64_t xx = 0; xx < g.w; ++xx) b[((yy + g.pt) * cg.wp + g.pl + xx) * kLanes + l] = 0.f;
 }
 
-// Dense [pixel][lane] (row stride `width`) to `lanes` planes; stream: the output is large
-// enough for streamed stores (mbv2::StreamOutput), taken where the runs are whole lines.
+// [pixel][lane] rows of `width` (row stride `row_stride`, from vector `offset`) to `lanes`
+// planes; stream: the output is large enough for streamed stores (mbv2::StreamOutput).
 inline void InterleaveOut(const v8* buf, int64_t rows, int64_t width, int64_t row_stride,
                           int64_t offset, int lanes, float* planes, int64_t plane,
                           bool stream = false) {
   const float* b = reinterpret_cast<const float*>(buf);
-  // Streamed only where each lane plane's run is whole 64-byte lines: a line that streamed
-  // stores fill in part (56- or 28-wide rows written a row at a time end mid-line) is
-  // written to memory in pieces. Backward ms, batch 32, streamed on any 8-float run ->
-  // whole lines only: 144x56x56 10.5 -> 9.4, 192x28x28 4.55 -> 3.94, 144x56x56 at stride 2
-  // 6.2 -> 4.8 (its 56-wide dx rows); 112-wide rows are whole lines either way.
-  const int64_t run = row_stride == width ? rows * width : width;
-  stream = stream && plane % 16 == 0 && run % 16 == 0 &&
-           reinterpret_cast<uintptr_t>(planes) % 64 == 0;
-  if (lanes == kLanes && row_stride == width) {  // dense rows: the whole plane at once
-    if (stream)
-      Scatter8<true>(b + offset * kLanes, rows * width, planes, plane);
-    else
-      Scatter8(b + offset * kLanes, rows * width, planes, plane);
-    return;
-  }
   if (lanes == kLanes) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* src = b + (offset + r * row_stride) * kLanes;
-      if (stream)
-        Scatter8<true>(src, width, planes + r * width, plane);
-      else
-        Scatter8(src, width, planes + r * width, plane);
-    }
+    // Streamed only where each lane plane's run is whole 64-byte lines: a line that
+    // streamed stores fill in part is written to memory in pieces (backward ms, batch 32,
+    // streamed on any 8-float run -> whole lines only: 144x56x56 10.5 -> 9.4, 192x28x28
+    // 4.55 -> 3.94, 144x56x56 at stride 2 6.2 -> 4.8).
+    const int64_t run = rows * width;
+    if (stream && plane % 16 == 0 && run % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(planes) % 64 == 0)
+      Scatter8Plane<true>(b + offset * kLanes, rows, width, row_stride, planes, plane);
+    else
+      Scatter8Plane(b + offset * kLanes, rows, width, row_stride, planes, plane);
     return;
   }
   for (int l = 0; l < lanes; ++l) {
@@ -799,7 +799,11 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
   const int64_t gpadn = gather ? static_cast<int64_t>(cgd.hp) * cgd.wp : 0;
 #pragma omp parallel
   {
-    std::vector<v8> buf(bufn, v8{}), dbuf(gather ? 0 : bufn), gbuf(gather ? g.w : oplane);
+    // the gather's dx rows go out a row at a time where a row is whole 8x8 transposes,
+    // else the plane at once (gbuf holds it)
+    const bool row_out = g.w % kLanes == 0;
+    std::vector<v8> buf(bufn, v8{}), dbuf(gather ? 0 : bufn),
+        gbuf(gather ? (row_out ? g.w : plane) : oplane);
     std::vector<v8> gpad(gpadn, v8{});
     // with bn_sums the raw x stays in buf for the sums and the conv reads its normalised copy
     std::vector<v8> nbuf(bn_sums ? bufn : 0, v8{});
@@ -842,16 +846,18 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
             const v8* q0 = gpad.data() + static_cast<int64_t>(r) * gw;
             const v8* q1 = q0 + gw;
             const v8* q2 = q1 + gw;
-            v8* o = gbuf.data();
+            v8* o = gbuf.data() + (row_out ? 0 : static_cast<int64_t>(r) * g.w);
             for (int c = 0; c < g.w; ++c)
               o[c] = f8[0] * q0[c] + f8[1] * q0[c + 1] + f8[2] * q0[c + 2] +
                      f8[3] * q1[c] + f8[4] * q1[c + 1] + f8[5] * q1[c + 2] +
                      f8[6] * q2[c] + f8[7] * q2[c + 1] + f8[8] * q2[c + 2];
             if (bn_sums)
               accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
-            InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes, dxn + static_cast<int64_t>(r) * g.w,
-                          plane, stream);
+            if (row_out)
+              InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes,
+                            dxn + static_cast<int64_t>(r) * g.w, plane, stream);
           }
+          if (!row_out) InterleaveOut(gbuf.data(), g.h, g.w, g.w, 0, lanes, dxn, plane, stream);
           add_sums();
           for (int i = 0; i < g.ho; ++i) {  // dw: dy against the input's shifted views
             const v8* r0 = in + static_cast<int64_t>(i) * wp;
@@ -871,7 +877,7 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
         {
           float* b = reinterpret_cast<float*>(gbuf.data());
           if (lanes == kLanes) {
-            Gather8(dyn, oplane, oplane, b);
+            Gather8Plane(dyn, oplane, 1, oplane, oplane, b);
           } else {
             for (int l = 0; l < lanes; ++l)
               for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = dyn[l * oplane + p];
