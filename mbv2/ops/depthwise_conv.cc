@@ -641,10 +641,11 @@ struct LaneNorm : mbv2::FoldedNorm {
     const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
     const __m256 vm = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.mean));
     const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
-    // two accumulators a sum, alternate pixels (one would wait on its own latency)
-    __m256 vs[2] = {_mm256_loadu_ps(reinterpret_cast<const float*>(&s)), _mm256_setzero_ps()};
-    __m256 vq[2] = {_mm256_loadu_ps(reinterpret_cast<const float*>(&q)), _mm256_setzero_ps()};
-    for (int64_t i = 0; i < n; ++i) {
+    // two accumulators a sum, alternate pixels (one would wait on its own latency); named,
+    // not an array indexed by i & 1, which kept them in memory
+    __m256 s0 = _mm256_loadu_ps(reinterpret_cast<const float*>(&s)), s1 = _mm256_setzero_ps();
+    __m256 q0 = _mm256_loadu_ps(reinterpret_cast<const float*>(&q)), q1 = _mm256_setzero_ps();
+    auto pixel = [&](int64_t i, __m256& vs, __m256& vq) {
       const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(x + i));
       const __m256 v = _mm256_fmadd_ps(xv, va, vb);
       const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ),
@@ -652,11 +653,17 @@ struct LaneNorm : mbv2::FoldedNorm {
       const __m256 gm =
           _mm256_and_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(g + i)), pass);
       if (GATED) _mm256_storeu_ps(reinterpret_cast<float*>(g + i), gm);
-      vs[i & 1] = _mm256_add_ps(vs[i & 1], gm);
-      vq[i & 1] = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq[i & 1]);
+      vs = _mm256_add_ps(vs, gm);
+      vq = _mm256_fmadd_ps(gm, _mm256_sub_ps(xv, vm), vq);
+    };
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      pixel(i, s0, q0);
+      pixel(i + 1, s1, q1);
     }
-    _mm256_storeu_ps(reinterpret_cast<float*>(&s), _mm256_add_ps(vs[0], vs[1]));
-    _mm256_storeu_ps(reinterpret_cast<float*>(&q), _mm256_add_ps(vq[0], vq[1]));
+    if (i < n) pixel(i, s0, q0);
+    _mm256_storeu_ps(reinterpret_cast<float*>(&s), _mm256_add_ps(s0, s1));
+    _mm256_storeu_ps(reinterpret_cast<float*>(&q), _mm256_add_ps(q0, q1));
 #else
     for (int64_t i = 0; i < n; ++i)
       for (int l = 0; l < kLanes; ++l) {
