@@ -463,8 +463,11 @@ inline void Transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r
 // stride 2, batch 32, fwd / bwd ms, 3-4 alternated processes: 13.6 / 32 -> 11.2-12.7 /
 // 26.5-30.5 (64 floats ahead about the same); x1.0 224 px training step 600 -> 591 ms.
 constexpr int64_t kAhead = 128;
-inline void Gather8Plane(const float* src, int64_t stride, int64_t h, int64_t w,
-                         int64_t row_stride, float* dst) {
+// As Gather8Plane, each pixel vector handed to put(index, vector), index = y * row_stride
+// + x, instead of stored.
+template <class Put>
+inline void Gather8PlaneTo(const float* src, int64_t stride, int64_t h, int64_t w,
+                           int64_t row_stride, Put put) {
   const int64_t plane = h * w;
   int64_t p = 0, y = 0, x = 0;  // (y, x): pixel p's place
 #ifdef __AVX2__
@@ -479,22 +482,31 @@ inline void Gather8Plane(const float* src, int64_t stride, int64_t h, int64_t w,
                    _mm256_loadu_ps(s + 6 * stride), _mm256_loadu_ps(s + 7 * stride)};
     Transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
     if (x + 8 <= w) {  // the block within one row
-      float* d = dst + (y * row_stride + x) * kLanes;
-      for (int k = 0; k < 8; ++k) _mm256_storeu_ps(d + k * kLanes, r[k]);
+      const int64_t i = y * row_stride + x;
+      for (int k = 0; k < 8; ++k) put(i + k, static_cast<v8>(r[k]));
       x += 8;
       if (x == w) x = 0, ++y;
       continue;
     }
     for (int k = 0; k < 8; ++k) {
-      _mm256_storeu_ps(dst + (y * row_stride + x) * kLanes, r[k]);
+      put(y * row_stride + x, static_cast<v8>(r[k]));
       if (++x == w) x = 0, ++y;
     }
   }
 #endif
   for (; p < plane; ++p) {
-    for (int l = 0; l < kLanes; ++l) dst[(y * row_stride + x) * kLanes + l] = src[l * stride + p];
+    v8 v;
+    for (int l = 0; l < kLanes; ++l) v[l] = src[l * stride + p];
+    put(y * row_stride + x, v);
     if (++x == w) x = 0, ++y;
   }
+}
+
+inline void Gather8Plane(const float* src, int64_t stride, int64_t h, int64_t w,
+                         int64_t row_stride, float* dst) {
+  Gather8PlaneTo(src, stride, h, w, row_stride, [dst](int64_t i, v8 v) {
+    std::memcpy(dst + i * kLanes, &v, sizeof(v));  // dst: any float alignment
+  });
 }
 
 // Gather8Plane's inverse: dst[l * stride + y * w + x] = src[(y * row_stride + x) * 8 + l].
@@ -610,33 +622,50 @@ struct LaneNorm : mbv2::FoldedNorm {
     }
   }
 
+  // relu6(v * a + b) for one pixel vector: the batch norm op's arithmetic (one FMA, then
+  // max with 0 and min with 6, a NaN kept), so the values are its output bit for bit.
+  static v8 Norm(const LaneCoefs& k, v8 v) {
+#ifdef __AVX2__
+    const __m256 t = _mm256_fmadd_ps(static_cast<__m256>(v), static_cast<__m256>(k.a),
+                                     static_cast<__m256>(k.b));
+    return static_cast<v8>(
+        _mm256_min_ps(_mm256_set1_ps(6.f), _mm256_max_ps(_mm256_setzero_ps(), t)));
+#else
+    for (int l = 0; l < kLanes; ++l) {
+      float t = v[l] * k.a[l] + k.b[l];
+      t = t < 0.f ? 0.f : t;
+      v[l] = t > 6.f ? 6.f : t;
+    }
+    return v;
+#endif
+  }
+
   // Normalises the plane inside src's zero border into dst (src itself: in place; the
-  // border stays as it is, zero, as the conv pads the batch norm's output). The batch
-  // norm op's arithmetic (one FMA, then max with 0 and min with 6, a NaN kept), so the
-  // values are its output bit for bit.
+  // border stays as it is, zero, as the conv pads the batch norm's output).
   void apply(const Geom& g, const ClGeom& cg, const LaneCoefs& k, const v8* src, v8* dst) const {
     if (a == nullptr) return;
     for (int64_t yy = 0; yy < g.h; ++yy) {
       const int64_t o = (yy + g.pt) * cg.wp + g.pl;
-      const float* in = reinterpret_cast<const float*>(src + o);
-      float* row = reinterpret_cast<float*>(dst + o);
-#ifdef __AVX2__
-      const __m256 va = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.a));
-      const __m256 vb = _mm256_loadu_ps(reinterpret_cast<const float*>(&k.b));
-      const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
-      for (int64_t xx = 0; xx < g.w; ++xx) {
-        const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(in + xx * kLanes), va, vb);
-        _mm256_storeu_ps(row + xx * kLanes, _mm256_min_ps(six, _mm256_max_ps(zero, v)));
-      }
-#else
-      for (int64_t xx = 0; xx < g.w; ++xx)
-        for (int l = 0; l < kLanes; ++l) {
-          float v = in[xx * kLanes + l] * k.a[l] + k.b[l];
-          v = v < 0.f ? 0.f : v;
-          row[xx * kLanes + l] = v > 6.f ? 6.f : v;
-        }
-#endif
+      for (int64_t xx = 0; xx < g.w; ++xx) dst[o + xx] = Norm(k, src[o + xx]);
     }
+  }
+
+  // InterleaveIn of x then apply: `out` gets the normalised plane, `raw` (unless null) x
+  // as it is. Full lane groups normalise each vector as the transposes make it (a pass
+  // over the buffer fewer).
+  void interleave(const Geom& g, const ClGeom& cg, const LaneCoefs& k, const float* planes,
+                  int64_t plane, int lanes, v8* raw, v8* out) const {
+    if (a == nullptr || lanes != kLanes) {
+      InterleaveIn(g, cg, planes, plane, lanes, raw != nullptr ? raw : out);
+      apply(g, cg, k, raw != nullptr ? raw : out, out);
+      return;
+    }
+    v8* r = raw == nullptr ? nullptr : raw + g.pt * cg.wp + g.pl;
+    v8* o = out + g.pt * cg.wp + g.pl;
+    Gather8PlaneTo(planes, plane, g.h, g.w, cg.wp, [&](int64_t i, v8 v) {
+      if (r != nullptr) r[i] = v;
+      o[i] = Norm(k, v);
+    });
   }
 
   // s += gm, q += gm * (x - mean) over n pixels, gm = g where 0 < x * a + b < 6 (the
@@ -744,8 +773,8 @@ void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
       norm.load(c0, lanes, coefs);
       for (int64_t it = first; it < end; ++it) {
         const int64_t n = it % g.n;
-        InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
-        norm.apply(g, cg, coefs, buf.data(), buf.data());
+        norm.interleave(g, cg, coefs, x + (n * g.c + c0) * plane, plane, lanes, nullptr,
+                        buf.data());
         const int wp = cg.wp;
         for (int i = 0; i < g.ho; ++i) {
           const v8* r0 = buf.data() + static_cast<int64_t>(i) * g.sh * wp;
@@ -835,8 +864,8 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
       for (auto& a : acc) a = v8{};  // float lane sums of the chunk's dw, to double at its end
       for (int64_t it = first; it < end; ++it) {
         const int64_t n = it % g.n;
-        InterleaveIn(g, cg, x + (n * g.c + c0) * plane, plane, lanes, buf.data());
-        norm.apply(g, cg, coefs, buf.data(), in);
+        norm.interleave(g, cg, coefs, x + (n * g.c + c0) * plane, plane, lanes,
+                        bn_sums ? buf.data() : nullptr, in);
         auto accumulate = [&](const v8* xr, v8* gr, int64_t len, v8& s, v8& q) {
           if (norm.gated)
             LaneNorm::Accumulate<true>(coefs, xr, gr, len, s, q);
