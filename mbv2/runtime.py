@@ -91,7 +91,9 @@ def configure_process(threads: int | None = None) -> None:
       path on AMD CPUs unless this names the AVX2 or AVX-512 one before the library loads
       (measured: 1.6-2.2x faster training steps with AVX2, 10-20 % more with AVX-512);
       Intel CPUs ignore it; a value the user set is kept;
-    * the kept heap (`configure_malloc`; MBV2_MALLOC=system opts out);
+    * the kept heap (`configure_malloc`; MBV2_MALLOC=system opts out), backed by
+      transparent huge pages where the kernel gives them on request
+      (`configure_hugepages`; MBV2_HUGEPAGES=off opts out);
     * Paddle's noise warnings off;
     * `threads`: Paddle's CPU math threads (imports paddle), when given.
 
@@ -101,6 +103,7 @@ def configure_process(threads: int | None = None) -> None:
     if mkl_type:
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", mkl_type)
     configure_malloc()
+    configure_hugepages()
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     if threads is not None:
@@ -109,8 +112,8 @@ def configure_process(threads: int | None = None) -> None:
 
 def describe_process() -> str:
     """One line for the run log: the allocator and the MKL code path in use."""
-    return (f"CPU allocator: {describe_malloc()}; MKL code path: MKL_DEBUG_CPU_TYPE="
-            f"{os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset')}")
+    return (f"CPU allocator: {describe_malloc()}; heap pages: {describe_hugepages()}; "
+            f"MKL code path: MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset')}")
 
 
 def configure_malloc() -> str:
@@ -152,6 +155,136 @@ def configure_malloc() -> str:
         except (OSError, AttributeError):
             malloc_mode = "failed"
     return malloc_mode
+
+
+HUGEPAGES_ENV = "MBV2_HUGEPAGES"
+THP_POLICY_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_MADV_HUGEPAGE = 14  # asm-generic/mman-common.h
+_HUGE = 2 << 20  # the x86-64 and arm64 (4 KiB base pages) huge page
+# The heap configure_hugepages() reserves: half the machine's memory, at most this much.
+_RESERVE_MAX = 64 << 30
+# What configure_hugepages() did in this process: "madvise" (the reserved heap marked for
+# huge pages), "kernel" (the kernel backs all memory with them already), "off" (opted
+# out), "no-kept-heap" (configure_malloc did not keep the heap), "unavailable" (no
+# transparent huge pages here), "strict-overcommit" (see _mark_heap) or "failed"; None
+# before it ran.
+hugepage_mode: str | None = None
+# the bytes of heap it marked
+hugepage_bytes = 0
+
+
+def thp_policy(path: str = THP_POLICY_FILE) -> str | None:
+    """The kernel's transparent huge page policy ("always", "madvise" or "never"), None
+    where it cannot be read (not Linux, no THP)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def heap_range() -> tuple[int, int] | None:
+    """The [start, end) addresses of this process's brk heap, None where it has none."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.rstrip().endswith("[heap]"):
+                    start, end = line.split()[0].split("-")
+                    return int(start, 16), int(end, 16)
+    except OSError:
+        pass
+    return None
+
+
+def configure_hugepages() -> str:
+    """Back the kept heap with transparent huge pages (2 MiB) where the kernel gives them
+    only to memory marked for them (policy "madvise", the common default).
+
+    mbv2's depthwise and batch norm ops stream through activations of 50-150 MB at 224 px
+    (eight channel planes at once in the depthwise conv); with 4 KiB pages each such
+    tensor spans 12k-38k pages, far more than the TLB holds. Measured on this project's
+    2-core EPYC, alternated processes, 4 KiB -> huge pages: x1.0 at 224 px, batch 32,
+    training steps 622 -> 593 ms (medians of 8 pairs, through glibc's tunable), 605 -> 604
+    ms median and 591 -> 581 ms fastest (6 pairs, this function); x1.0 at 32 px, batch 128,
+    74 -> 70 ms (4 of 5 pairs faster); PyTorch's channels_last step unchanged.
+
+    glibc marks its heap for huge pages only when the process starts with the tunable
+    `glibc.malloc.hugetlb=1`, which a running process cannot set. So this grows the kept
+    heap once to half the machine's memory (at most 64 GiB: address space, not memory; a
+    page costs memory when first touched, as before) and marks that range; allocations
+    beyond it get normal pages. Only with the kept heap (`configure_malloc`), whose
+    allocations all come from that one range. `MBV2_HUGEPAGES=off` opts out. Idempotent."""
+    global hugepage_mode
+    if hugepage_mode is not None:
+        return hugepage_mode
+    if os.environ.get(HUGEPAGES_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        hugepage_mode = "off"
+    elif configure_malloc() != "kept-heap":
+        hugepage_mode = "no-kept-heap"
+    else:
+        policy = thp_policy()
+        if policy == "always":
+            hugepage_mode = "kernel"
+        elif policy != "madvise":
+            hugepage_mode = "unavailable"
+        else:
+            hugepage_mode = _mark_heap()
+    return hugepage_mode
+
+
+def _mark_heap() -> str:
+    """configure_hugepages' work under the "madvise" policy: grow the heap, mark it.
+    Not under strict overcommit (vm.overcommit_memory=2), where the grown heap would hold
+    its size of the machine's commit limit, which other processes then cannot have."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory", encoding="ascii") as f:
+            if f.read().strip() == "2":
+                return "strict-overcommit"
+    except OSError:
+        pass
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+        libc.madvise.restype = ctypes.c_int
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        # freed at once: the kept heap never trims, so the range stays the heap's
+        block = libc.malloc(min(memory // 2, _RESERVE_MAX))
+        if not block:
+            return "failed"
+        libc.free(block)
+        heap = heap_range()
+        if heap is None:
+            return "failed"
+        start = (heap[0] + _HUGE - 1) // _HUGE * _HUGE
+        if heap[1] - start < _HUGE:
+            return "failed"
+        if libc.madvise(start, heap[1] - start, _MADV_HUGEPAGE) != 0:
+            return "failed"
+        global hugepage_bytes
+        hugepage_bytes = heap[1] - start
+        return "madvise"
+    except (OSError, AttributeError, ValueError):
+        return "failed"
+
+
+def describe_hugepages() -> str:
+    """One line for the run log: what configure_hugepages() did."""
+    mode = configure_hugepages()
+    if mode == "madvise":
+        return (f"transparent huge pages on the first {hugepage_bytes / 2**30:.0f} GiB of the "
+                f"kept heap ({HUGEPAGES_ENV}=off to turn off)")
+    return {
+        "kernel": "transparent huge pages (the kernel's policy: always)",
+        "off": f"4 KiB ({HUGEPAGES_ENV}=off)",
+        "no-kept-heap": "as the allocator gives them",
+        "unavailable": "4 KiB (no transparent huge pages on request here)",
+        "strict-overcommit": "4 KiB (strict overcommit: the heap is not grown to mark it)",
+        "failed": "4 KiB (the heap could not be marked)",
+    }.get(mode, "4 KiB")
 
 
 class _DlInfo(ctypes.Structure):

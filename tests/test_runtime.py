@@ -165,3 +165,85 @@ def test_bf16_precision_is_checked_against_the_cpu(monkeypatch):
     with pytest.raises(runtime.DeviceError, match="precision=bf16: this CPU reports none of "
                                                   "avx512_bf16, amx_bf16.*use precision=fp32"):
         predict.check_precision("bf16")
+
+
+# The heap's mapping flags after configure_process(): whether the VMA holding a 64 MiB
+# malloc'd block is marked for transparent huge pages ("hg" in its VmFlags), and the
+# hugepage mode and log line.
+HUGE_PROBE = r"""
+import ctypes, json
+from mbv2 import runtime
+runtime.configure_process()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+block = libc.malloc(64 << 20)
+libc.memset(block, 1, 64 << 20)
+flags, huge = None, 0
+with open("/proc/self/smaps") as smaps:
+    inside = False
+    for line in smaps:
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:
+            start, end = (int(v, 16) for v in head[0].split("-"))
+            inside = start <= block < end
+        elif inside and line.startswith("VmFlags:"):
+            flags = head[1:]
+        elif inside and line.startswith("AnonHugePages:"):
+            huge = int(head[1])
+print(json.dumps({"mode": runtime.hugepage_mode, "flags": flags, "huge_kb": huge,
+                  "describe": runtime.describe_hugepages()}))
+"""
+
+
+def _huge_probe(env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MBV2_MALLOC", "MBV2_HUGEPAGES")}
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-c", HUGE_PROBE], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_kept_heap_is_marked_for_huge_pages_where_the_kernel_asks_for_it():
+    """Under the kernel's "madvise" policy the kept heap's range is marked for transparent
+    huge pages (a block malloc'd after start-up lies in it); MBV2_HUGEPAGES=off and
+    MBV2_MALLOC=system leave the pages alone, and the log line says which."""
+    from mbv2 import runtime
+
+    if runtime.malloc_library():
+        pytest.skip("malloc here is not glibc's: no kept heap to mark")
+    policy = runtime.thp_policy()
+    on = _huge_probe({})
+    off = _huge_probe({"MBV2_HUGEPAGES": "off"})
+    system = _huge_probe({"MBV2_MALLOC": "system"})
+    assert off["mode"] == "off" and "MBV2_HUGEPAGES=off" in off["describe"], off
+    assert system["mode"] == "no-kept-heap", system
+    assert "hg" not in (off["flags"] or []) and "hg" not in (system["flags"] or []), (off, system)
+    if policy == "madvise" and on["mode"] == "strict-overcommit":
+        assert "strict overcommit" in on["describe"], on
+    elif policy == "madvise":
+        assert on["mode"] == "madvise", on
+        assert "hg" in on["flags"], on  # the block's mapping is marked
+        assert "transparent huge pages" in on["describe"] and "GiB" in on["describe"], on
+        if on["huge_kb"] == 0:
+            # marked, yet the kernel found no free 2 MiB page (fragmented memory): say so
+            warnings.warn(f"heap marked for huge pages but none backs the block: {on}")
+    elif policy == "always":
+        assert on["mode"] == "kernel", on
+    else:
+        assert on["mode"] == "unavailable", (policy, on)
+
+
+def test_thp_policy_reads_the_bracketed_choice(tmp_path):
+    from mbv2 import runtime
+
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert runtime.thp_policy(str(path)) == "madvise"
+    path.write_text("[always] madvise never\n")
+    assert runtime.thp_policy(str(path)) == "always"
+    path.write_text("garbage\n")
+    assert runtime.thp_policy(str(path)) is None
+    assert runtime.thp_policy(str(tmp_path / "missing")) is None

@@ -17,7 +17,8 @@ from mbv2.bench.peak import achieved_gflops
 
 # Backends, each timed in a process of its own. "torch" is PyTorch as installed (glibc's
 # default allocator); "torch_kept_heap" is PyTorch given the allocator setting every mbv2
-# process runs with (mbv2.runtime.configure_malloc), for a like-for-like ratio.
+# process runs with (mbv2.runtime.configure_malloc: the kept heap, with its huge pages from
+# configure_hugepages), for a like-for-like ratio.
 # The speed-minded variants, all with the kept heap: "torch_channels_last" (model and input
 # in torch.channels_last), "torch_compile" (that + torch.compile, default mode) and
 # "torch_bf16" (channels_last + bfloat16 autocast; n/a without avx512_bf16/amx_bf16).
@@ -200,7 +201,7 @@ def format_table(rows: list[dict[str, Any]], threads: int,
     lines += _lines(rows, _SPEED_COLS, lambda r, k: r)
     best = sorted({r["best_torch_backend"] for r in rows if r.get("best_torch_backend")})
     lines += ["torch: PyTorch as installed (glibc's default allocator); torch*: PyTorch with "
-              "the kept heap every mbv2 process uses (MBV2_MALLOC); t_cl/t_comp/t_bf16: kept "
+              "the kept heap (and its huge pages) every mbv2 process uses (MBV2_MALLOC, MBV2_HUGEPAGES); t_cl/t_comp/t_bf16: kept "
               "heap + channels_last, + torch.compile, + bf16 autocast; best_t: the fastest "
               f"PyTorch column ({', '.join(best) or 'none'})"]
     notes = sorted({f"{b}: {why}" for r in rows for b, why in r.get("unavailable", {}).items()

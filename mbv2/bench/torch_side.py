@@ -1,7 +1,8 @@
 """The PyTorch reference: mbv2's MobileNetV2 rebuilt in PyTorch, and its step functions.
 
 PyTorch is timed twice: as installed ("torch", glibc's default allocator) and with the
-allocator setting every mbv2 process uses ("torch_kept_heap", mbv2.runtime.configure_malloc),
+allocator setting every mbv2 process uses ("torch_kept_heap", mbv2.runtime.configure_malloc
+and configure_hugepages),
 so both the user-facing and the like-for-like ratio are in the table; then, with the kept
 heap, as a speed-minded user runs it: channels_last, torch.compile, bfloat16 autocast.
 """
