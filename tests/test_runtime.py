@@ -167,9 +167,10 @@ def test_bf16_precision_is_checked_against_the_cpu(monkeypatch):
         predict.check_precision("bf16")
 
 
-# The heap's mapping flags after configure_process(): whether the VMA holding a 64 MiB
-# malloc'd block is marked for transparent huge pages ("hg" in its VmFlags), and the
-# hugepage mode and log line.
+# The heap's mapping flags after configure_process(): whether the VMA holding the middle
+# of a 64 MiB malloc'd block is marked for transparent huge pages ("hg" in its VmFlags;
+# the heap's first 2 MiB-unaligned bytes stay unmarked, and a block can start there), and
+# the hugepage mode and log line.
 HUGE_PROBE = r"""
 import ctypes, json
 from mbv2 import runtime
@@ -186,7 +187,7 @@ with open("/proc/self/smaps") as smaps:
         head = line.split()
         if "-" in head[0] and ":" not in head[0]:
             start, end = (int(v, 16) for v in head[0].split("-"))
-            inside = start <= block < end
+            inside = start <= block + (32 << 20) < end
         elif inside and line.startswith("VmFlags:"):
             flags = head[1:]
         elif inside and line.startswith("AnonHugePages:"):
