@@ -201,7 +201,8 @@ def format_table(rows: list[dict[str, Any]], threads: int,
     lines += _lines(rows, _SPEED_COLS, lambda r, k: r)
     best = sorted({r["best_torch_backend"] for r in rows if r.get("best_torch_backend")})
     lines += ["torch: PyTorch as installed (glibc's default allocator); torch*: PyTorch with "
-              "the kept heap (and its huge pages) every mbv2 process uses (MBV2_MALLOC, MBV2_HUGEPAGES); t_cl/t_comp/t_bf16: kept "
+              "the kept heap (and its huge pages) every mbv2 process uses (MBV2_MALLOC, "
+              "MBV2_HUGEPAGES); t_cl/t_comp/t_bf16: kept "
               "heap + channels_last, + torch.compile, + bf16 autocast; best_t: the fastest "
               f"PyTorch column ({', '.join(best) or 'none'})"]
     notes = sorted({f"{b}: {why}" for r in rows for b, why in r.get("unavailable", {}).items()
