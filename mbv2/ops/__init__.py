@@ -95,28 +95,35 @@ class CpuKernels(Ops):
         plan = fused.small_unit_plan(x, expand, depthwise, linear, self.bf16)
         if plan is not None:
             return fused.small_unit(x, plan)
-        bn, conv = expand._batch_norm, depthwise._conv
-        if fused.batch_stats(bn) and fused.expand_covers(x, expand._conv, bn, conv, self.bf16):
-            z, sums = fused.expand_bn_relu6_depthwise(x, expand._conv, bn, conv)
-        else:
-            z, sums = self._expand_depthwise(expand, depthwise, x)
-        bn, conv = depthwise._batch_norm, linear._conv
-        op = fused.pointwise_op(z, bn, conv, self.bf16)
-        if op is not None:
-            p = fused.bn_relu6_pointwise(z, bn, conv, op, sums)
-        else:
-            p = self.conv(conv, batch_norm_act(z, bn, True))
+        p = self._to_projection(expand, depthwise, linear, x)
         return batch_norm_act(p, linear._batch_norm, False)
 
-    def _expand_depthwise(self, expand: nn.Layer, depthwise: nn.Layer, x):
-        """conv(relu6(bn(expand(x)))) of a unit by two ops or more, and its sums or None."""
+    def _to_projection(self, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer, x):
+        """The unit's projection conv output, before its batch norm: the depthwise ->
+        projection pair as one op where it applies (`fused.depthwise_pointwise`,
+        `fused.expand_depthwise_pointwise`), else the ops apart."""
         bn, conv = expand._batch_norm, depthwise._conv
-        # the expand conv's output sums for the fused op after it, in training
-        y, sums = (self.conv_sums(expand._conv, x) if fused.batch_stats(bn)
-                   else (self.conv(expand._conv, x), None))
-        if fused.depthwise_covers(y, bn, conv):
-            return fused.bn_relu6_depthwise(y, bn, conv, sums)
-        return self.conv(conv, batch_norm_act(y, bn, True)), None
+        bn2, conv2 = depthwise._batch_norm, linear._conv
+        if fused.batch_stats(bn) and fused.expand_covers(x, expand._conv, bn, conv, self.bf16):
+            p = fused.expand_depthwise_pointwise(x, expand._conv, bn, conv, bn2, conv2, self.bf16)
+            if p is not None:
+                return p
+            z, sums = fused.expand_bn_relu6_depthwise(x, expand._conv, bn, conv)
+        else:
+            # the expand conv's output sums for the fused op after it, in training
+            y, sums = (self.conv_sums(expand._conv, x) if fused.batch_stats(bn)
+                       else (self.conv(expand._conv, x), None))
+            if fused.depthwise_covers(y, bn, conv):
+                p = fused.depthwise_pointwise(y, bn, conv, bn2, conv2, sums, self.bf16)
+                if p is not None:
+                    return p
+                z, sums = fused.bn_relu6_depthwise(y, bn, conv, sums)
+            else:
+                z, sums = self.conv(conv, batch_norm_act(y, bn, True)), None
+        op = fused.pointwise_op(z, bn2, conv2, self.bf16)
+        if op is not None:
+            return fused.bn_relu6_pointwise(z, bn2, conv2, op, sums)
+        return self.conv(conv2, batch_norm_act(z, bn2, True))
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         # A mean over the flattened plane: Paddle's CPU pool2d took 1.96 ms forward +

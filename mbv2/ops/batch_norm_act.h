@@ -148,6 +148,9 @@ std::vector<paddle::Tensor> BnDepthwiseForward(
 // relu6(bn(x)) (the conv's input gradient; gated: the gradient of bn(x), g where the ReLU6
 // passes), and in sums the batch norm backward's 2C sums (FusedBatchNormBackward's), taken
 // as g is made.
+// fold: dy is not the output's gradient itself but what the batch norm -> ReLU6 -> 1x1
+// conv after it (the projection) hands back before its batch norm's dx pass (DyFold).
+struct DyFold;
 std::vector<paddle::Tensor> BnDepthwiseConvBackward(const paddle::Tensor& x,
                                                     const paddle::Tensor& weight,
                                                     const paddle::Tensor& mean,
@@ -156,7 +159,20 @@ std::vector<paddle::Tensor> BnDepthwiseConvBackward(const paddle::Tensor& x,
                                                     const std::vector<int>& strides,
                                                     const std::vector<int>& paddings,
                                                     std::vector<double>& sums,
-                                                    bool gated = false);
+                                                    bool gated = false,
+                                                    const DyFold* fold = nullptr);
+
+// The conv's output gradient as a depthwise -> projection op's backward has it: dy = A
+// gate(z) g + B z + C0 per channel (the projection's batch norm dx: A, B, C0 from
+// FusedBatchNormCoefs), g the 1x1 conv's input gradient (of relu6(bn(z))), z the
+// depthwise conv's output, gate(z) where the ReLU6 passes (0 < fa z + fb < 6; fa, fb: that
+// batch norm's Folded). The depthwise backward applies it where it reads dy, so dy is
+// never written: the in-place dx pass over z and g (FusedBatchNormBackward) is not made.
+struct DyFold {
+  const float* z = nullptr;
+  const float *a = nullptr, *b = nullptr, *c0 = nullptr;  // C each
+  const float *fa = nullptr, *fb = nullptr;               // C each
+};
 
 // The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
 inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {

@@ -463,23 +463,92 @@ inline void Transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r
 // stride 2, batch 32, fwd / bwd ms, 3-4 alternated processes: 13.6 / 32 -> 11.2-12.7 /
 // 26.5-30.5 (64 floats ahead about the same); x1.0 224 px training step 600 -> 591 ms.
 constexpr int64_t kAhead = 128;
+// The kLanes planes a gather reads: plane l's 8 pixels from p (vec) or its pixel p (at),
+// and the prefetch of plane l ahead of p.
+struct PlainPlanes {
+  const float* src;
+  int64_t stride;
+#ifdef __AVX2__
+  __m256 vec(int l, int64_t p) const { return _mm256_loadu_ps(src + l * stride + p); }
+  void prefetch(int l, int64_t p) const {
+    _mm_prefetch(reinterpret_cast<const char*>(src + l * stride + p), _MM_HINT_T0);
+  }
+#endif
+  float at(int l, int64_t p) const { return src[l * stride + p]; }
+};
+
+// As PlainPlanes, of a depthwise -> projection op's folded output gradient (mbv2::DyFold):
+// plane l's dy = a gate(z) g + b z + c0 made from g and z as they are read, a, b, c0, fa,
+// fb those of channel c0 + l (zero past the group's last channel).
+struct FoldedPlanes {
+  const float *g, *z;
+  int64_t stride;
+  float a[kLanes], b[kLanes], c0[kLanes], fa[kLanes], fb[kLanes];
+
+#ifdef __AVX2__
+  __m256 va[kLanes], vb[kLanes], vc[kLanes], vfa[kLanes], vfb[kLanes];  // broadcast once
+#endif
+
+  FoldedPlanes(const mbv2::DyFold& f, const float* g_, int64_t off, int64_t stride_, int64_t ch,
+               int lanes)
+      : g(g_ + off), z(f.z + off), stride(stride_) {
+    for (int l = 0; l < kLanes; ++l) {
+      const bool in = l < lanes;
+      a[l] = in ? f.a[ch + l] : 0.f;
+      b[l] = in ? f.b[ch + l] : 0.f;
+      c0[l] = in ? f.c0[ch + l] : 0.f;
+      fa[l] = in ? f.fa[ch + l] : 0.f;
+      fb[l] = in ? f.fb[ch + l] : 0.f;
+#ifdef __AVX2__
+      va[l] = _mm256_set1_ps(a[l]);
+      vb[l] = _mm256_set1_ps(b[l]);
+      vc[l] = _mm256_set1_ps(c0[l]);
+      vfa[l] = _mm256_set1_ps(fa[l]);
+      vfb[l] = _mm256_set1_ps(fb[l]);
+#endif
+    }
+  }
+#ifdef __AVX2__
+  static __m256 Fma(__m256 x, __m256 y, __m256 acc) {
+#ifdef __FMA__
+    return _mm256_fmadd_ps(x, y, acc);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(x, y), acc);
+#endif
+  }
+  // GatedDx's arithmetic (batch_norm_act.cc), so dy is what its in-place pass wrote
+  __m256 vec(int l, int64_t p) const {
+    const __m256 zv = _mm256_loadu_ps(z + l * stride + p);
+    const __m256 t = Fma(zv, vfa[l], vfb[l]);
+    const __m256 pass = _mm256_and_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                      _mm256_cmp_ps(t, _mm256_set1_ps(6.f), _CMP_LT_OQ));
+    const __m256 gv = _mm256_and_ps(_mm256_loadu_ps(g + l * stride + p), pass);
+    return Fma(va[l], gv, Fma(vb[l], zv, vc[l]));
+  }
+  void prefetch(int l, int64_t p) const {
+    _mm_prefetch(reinterpret_cast<const char*>(g + l * stride + p), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(z + l * stride + p), _MM_HINT_T0);
+  }
+#endif
+  float at(int l, int64_t p) const {
+    const float zi = z[l * stride + p], t = zi * fa[l] + fb[l];
+    const float gi = t > 0.f && t < 6.f ? g[l * stride + p] : 0.f;
+    return a[l] * gi + b[l] * zi + c0[l];
+  }
+};
+
 // As Gather8Plane, each pixel vector handed to put(index, vector), index = y * row_stride
-// + x, instead of stored.
-template <class Put>
-inline void Gather8PlaneTo(const float* src, int64_t stride, int64_t h, int64_t w,
-                           int64_t row_stride, Put put) {
+// + x, instead of stored; the planes read through `src` (PlainPlanes, FoldedPlanes).
+template <class Planes, class Put>
+inline void Gather8PlaneTo(const Planes& src, int64_t h, int64_t w, int64_t row_stride, Put put) {
   const int64_t plane = h * w;
   int64_t p = 0, y = 0, x = 0;  // (y, x): pixel p's place
 #ifdef __AVX2__
   for (; p + 8 <= plane; p += 8) {
-    const float* s = src + p;
     if (p % 16 == 0)
-      for (int k = 0; k < 8; ++k)
-        _mm_prefetch(reinterpret_cast<const char*>(s + k * stride + kAhead), _MM_HINT_T0);
-    __m256 r[8] = {_mm256_loadu_ps(s), _mm256_loadu_ps(s + stride),
-                   _mm256_loadu_ps(s + 2 * stride), _mm256_loadu_ps(s + 3 * stride),
-                   _mm256_loadu_ps(s + 4 * stride), _mm256_loadu_ps(s + 5 * stride),
-                   _mm256_loadu_ps(s + 6 * stride), _mm256_loadu_ps(s + 7 * stride)};
+      for (int k = 0; k < 8; ++k) src.prefetch(k, p + kAhead);
+    __m256 r[8] = {src.vec(0, p), src.vec(1, p), src.vec(2, p), src.vec(3, p),
+                   src.vec(4, p), src.vec(5, p), src.vec(6, p), src.vec(7, p)};
     Transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
     if (x + 8 <= w) {  // the block within one row
       const int64_t i = y * row_stride + x;
@@ -496,15 +565,23 @@ inline void Gather8PlaneTo(const float* src, int64_t stride, int64_t h, int64_t 
 #endif
   for (; p < plane; ++p) {
     v8 v;
-    for (int l = 0; l < kLanes; ++l) v[l] = src[l * stride + p];
+    for (int l = 0; l < kLanes; ++l) v[l] = src.at(l, p);
     put(y * row_stride + x, v);
     if (++x == w) x = 0, ++y;
   }
 }
 
-inline void Gather8Plane(const float* src, int64_t stride, int64_t h, int64_t w,
-                         int64_t row_stride, float* dst) {
-  Gather8PlaneTo(src, stride, h, w, row_stride, [dst](int64_t i, v8 v) {
+template <class Put>
+inline void Gather8PlaneTo(const float* src, int64_t stride, int64_t h, int64_t w,
+                           int64_t row_stride, Put put) {
+  Gather8PlaneTo(PlainPlanes{src, stride}, h, w, row_stride, put);
+}
+
+// The gather described above: Gather8PlaneTo storing vector i at dst + i * 8.
+template <class Planes>
+inline void Gather8Plane(const Planes& src, int64_t h, int64_t w, int64_t row_stride,
+                         float* dst) {
+  Gather8PlaneTo(src, h, w, row_stride, [dst](int64_t i, v8 v) {
     std::memcpy(dst + i * kLanes, &v, sizeof(v));  // dst: any float alignment
   });
 }
@@ -543,24 +620,29 @@ inline void Scatter8Plane(const float* src, int64_t h, int64_t w, int64_t row_st
 }
 
 // buf[(y + pt) * wp + x + pl][l] = planes[l][y][x] for l < lanes; lanes >= `lanes` zero.
-inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, int64_t plane,
-                         int lanes, v8* buf) {
+// Planes: PlainPlanes or FoldedPlanes, the planes' pixels in order (stride between planes).
+template <class Planes>
+inline void InterleaveIn(const Geom& g, const ClGeom& cg, const Planes& planes, int lanes,
+                         v8* buf) {
   float* b = reinterpret_cast<float*>(buf);
   if (lanes == kLanes) {
-    Gather8Plane(planes, plane, g.h, g.w, cg.wp, b + (g.pt * cg.wp + g.pl) * kLanes);
+    Gather8Plane(planes, g.h, g.w, cg.wp, b + (g.pt * cg.wp + g.pl) * kLanes);
     return;
   }
   for (int l = 0; l < lanes; ++l) {
-    const float* src = planes + l * plane;
     for (int64_t yy = 0; yy < g.h; ++yy) {
       float* row = b + ((yy + g.pt) * cg.wp + g.pl) * kLanes + l;
-      const float* srow = src + yy * g.w;
-      for (int64_t xx = 0; xx < g.w; ++xx) row[xx * kLanes] = srow[xx];
+      for (int64_t xx = 0; xx < g.w; ++xx) row[xx * kLanes] = planes.at(l, yy * g.w + xx);
     }
   }
   for (int l = lanes; l < kLanes; ++l)
     for (int64_t yy = 0; yy < g.h; ++yy)
       for (int64_t xx = 0; xx < g.w; ++xx) b[((yy + g.pt) * cg.wp + g.pl + xx) * kLanes + l] = 0.f;
+}
+
+inline void InterleaveIn(const Geom& g, const ClGeom& cg, const float* planes, int64_t plane,
+                         int lanes, v8* buf) {
+  InterleaveIn(g, cg, PlainPlanes{planes, plane}, lanes, buf);
 }
 
 // [pixel][lane] rows of `width` (row stride `row_stride`, from vector `offset`) to `lanes`
@@ -819,8 +901,10 @@ Geom DyGeom(const Geom& g) {
   return d;
 }
 
+// fold: dy is the folded gradient of a depthwise -> projection op (mbv2::DyFold), made
+// where it is read.
 void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, float* dx,
-                float* dw, const LaneNorm& norm = {}) {
+                float* dw, const LaneNorm& norm = {}, const mbv2::DyFold* fold = nullptr) {
   const ClGeom cg = MakeClGeom(g);
   const bool stream = mbv2::StreamOutput(g.n * g.c * g.h * g.w, dx);
   const int64_t plane = g.h * g.w, oplane = static_cast<int64_t>(g.ho) * g.wo;
@@ -883,9 +967,16 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
         };
         const float* dyn = dy + (n * g.c + c0) * oplane;
         float* dxn = dx + (n * g.c + c0) * plane;
+        // dy's planes of this image and group, as given or folded
+        auto with_dy = [&](auto use) {
+          if (fold != nullptr)
+            use(FoldedPlanes(*fold, dy, (n * g.c + c0) * oplane, oplane, c0, lanes));
+          else
+            use(PlainPlanes{dyn, oplane});
+        };
         const int wp = cg.wp;
         if (gather) {
-          InterleaveIn(gd, cgd, dyn, oplane, lanes, gpad.data());
+          with_dy([&](const auto& planes) { InterleaveIn(gd, cgd, planes, lanes, gpad.data()); });
           const int gw = cgd.wp;
           for (int r = 0; r < g.h; ++r) {  // dx, a row at a time
             const v8* q0 = gpad.data() + static_cast<int64_t>(r) * gw;
@@ -919,17 +1010,17 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
           continue;
         }
         // dy as [pixel][lane] (no padding).
-        {
+        with_dy([&](const auto& planes) {
           float* b = reinterpret_cast<float*>(gbuf.data());
           if (lanes == kLanes) {
-            Gather8Plane(dyn, oplane, 1, oplane, oplane, b);
+            Gather8Plane(planes, 1, oplane, oplane, b);
           } else {
             for (int l = 0; l < lanes; ++l)
-              for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = dyn[l * oplane + p];
+              for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = planes.at(l, p);
             for (int l = lanes; l < kLanes; ++l)
               for (int64_t p = 0; p < oplane; ++p) b[p * kLanes + l] = 0.f;
           }
-        }
+        });
         std::fill(dbuf.begin(), dbuf.end(), v8{});
         for (int i = 0; i < g.ho; ++i) {
           const int64_t base = static_cast<int64_t>(i) * g.sh * wp;
@@ -1239,7 +1330,8 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseForward(
 std::vector<paddle::Tensor> mbv2::BnDepthwiseConvBackward(
     const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& mean,
     const paddle::Tensor& folded, const paddle::Tensor& dy, const std::vector<int>& strides,
-    const std::vector<int>& paddings, std::vector<double>& sums, bool gated) {
+    const std::vector<int>& paddings, std::vector<double>& sums, bool gated,
+    const mbv2::DyFold* fold) {
   CheckInput(dy, "out_grad");
   const Geom g = FusedGeom(x, weight, strides, paddings);
   PD_CHECK(folded.numel() == 2 * g.c, "bn_relu6_depthwise: folded scale/shift of the wrong size");
@@ -1251,8 +1343,9 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseConvBackward(
   // the batch norm backward's sums taken by the conv backward as it makes dx (LaneNorm)
   sums.assign(2 * g.c, 0.0);
   const LaneNorm norm(mbv2::Folded(folded, g.c, mean.data<float>(), sums.data()), gated);
+  PD_CHECK(dy.numel() == g.n * g.c * g.ho * g.wo, "bn_relu6_depthwise: out_grad of the wrong size");
   BackwardCL(g, xc.data<float>(), wc.data<float>(), dyc.data<float>(), dx.data<float>(),
-             dw.data<float>(), norm);
+             dw.data<float>(), norm, fold);
   return {dx, dw};
 }
 

@@ -183,6 +183,87 @@ def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op
     return outs[0]
 
 
+# The depthwise -> projection pair as one op (pointwise_conv.cc), by the 1x1 op it takes
+# the place of: its backward applies the projection batch norm's dx (dz = A gate(z) g +
+# B z + C0) as the depthwise backward reads its output gradient, where apart the 1x1 op's
+# backward makes dz in place, a pass reading z and g and writing dz before the depthwise
+# backward reads it (~17 ms of a x1.0 224 px batch-32 step, 2.9 of them at 32x112x112).
+# Where it pays: depthwise outputs of 28x28 and up, whose passes go to memory. One unit,
+# forward + backward, batch 32, 2 threads, x1.0 at 224 px, apart / pair (medians of 40
+# alternated rounds): 32->32 at 112x112 1.037, 24->144 at 56x56 1.031, 32->192 at 28x28
+# 1.044; on maps in cache it lost: 64->384 at 14x14 0.972 and 0.955, 96->576 at 14x14
+# stride 2 0.997, 160->960 at 7x7 0.990 (the made-in-registers dz costs the gather more
+# than the pass over cached data did).
+PAIR_MIN_PLANE = 28 * 28
+PAIR_OPS = {"mbv2_bn_relu6_pointwise": "mbv2_bn_relu6_depthwise_pointwise",
+            "mbv2_bn_relu6_pointwise_bf16": "mbv2_bn_relu6_depthwise_pointwise_bf16"}
+EXPAND_PAIR_OPS = {"mbv2_bn_relu6_pointwise": "mbv2_expand_bn_relu6_depthwise_pointwise",
+                   "mbv2_bn_relu6_pointwise_bf16": "mbv2_expand_bn_relu6_depthwise_pointwise_bf16"}
+
+
+def _depthwise_output(y_shape: list[int], x: paddle.Tensor, conv: nn.Conv2D) -> _Output:
+    """What the depthwise `conv` makes of an input of `y_shape` (x's dtype and place)."""
+    n, c, h, w = y_shape
+    (sh, sw), (pt, pb, pl, pr) = _dw._stride2(conv._stride), _dw._pad4(conv._padding)
+    kh, kw = conv._kernel_size
+    return _Output([n, c, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1],
+                   x.dtype, x.place)
+
+
+def _pair_op(ops: dict, z: _Output, bn2: nn.BatchNorm2D, conv2: nn.Conv2D, bf16: bool) -> str | None:
+    """The pair op of `ops` for a depthwise output like z and the projection after it, or
+    None where the ops apart run (maps under PAIR_MIN_PLANE, no fused 1x1 op)."""
+    if z.shape[2] * z.shape[3] < PAIR_MIN_PLANE:
+        return None
+    return ops.get(pointwise_op(z, bn2, conv2, bf16))
+
+
+def _pair_inputs(bn: nn.BatchNorm2D, conv: nn.Conv2D) -> tuple:
+    """The projection half's tensor inputs: Scale2, Bias2, RunningMean2, RunningVar2,
+    PwWeight (detached under no_grad, as `_inputs`)."""
+    scale, bias, weight = bn.weight, bn.bias, conv.weight
+    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
+        scale, bias, weight = scale.detach(), bias.detach(), weight.detach()
+    return scale, bias, bn._mean, bn._variance, weight
+
+
+def depthwise_pointwise(y: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
+                        bn2: nn.BatchNorm2D, conv2: nn.Conv2D, sums: paddle.Tensor | None,
+                        bf16: bool = False) -> paddle.Tensor | None:
+    """`conv2(relu6(bn2(conv(relu6(bn(y))))))` through the pair op where
+    `depthwise_covers(y, bn, conv)` holds (the caller's check) and the projection runs a
+    fused 1x1 op (`pointwise_op`), else None (the caller runs the two ops)."""
+    op = _pair_op(PAIR_OPS, _depthwise_output(y.shape, y, conv), bn2, conv2, bf16)
+    if op is None:
+        return None
+    strides, pads = _conv_args(y, conv)
+    outs = paddle._C_ops._run_custom_op(
+        op, *_inputs(y, bn, conv), sums, *_pair_inputs(bn2, conv2), strides, pads,
+        float(bn._epsilon), float(bn._momentum), float(bn2._epsilon), float(bn2._momentum))
+    return outs[0]
+
+
+def expand_depthwise_pointwise(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.BatchNorm2D,
+                               conv: nn.Conv2D, bn2: nn.BatchNorm2D, conv2: nn.Conv2D,
+                               bf16: bool = False) -> paddle.Tensor | None:
+    """`conv2(relu6(bn2(conv(relu6(bn(expand(x)))))))` through the expand pair op where
+    `expand_covers(x, expand, bn, conv)` holds (the caller's check) and the projection runs
+    a fused 1x1 op, else None."""
+    n, _, h, w = x.shape
+    y = _Output([n, expand.weight.shape[0], h, w], x.dtype, x.place)
+    op = _pair_op(EXPAND_PAIR_OPS, _depthwise_output(y.shape, x, conv), bn2, conv2, bf16)
+    if op is None:
+        return None
+    strides, pads = _conv_args(y, conv)
+    xin, scale, bias, mean, var, weight = _inputs(x, bn, conv)
+    expand_weight = expand.weight if xin is x else expand.weight.detach()
+    outs = paddle._C_ops._run_custom_op(
+        op, xin, expand_weight, scale, bias, mean, var, weight, *_pair_inputs(bn2, conv2),
+        strides, pads, float(bn._epsilon), float(bn._momentum), float(bn2._epsilon),
+        float(bn2._momentum))
+    return outs[0]
+
+
 SMALL_UNIT_OP = "mbv2_small_unit"
 # Maps of at most this many pixels take the one op. Whole training steps at 32 px, batch
 # 128, 2 threads, alternated in one process (medians of 8-12 rounds): with the 4x4 units

@@ -934,18 +934,19 @@ std::vector<paddle::Tensor> ExpandDepthwiseForward(
   return out;
 }
 
-std::vector<paddle::Tensor> ExpandDepthwiseBackward(
+// fold: dout is a depthwise -> projection op's folded gradient (mbv2::DyFold).
+std::vector<paddle::Tensor> ExpandDepthwiseGrads(
     const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& y,
     const paddle::Tensor& scale, const paddle::Tensor& dw_weight, const paddle::Tensor& mean,
     const paddle::Tensor& invstd, const paddle::Tensor& folded, const paddle::Tensor& dout,
-    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
-    float momentum) {
+    const std::vector<int>& strides, const std::vector<int>& paddings,
+    const mbv2::DyFold* fold) {
   CheckFloat32(x, w, "expand_bn_relu6_depthwise");
   const Shape s = GetShape(x, w);
   std::vector<double> sums;
   // gm, the depthwise conv's weight gradient and the batch norm backward's sums
   auto conv = mbv2::BnDepthwiseConvBackward(y, dw_weight, mean, folded, dout, strides,
-                                            paddings, sums, /*gated=*/true);
+                                            paddings, sums, /*gated=*/true, fold);
   auto bn = mbv2::FusedBatchNormCoefs(scale, mean, invstd, sums.data(), s.n * s.hw);
   const float *ka = bn[2].data<float>(), *kb = ka + s.co, *kc = kb + s.co;
   BackwardIo io(x, w, conv[0]);
@@ -980,6 +981,15 @@ std::vector<paddle::Tensor> ExpandDepthwiseBackward(
       dw[k] = static_cast<float>(static_cast<double>(ka[o]) * dw[k] + bwg[k] + kc[o] * sx[i]);
     }
   return {io.dx, io.dw, bn[0], bn[1], conv[1]};
+}
+
+std::vector<paddle::Tensor> ExpandDepthwiseBackward(
+    const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& y,
+    const paddle::Tensor& scale, const paddle::Tensor& dw_weight, const paddle::Tensor& mean,
+    const paddle::Tensor& invstd, const paddle::Tensor& folded, const paddle::Tensor& dout,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float) {
+  return ExpandDepthwiseGrads(x, w, y, scale, dw_weight, mean, invstd, folded, dout, strides,
+                              paddings, nullptr);
 }
 
 std::vector<std::vector<int64_t>> ExpandDepthwiseInferShape(
@@ -1023,5 +1033,224 @@ PD_BUILD_GRAD_OP(mbv2_expand_bn_relu6_depthwise)
     .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
             "momentum: float"})
     .SetKernelFn(PD_KERNEL(ExpandDepthwiseBackward));
+
+// ---------------------------------------------------------------------------------------
+// The depthwise conv -> relu6(batch_norm) -> projection 1x1 conv of an inverted residual
+// unit in one op (training): the fused batch norm -> depthwise op (or the expand ->
+// depthwise op before it) and the fused batch norm -> 1x1 op, whose backwards meet
+// without the projection batch norm's dx pass. Apart, the 1x1 op's backward writes g (the
+// gradient of relu6(bn(z)), z the depthwise output), takes the batch norm's sums of it,
+// then makes dz = A gate(z) g + B z + C0 in place (reading z and g, writing dz), and the
+// depthwise backward reads dz; here the depthwise backward reads g and z and makes dz as
+// it interleaves them (mbv2::DyFold), two passes over the depthwise output fewer. The
+// forward is the two ops' bit for bit; the gradients their values with dz made in
+// registers (the same arithmetic as the pass).
+
+namespace {
+
+// The projection's half of the backward: {g, dW, dgamma, dbeta, [A, B, C0]} (the batch
+// norm's dx coefficients for the depthwise backward to apply: FusedBatchNormCoefs).
+template <bool BF16>
+std::vector<paddle::Tensor> ProjectionGrads(const paddle::Tensor& z, const paddle::Tensor& scale,
+                                            const paddle::Tensor& w, const paddle::Tensor& mean,
+                                            const paddle::Tensor& invstd,
+                                            const paddle::Tensor& folded,
+                                            const paddle::Tensor& dout) {
+  const Shape s = FusedShape(z, w);
+  PD_CHECK(folded.numel() == 2 * s.ci, "depthwise_pointwise: folded scale/shift of the wrong size");
+  BackwardIo io(z, w, dout);
+  std::vector<double> sums(2 * s.ci);
+  const BlockNorm norm(mbv2::Folded(folded, s.ci, mean.data<float>(), sums.data()));
+  BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
+                       io.dx.data<float>(), io.dw.data<float>(), norm);
+  auto bn = mbv2::FusedBatchNormCoefs(scale, mean, invstd, sums.data(), s.n * s.hw);
+  return {io.dx, io.dw, bn[0], bn[1], bn[2]};
+}
+
+mbv2::DyFold MakeFold(const paddle::Tensor& z, const paddle::Tensor& folded,
+                      const paddle::Tensor& coefs) {
+  const int64_t c = z.shape()[1];
+  const float *k = coefs.data<float>(), *f = folded.data<float>();
+  return {z.data<float>(), k, k + c, k + 2 * c, f, f + c};
+}
+
+template <bool BF16>
+std::vector<paddle::Tensor> DwPwForward(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& bias,
+    const paddle::Tensor& running_mean, const paddle::Tensor& running_var,
+    const paddle::Tensor& dw_weight, const paddle::optional<paddle::Tensor>& sums,
+    const paddle::Tensor& scale2, const paddle::Tensor& bias2, const paddle::Tensor& running_mean2,
+    const paddle::Tensor& running_var2, const paddle::Tensor& pw_weight,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
+    float momentum, float epsilon2, float momentum2) {
+  auto dw = mbv2::BnDepthwiseForward(x, scale, bias, running_mean, running_var, dw_weight, sums,
+                                     strides, paddings, epsilon, momentum);
+  auto pw = BnPointwiseForward<BF16>(dw[0], scale2, bias2, running_mean2, running_var2, pw_weight,
+                                     paddle::optional<paddle::Tensor>(dw[4]), epsilon2, momentum2);
+  return {pw[0], dw[0], dw[1], dw[2], dw[3], pw[1], pw[2], pw[3]};
+}
+
+template <bool BF16>
+std::vector<paddle::Tensor> DwPwBackward(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& dw_weight,
+    const paddle::Tensor& mean, const paddle::Tensor& invstd, const paddle::Tensor& folded,
+    const paddle::Tensor& z, const paddle::Tensor& scale2, const paddle::Tensor& pw_weight,
+    const paddle::Tensor& mean2, const paddle::Tensor& invstd2, const paddle::Tensor& folded2,
+    const paddle::Tensor& dout, const std::vector<int>& strides, const std::vector<int>& paddings,
+    float, float, float, float) {
+  const paddle::Tensor zc = Contiguous(z);
+  auto pw = ProjectionGrads<BF16>(zc, scale2, pw_weight, mean2, invstd2, folded2, dout);
+  const mbv2::DyFold fold = MakeFold(zc, folded2, pw[4]);
+  std::vector<double> sums;
+  auto conv = mbv2::BnDepthwiseConvBackward(x, dw_weight, mean, folded, pw[0], strides, paddings,
+                                            sums, /*gated=*/false, &fold);
+  const paddle::Tensor xc = Contiguous(x);
+  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, conv[0], sums.data());
+  return {conv[0], dbn[0], dbn[1], conv[1], pw[2], pw[3], pw[1]};
+}
+
+template <bool BF16>
+std::vector<paddle::Tensor> ExpandDwPwForward(
+    const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& scale,
+    const paddle::Tensor& bias, const paddle::Tensor& running_mean,
+    const paddle::Tensor& running_var, const paddle::Tensor& dw_weight,
+    const paddle::Tensor& scale2, const paddle::Tensor& bias2, const paddle::Tensor& running_mean2,
+    const paddle::Tensor& running_var2, const paddle::Tensor& pw_weight,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float epsilon,
+    float momentum, float epsilon2, float momentum2) {
+  auto dw = ExpandDepthwiseForward(x, w, scale, bias, running_mean, running_var, dw_weight,
+                                   strides, paddings, epsilon, momentum);
+  auto pw = BnPointwiseForward<BF16>(dw[0], scale2, bias2, running_mean2, running_var2, pw_weight,
+                                     paddle::optional<paddle::Tensor>(dw[4]), epsilon2, momentum2);
+  return {pw[0], dw[0], dw[1], dw[2], dw[3], pw[1], pw[2], pw[3], dw[5]};
+}
+
+template <bool BF16>
+std::vector<paddle::Tensor> ExpandDwPwBackward(
+    const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& y,
+    const paddle::Tensor& scale, const paddle::Tensor& dw_weight, const paddle::Tensor& mean,
+    const paddle::Tensor& invstd, const paddle::Tensor& folded, const paddle::Tensor& z,
+    const paddle::Tensor& scale2, const paddle::Tensor& pw_weight, const paddle::Tensor& mean2,
+    const paddle::Tensor& invstd2, const paddle::Tensor& folded2, const paddle::Tensor& dout,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float, float,
+    float) {
+  const paddle::Tensor zc = Contiguous(z);
+  auto pw = ProjectionGrads<BF16>(zc, scale2, pw_weight, mean2, invstd2, folded2, dout);
+  const mbv2::DyFold fold = MakeFold(zc, folded2, pw[4]);
+  auto ex = ExpandDepthwiseGrads(x, w, y, scale, dw_weight, mean, invstd, folded, pw[0], strides,
+                                 paddings, &fold);
+  return {ex[0], ex[1], ex[2], ex[3], ex[4], pw[2], pw[3], pw[1]};
+}
+
+// shapes: the depthwise op's (Out as Z), then the 1x1's output first and its statistics
+std::vector<std::vector<int64_t>> PairShapes(std::vector<std::vector<int64_t>> dw,
+                                             const std::vector<int64_t>& pw_shape) {
+  const std::vector<int64_t> z = dw[0];
+  std::vector<std::vector<int64_t>> out = {{z[0], pw_shape[0], z[2], z[3]}, z, dw[1], dw[2], dw[3]};
+  for (const auto& t : mbv2::FusedStatsShapes(z[1])) out.push_back(t);
+  return out;
+}
+
+std::vector<std::vector<int64_t>> DwPwInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>& dw_shape,
+    const paddle::optional<std::vector<int64_t>>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>& pw_shape, const std::vector<int>& strides,
+    const std::vector<int>& paddings, float, float, float, float) {
+  const int64_t c = x_shape[1];
+  auto out = [](int64_t in, int64_t k, int st, int p0, int p1) -> int64_t {
+    return in < 0 ? -1 : (in + p0 + p1 - k) / st + 1;
+  };
+  std::vector<std::vector<int64_t>> dw = {
+      {x_shape[0], c, out(x_shape[2], dw_shape[2], strides[0], paddings[0], paddings[1]),
+       out(x_shape[3], dw_shape[3], strides[1], paddings[2], paddings[3])}};
+  for (const auto& t : mbv2::FusedStatsShapes(c)) dw.push_back(t);
+  return PairShapes(dw, pw_shape);
+}
+
+std::vector<paddle::DataType> DwPwInferDtype(
+    const paddle::DataType& x_dtype, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
+    const paddle::optional<paddle::DataType>&, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&) {
+  return std::vector<paddle::DataType>(8, x_dtype);
+}
+
+std::vector<std::vector<int64_t>> ExpandDwPwInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+    const std::vector<int64_t>& s1, const std::vector<int64_t>& b1, const std::vector<int64_t>& m1,
+    const std::vector<int64_t>& v1, const std::vector<int64_t>& dw_shape,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>& pw_shape,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float, float,
+    float) {
+  auto dw = ExpandDepthwiseInferShape(x_shape, w_shape, s1, b1, m1, v1, dw_shape, strides,
+                                      paddings, 0.f, 0.f);
+  auto out = PairShapes(dw, pw_shape);
+  out.push_back(dw[5]);  // Y
+  return out;
+}
+
+std::vector<paddle::DataType> ExpandDwPwInferDtype(
+    const paddle::DataType& x_dtype, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
+    const paddle::DataType&, const paddle::DataType&, const paddle::DataType&) {
+  return std::vector<paddle::DataType>(9, x_dtype);
+}
+
+}  // namespace
+
+#define MBV2_PAIR_ATTRS                                                                     \
+  {"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",             \
+   "momentum: float", "epsilon2: float", "momentum2: float"}
+#define MBV2_PAIR_STATS "SavedMean", "SavedInvStd", "Folded", "SavedMean2", "SavedInvStd2", "Folded2"
+
+#define MBV2_DW_PW_OP(name, BF16)                                                           \
+  PD_BUILD_OP(name)                                                                         \
+      .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "DwWeight",               \
+               paddle::Optional("Sums"), "Scale2", "Bias2", "RunningMean2", "RunningVar2",  \
+               "PwWeight"})                                                                 \
+      .Outputs({"Out", "Z", MBV2_PAIR_STATS})                                               \
+      .Attrs(MBV2_PAIR_ATTRS)                                                               \
+      .SetKernelFn(PD_KERNEL(DwPwForward<BF16>))                                            \
+      .SetInferShapeFn(PD_INFER_SHAPE(DwPwInferShape))                                      \
+      .SetInferDtypeFn(PD_INFER_DTYPE(DwPwInferDtype));                                     \
+  PD_BUILD_GRAD_OP(name)                                                                    \
+      .Inputs({"X", "Scale", "DwWeight", "SavedMean", "SavedInvStd", "Folded", "Z",         \
+               "Scale2", "PwWeight", "SavedMean2", "SavedInvStd2", "Folded2",               \
+               paddle::Grad("Out")})                                                        \
+      .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias"),             \
+                paddle::Grad("DwWeight"), paddle::Grad("Scale2"), paddle::Grad("Bias2"),    \
+                paddle::Grad("PwWeight")})                                                  \
+      .Attrs(MBV2_PAIR_ATTRS)                                                               \
+      .SetKernelFn(PD_KERNEL(DwPwBackward<BF16>))
+
+#define MBV2_EXPAND_DW_PW_OP(name, BF16)                                                    \
+  PD_BUILD_OP(name)                                                                         \
+      .Inputs({"X", "Weight", "Scale", "Bias", "RunningMean", "RunningVar", "DwWeight",     \
+               "Scale2", "Bias2", "RunningMean2", "RunningVar2", "PwWeight"})               \
+      .Outputs({"Out", "Z", MBV2_PAIR_STATS, "Y"})                                          \
+      .Attrs(MBV2_PAIR_ATTRS)                                                               \
+      .SetKernelFn(PD_KERNEL(ExpandDwPwForward<BF16>))                                      \
+      .SetInferShapeFn(PD_INFER_SHAPE(ExpandDwPwInferShape))                                \
+      .SetInferDtypeFn(PD_INFER_DTYPE(ExpandDwPwInferDtype));                               \
+  PD_BUILD_GRAD_OP(name)                                                                    \
+      .Inputs({"X", "Weight", "Y", "Scale", "DwWeight", "SavedMean", "SavedInvStd",         \
+               "Folded", "Z", "Scale2", "PwWeight", "SavedMean2", "SavedInvStd2",           \
+               "Folded2", paddle::Grad("Out")})                                             \
+      .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Scale"),           \
+                paddle::Grad("Bias"), paddle::Grad("DwWeight"), paddle::Grad("Scale2"),     \
+                paddle::Grad("Bias2"), paddle::Grad("PwWeight")})                           \
+      .Attrs(MBV2_PAIR_ATTRS)                                                               \
+      .SetKernelFn(PD_KERNEL(ExpandDwPwBackward<BF16>))
+
+MBV2_DW_PW_OP(mbv2_bn_relu6_depthwise_pointwise, false);
+MBV2_EXPAND_DW_PW_OP(mbv2_expand_bn_relu6_depthwise_pointwise, false);
+#ifdef MBV2_WITH_DNNL
+MBV2_DW_PW_OP(mbv2_bn_relu6_depthwise_pointwise_bf16, true);
+MBV2_EXPAND_DW_PW_OP(mbv2_expand_bn_relu6_depthwise_pointwise_bf16, true);
+#endif
 
 #endif  // MBV2_WITH_MKL
