@@ -609,6 +609,23 @@ std::vector<paddle::Tensor> BnPointwiseForward(const paddle::Tensor& x, const pa
   return {io.y, stats[0], stats[1], stats[2]};
 }
 
+// The fused op's backward products: io.dx = g, the gradient of relu6(bn(x)) (of the
+// normalised input), io.dw, and in sums the batch norm backward's 2C sums of g, taken
+// a block at a time. What is left is the batch norm's dx (A, B, C0 from those sums).
+template <bool BF16>
+BackwardIo BnPointwiseProducts(const paddle::Tensor& x, const paddle::Tensor& w,
+                               const paddle::Tensor& mean, const paddle::Tensor& folded,
+                               const paddle::Tensor& dy, std::vector<double>& sums) {
+  const Shape s = FusedShape(x, w);
+  PD_CHECK(folded.numel() == 2 * s.ci, "bn_relu6_pointwise: folded scale/shift of the wrong size");
+  BackwardIo io(x, w, dy);
+  sums.assign(2 * s.ci, 0.0);
+  const BlockNorm norm(mbv2::Folded(folded, s.ci, mean.data<float>(), sums.data()));
+  BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
+                       io.dx.data<float>(), io.dw.data<float>(), norm);
+  return io;
+}
+
 template <bool BF16>
 std::vector<paddle::Tensor> BnPointwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
                                                 const paddle::Tensor& w,
@@ -617,16 +634,10 @@ std::vector<paddle::Tensor> BnPointwiseBackward(const paddle::Tensor& x, const p
                                                 const paddle::Tensor& folded,
                                                 const paddle::Tensor& dy, float epsilon,
                                                 float momentum) {
-  const Shape s = FusedShape(x, w);
-  PD_CHECK(folded.numel() == 2 * s.ci, "bn_relu6_pointwise: folded scale/shift of the wrong size");
-  BackwardIo io(x, w, dy);
-  // the gradient of the normalised input and the batch norm backward's sums, then the
-  // batch norm's input gradient in place
-  std::vector<double> sums(2 * s.ci);
-  const BlockNorm norm(mbv2::Folded(folded, s.ci, mean.data<float>(), sums.data()));
-  BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
-                       io.dx.data<float>(), io.dw.data<float>(), norm);
-  auto dbn = mbv2::FusedBatchNormBackward(io.x, scale, mean, invstd, folded, io.dx, norm.sums);
+  std::vector<double> sums;
+  BackwardIo io = BnPointwiseProducts<BF16>(x, w, mean, folded, dy, sums);
+  // the batch norm's input gradient in place over g
+  auto dbn = mbv2::FusedBatchNormBackward(io.x, scale, mean, invstd, folded, io.dx, sums.data());
   return {io.dx, dbn[0], dbn[1], io.dw};
 }
 
@@ -1056,14 +1067,9 @@ std::vector<paddle::Tensor> ProjectionGrads(const paddle::Tensor& z, const paddl
                                             const paddle::Tensor& invstd,
                                             const paddle::Tensor& folded,
                                             const paddle::Tensor& dout) {
-  const Shape s = FusedShape(z, w);
-  PD_CHECK(folded.numel() == 2 * s.ci, "depthwise_pointwise: folded scale/shift of the wrong size");
-  BackwardIo io(z, w, dout);
-  std::vector<double> sums(2 * s.ci);
-  const BlockNorm norm(mbv2::Folded(folded, s.ci, mean.data<float>(), sums.data()));
-  BackwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.dy.data<float>(),
-                       io.dx.data<float>(), io.dw.data<float>(), norm);
-  auto bn = mbv2::FusedBatchNormCoefs(scale, mean, invstd, sums.data(), s.n * s.hw);
+  std::vector<double> sums;
+  BackwardIo io = BnPointwiseProducts<BF16>(z, w, mean, folded, dout, sums);
+  auto bn = mbv2::FusedBatchNormCoefs(scale, mean, invstd, sums.data(), z.numel() / z.shape()[1]);
   return {io.dx, io.dw, bn[0], bn[1], bn[2]};
 }
 
