@@ -380,6 +380,67 @@ void AddBnTerms(const Shape& s, const BnTerms& bn, const float* xb, int64_t ldx,
 
 }  // namespace
 
+// The forward product of a block where x has 8 or 16 channels (MobileNetV2's expand
+// convs on its largest maps): each 16-pixel vector of x's K channels held in registers and
+// every output row made from them, one FMA per channel (broadcast weight), no packing;
+// rows streamed to memory where the output outgrows the cache (`stream`, 64-byte aligned
+// full vectors), and the batch norm sums of each row (`sums`: sum and sum of squares
+// about shift[o], 16-lane float accumulators in `vec`, 2 co vectors) taken from the
+// registers, since a streamed row is not in cache to be summed after. MKL's packed
+// kernels spend more than these products on such thin shapes: batch 32, 2 threads,
+// pointwise_conv2d ms, MKL -> this (-> and streamed): 16->96 at 112x112 12.7-13.2 ->
+// 11.4-12.0 -> 7.2, 8->48 at 112x112 5.8-6.0 -> 3.1-3.2 -> 2.9-3.0; with its sums
+// (pointwise_conv2d_sums) 13.7-14.3 -> 7.5-12.3 and 5.6-6.0 -> 2.9-4.8. With 24 channels
+// (24 vectors held) it lost: 24->144 at 56x56 with sums 5.6 -> 6.4-9.1, so MKL keeps it.
+// Summed in k order from w[o][0] x[0], as MKL's results are.
+template <int K>
+__attribute__((target("avx512f"))) void ThinBlock(const float* x, int64_t ldx, int64_t len,
+                                                 const float* w, int64_t co, float* y,
+                                                 int64_t ldy, bool stream, const float* shift,
+                                                 float* vec, float* sums) {
+  if (sums != nullptr)
+    for (int64_t i = 0; i < 2 * co * 16; ++i) vec[i] = 0.f;
+  for (int64_t p = 0; p < len; p += 16) {
+    const int64_t left = len - p;
+    const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    __m512 xv[K];
+    for (int k = 0; k < K; ++k) xv[k] = _mm512_maskz_loadu_ps(m, x + k * ldx + p);
+    for (int64_t o = 0; o < co; ++o) {
+      const float* wr = w + o * K;
+      float* yr = y + o * ldy + p;
+      __m512 acc = _mm512_mul_ps(_mm512_set1_ps(wr[0]), xv[0]);
+      for (int k = 1; k < K; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(wr[k]), xv[k], acc);
+      if (stream && m == 0xFFFF && reinterpret_cast<uintptr_t>(yr) % 64 == 0)
+        _mm512_stream_ps(yr, acc);
+      else
+        _mm512_mask_storeu_ps(yr, m, acc);
+      if (sums != nullptr) {
+        const __m512 d = _mm512_maskz_sub_ps(m, acc, _mm512_set1_ps(shift[o]));
+        float* vs = vec + o * 32;
+        _mm512_storeu_ps(vs, _mm512_add_ps(_mm512_loadu_ps(vs), d));
+        _mm512_storeu_ps(vs + 16, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(vs + 16)));
+      }
+    }
+  }
+  if (stream) _mm_sfence();
+  if (sums != nullptr)
+    for (int64_t o = 0; o < co; ++o) {
+      sums[o] = _mm512_reduce_add_ps(_mm512_loadu_ps(vec + o * 32));
+      sums[co + o] = _mm512_reduce_add_ps(_mm512_loadu_ps(vec + o * 32 + 16));
+    }
+}
+
+// Whether ThinBlock takes a block of this shape (float32 products, AVX-512).
+bool UseThin(const Shape& s) { return (s.ci == 8 || s.ci == 16) && HasAvx512(); }
+
+void Thin(const Shape& s, const float* x, int64_t len, const float* w, float* y, bool stream,
+          const float* shift, float* vec, float* sums) {
+  if (s.ci == 8)
+    ThinBlock<8>(x, s.hw, len, w, s.co, y, s.hw, stream, shift, vec, sums);
+  else
+    ThinBlock<16>(x, s.hw, len, w, s.co, y, s.hw, stream, shift, vec, sums);
+}
+
 // y = W x a block at a time, x normalised first where `norm` says (the fused op). ys: y's
 // sums for the batch norm after it (OutputSums), taken a block at a time, K[c] = y's first
 // value of channel c (computed up front from the first pixel's input).
@@ -402,10 +463,25 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
   FloatScratch xn(norm.a != nullptr, s.ci * blk);
   const int64_t chunks = BlockChunks(s, ys != nullptr ? 2 * s.co * sizeof(double) : 0);
   if (ys != nullptr) ys->Chunks(chunks);
+  // the plain float32 product of x with 8 or 16 channels: ThinBlock, its sums from registers
+  const bool thin = !BF16 && norm.a == nullptr && UseThin(s);
+  const bool stream = thin && mbv2::StreamOutput(s.n * s.co * s.hw, yp);
+  FloatScratch thin_vec(thin && ys != nullptr, 2 * s.co * 16 + 2 * s.co);
   ForBlocks(s, chunks, [&](int t, int64_t k, int64_t n, int64_t p0, int64_t len) {
+    float* yb = yp + n * s.co * s.hw + p0;
+    if (thin) {
+      float* vec = thin_vec.of(t);
+      float* rows = vec == nullptr ? nullptr : vec + 2 * s.co * 16;
+      Thin(s, xp + n * s.ci * s.hw + p0, len, wp, yb, stream,
+           ys != nullptr ? ys->shift() : nullptr, vec, rows);
+      if (ys != nullptr) {
+        double* part = ys->part(k);
+        for (int64_t o = 0; o < 2 * s.co; ++o) part[o] += rows[o];
+      }
+      return;
+    }
     int64_t ldx;
     const float* xb = norm.apply(xp + n * s.ci * s.hw + p0, s.ci, len, s.hw, xn.of(t), &ldx);
-    float* yb = yp + n * s.co * s.hw + p0;
     if (BF16) {
       ToBf16(xb, s.ci, len, ldx, xs.of(t));
       GemmBf16('N', 'N', s.co, len, s.ci, wb.get(), s.ci, xs.of(t), len, 0.f, yb, s.hw);
