@@ -19,6 +19,13 @@ On maps of 28x28 and up the expand conv and the first op run as one
 the expand conv's output gradient: the 1x1 backward takes the batch norm backward's terms
 apart (see `pointwise_conv.cc`), so the batch norm's dx pass over that map is not made.
 
+Where the depthwise output is 28x28 and up, that op (either one) and the projection's fused
+op after it run as one too (`mbv2_bn_relu6_depthwise_pointwise`,
+`mbv2_expand_bn_relu6_depthwise_pointwise`; `depthwise_pointwise`,
+`expand_depthwise_pointwise`): the projection batch norm's dx is made as the depthwise
+backward reads its output gradient (DyFold in batch_norm_act.h) instead of in a pass of
+its own over z and g.
+
 On maps of at most 16 pixels (4x4, 2x2, 1x1: the last stages at 32 px) a whole unit, expand ->
 batch norm -> ReLU6 -> depthwise -> batch norm -> ReLU6 -> projection -> batch norm, is one
 op (`mbv2_small_unit`, `small_unit.cc`; `small_unit_plan`, `small_unit`): six ops and six
