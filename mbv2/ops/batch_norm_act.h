@@ -162,6 +162,21 @@ std::vector<paddle::Tensor> BnDepthwiseConvBackward(const paddle::Tensor& x,
                                                     bool gated = false,
                                                     const DyFold* fold = nullptr);
 
+// The fused op's whole backward: {dx, dgamma, dbeta, the conv's weight gradient} (the
+// conv half, then the batch norm's dx pass in place); fold: as above.
+std::vector<paddle::Tensor> BnDepthwiseGrads(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& weight,
+    const paddle::Tensor& mean, const paddle::Tensor& invstd, const paddle::Tensor& folded,
+    const paddle::Tensor& dy, const std::vector<int>& strides, const std::vector<int>& paddings,
+    const DyFold* fold = nullptr);
+
+// The fused op's output shapes: {Out, SavedMean, SavedInvStd, Folded, OutSums}.
+std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>& w_shape, const paddle::optional<std::vector<int64_t>>&,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float);
+
 // The conv's output gradient as a depthwise -> projection op's backward has it: dy = A
 // gate(z) g + B z + C0 per channel (the projection's batch norm dx: A, B, C0 from
 // FusedBatchNormCoefs), g the 1x1 conv's input gradient (of relu6(bn(z))), z the

@@ -1349,6 +1349,20 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseConvBackward(
   return {dx, dw};
 }
 
+std::vector<paddle::Tensor> mbv2::BnDepthwiseGrads(
+    const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& weight,
+    const paddle::Tensor& mean, const paddle::Tensor& invstd, const paddle::Tensor& folded,
+    const paddle::Tensor& dy, const std::vector<int>& strides, const std::vector<int>& paddings,
+    const mbv2::DyFold* fold) {
+  std::vector<double> sums;
+  // the conv's input gradient, then the batch norm's input gradient in the same buffer
+  auto conv = mbv2::BnDepthwiseConvBackward(x, weight, mean, folded, dy, strides, paddings, sums,
+                                            /*gated=*/false, fold);
+  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, conv[0], sums.data());
+  return {conv[0], dbn[0], dbn[1], conv[1]};
+}
+
 std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
                                                 const paddle::Tensor& weight,
                                                 const paddle::Tensor& mean,
@@ -1356,17 +1370,11 @@ std::vector<paddle::Tensor> BnDepthwiseBackward(const paddle::Tensor& x, const p
                                                 const paddle::Tensor& folded,
                                                 const paddle::Tensor& dy,
                                                 const std::vector<int>& strides,
-                                                const std::vector<int>& paddings, float epsilon,
-                                                float momentum) {
-  std::vector<double> sums;
-  // the conv's input gradient, then the batch norm's input gradient in the same buffer
-  auto conv = mbv2::BnDepthwiseConvBackward(x, weight, mean, folded, dy, strides, paddings, sums);
-  const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, conv[0], sums.data());
-  return {conv[0], dbn[0], dbn[1], conv[1]};
+                                                const std::vector<int>& paddings, float, float) {
+  return mbv2::BnDepthwiseGrads(x, scale, weight, mean, invstd, folded, dy, strides, paddings);
 }
 
-std::vector<std::vector<int64_t>> BnDepthwiseInferShape(
+std::vector<std::vector<int64_t>> mbv2::BnDepthwiseInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>&,
     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
     const std::vector<int64_t>& w_shape, const paddle::optional<std::vector<int64_t>>&,
@@ -1384,7 +1392,7 @@ PD_BUILD_OP(mbv2_bn_relu6_depthwise)
     .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "epsilon: float",
             "momentum: float"})
     .SetKernelFn(PD_KERNEL(mbv2::BnDepthwiseForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(BnDepthwiseInferShape))
+    .SetInferShapeFn(PD_INFER_SHAPE(mbv2::BnDepthwiseInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype<1>));
 
 PD_BUILD_GRAD_OP(mbv2_bn_relu6_depthwise)

@@ -225,27 +225,20 @@ def _pair_op(ops: dict, z: _Output, bn2: nn.BatchNorm2D, conv2: nn.Conv2D, bf16:
     return ops.get(pointwise_op(z, bn2, conv2, bf16))
 
 
-def _pair_inputs(bn: nn.BatchNorm2D, conv: nn.Conv2D) -> tuple:
-    """The projection half's tensor inputs: Scale2, Bias2, RunningMean2, RunningVar2,
-    PwWeight (detached under no_grad, as `_inputs`)."""
-    scale, bias, weight = bn.weight, bn.bias, conv.weight
-    if not paddle.is_grad_enabled() and paddle.in_dynamic_mode():
-        scale, bias, weight = scale.detach(), bias.detach(), weight.detach()
-    return scale, bias, bn._mean, bn._variance, weight
-
-
 def depthwise_pointwise(y: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
                         bn2: nn.BatchNorm2D, conv2: nn.Conv2D, sums: paddle.Tensor | None,
                         bf16: bool = False) -> paddle.Tensor | None:
     """`conv2(relu6(bn2(conv(relu6(bn(y))))))` through the pair op where
     `depthwise_covers(y, bn, conv)` holds (the caller's check) and the projection runs a
     fused 1x1 op (`pointwise_op`), else None (the caller runs the two ops)."""
+    if y.shape[2] * y.shape[3] < PAIR_MIN_PLANE:
+        return None  # first: the cheap test (every unit at 32 px; the output is no larger)
     op = _pair_op(PAIR_OPS, _depthwise_output(y.shape, y, conv), bn2, conv2, bf16)
     if op is None:
         return None
     strides, pads = _conv_args(y, conv)
     outs = paddle._C_ops._run_custom_op(
-        op, *_inputs(y, bn, conv), sums, *_pair_inputs(bn2, conv2), strides, pads,
+        op, *_inputs(y, bn, conv), sums, *_inputs(y, bn2, conv2)[1:], strides, pads,
         float(bn._epsilon), float(bn._momentum), float(bn2._epsilon), float(bn2._momentum))
     return outs[0]
 
@@ -265,7 +258,7 @@ def expand_depthwise_pointwise(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.Batch
     xin, scale, bias, mean, var, weight = _inputs(x, bn, conv)
     expand_weight = expand.weight if xin is x else expand.weight.detach()
     outs = paddle._C_ops._run_custom_op(
-        op, xin, expand_weight, scale, bias, mean, var, weight, *_pair_inputs(bn2, conv2),
+        op, xin, expand_weight, scale, bias, mean, var, weight, *_inputs(x, bn2, conv2)[1:],
         strides, pads, float(bn._epsilon), float(bn._momentum), float(bn2._epsilon),
         float(bn2._momentum))
     return outs[0]

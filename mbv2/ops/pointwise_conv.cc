@@ -1183,12 +1183,9 @@ std::vector<paddle::Tensor> DwPwBackward(
   const paddle::Tensor zc = Contiguous(z);
   auto pw = ProjectionGrads<BF16>(zc, scale2, pw_weight, mean2, invstd2, folded2, dout);
   const mbv2::DyFold fold = MakeFold(zc, folded2, pw[4]);
-  std::vector<double> sums;
-  auto conv = mbv2::BnDepthwiseConvBackward(x, dw_weight, mean, folded, pw[0], strides, paddings,
-                                            sums, /*gated=*/false, &fold);
-  const paddle::Tensor xc = Contiguous(x);
-  auto dbn = mbv2::FusedBatchNormBackward(xc, scale, mean, invstd, folded, conv[0], sums.data());
-  return {conv[0], dbn[0], dbn[1], conv[1], pw[2], pw[3], pw[1]};
+  auto dw = mbv2::BnDepthwiseGrads(x, scale, dw_weight, mean, invstd, folded, pw[0], strides,
+                                   paddings, &fold);
+  return {dw[0], dw[1], dw[2], dw[3], pw[2], pw[3], pw[1]};
 }
 
 template <bool BF16>
@@ -1234,21 +1231,16 @@ std::vector<std::vector<int64_t>> PairShapes(std::vector<std::vector<int64_t>> d
 }
 
 std::vector<std::vector<int64_t>> DwPwInferShape(
-    const std::vector<int64_t>& x_shape, const std::vector<int64_t>&, const std::vector<int64_t>&,
-    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>& dw_shape,
-    const paddle::optional<std::vector<int64_t>>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>& x_shape, const std::vector<int64_t>& s1,
+    const std::vector<int64_t>& b1, const std::vector<int64_t>& m1, const std::vector<int64_t>& v1,
+    const std::vector<int64_t>& dw_shape, const paddle::optional<std::vector<int64_t>>& sums,
     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
-    const std::vector<int64_t>& pw_shape, const std::vector<int>& strides,
-    const std::vector<int>& paddings, float, float, float, float) {
-  const int64_t c = x_shape[1];
-  auto out = [](int64_t in, int64_t k, int st, int p0, int p1) -> int64_t {
-    return in < 0 ? -1 : (in + p0 + p1 - k) / st + 1;
-  };
-  std::vector<std::vector<int64_t>> dw = {
-      {x_shape[0], c, out(x_shape[2], dw_shape[2], strides[0], paddings[0], paddings[1]),
-       out(x_shape[3], dw_shape[3], strides[1], paddings[2], paddings[3])}};
-  for (const auto& t : mbv2::FusedStatsShapes(c)) dw.push_back(t);
-  return PairShapes(dw, pw_shape);
+    const std::vector<int64_t>&, const std::vector<int64_t>& pw_shape,
+    const std::vector<int>& strides, const std::vector<int>& paddings, float, float, float,
+    float) {
+  return PairShapes(mbv2::BnDepthwiseInferShape(x_shape, s1, b1, m1, v1, dw_shape, sums, strides,
+                                                paddings, 0.f, 0.f),
+                    pw_shape);
 }
 
 std::vector<paddle::DataType> DwPwInferDtype(
