@@ -219,13 +219,17 @@ struct BackwardIo {
         dw(paddle::empty(w_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace())) {}
 };
 
-// dw[i] = sum over chunks k of part[k * size + i], in chunk order.
+// dw[i] = sum over chunks k of part[k * size + i], in chunk order: a chunk's row at a time
+// into dw, so each sum is a run of vector adds (the same additions in the same order as a
+// chunk loop per weight, whose 10-32 dependent adds a weight kept the other thread waiting:
+// 6.5 % of its idle samples in a x1.0 224 px step fell here).
 void SumPartials(const std::vector<float>& part, int64_t size, float* dw) {
   const size_t rows = part.size() / static_cast<size_t>(std::max<int64_t>(size, 1));
-  for (int64_t i = 0; i < size; ++i) {
-    float acc = 0.f;
-    for (size_t k = 0; k < rows; ++k) acc += part[k * size + i];
-    dw[i] = acc;
+  std::fill(dw, dw + size, 0.f);
+  for (size_t k = 0; k < rows; ++k) {
+    const float* row = part.data() + k * size;
+#pragma omp simd
+    for (int64_t i = 0; i < size; ++i) dw[i] += row[i];
   }
 }
 
