@@ -221,7 +221,7 @@ struct BackwardIo {
 
 // dw[i] = sum over chunks k of part[k * size + i], in chunk order: a chunk's row at a time
 // into dw, so each sum is a run of vector adds (the same additions in the same order as a
-// chunk loop per weight, whose 10-32 dependent adds a weight kept the other thread waiting:
+// chunk loop per weight, whose 2-32 dependent adds a weight kept the other thread waiting:
 // 6.5 % of its idle samples in a x1.0 224 px step fell here).
 void SumPartials(const std::vector<float>& part, int64_t size, float* dw) {
   const size_t rows = part.size() / static_cast<size_t>(std::max<int64_t>(size, 1));
