@@ -1088,14 +1088,11 @@ std::vector<std::vector<int64_t>> ExpandDepthwiseInferShape(
     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
     const std::vector<int64_t>&, const std::vector<int64_t>& dw_shape,
     const std::vector<int>& strides, const std::vector<int>& paddings, float, float) {
+  // the fused batch norm -> depthwise op's shapes on the 1x1 conv's output y, then y
   const std::vector<int64_t> y = {x_shape[0], w_shape[0], x_shape[2], x_shape[3]};
-  auto out = [](int64_t in, int64_t k, int st, int p0, int p1) -> int64_t {
-    return in < 0 ? -1 : (in + p0 + p1 - k) / st + 1;
-  };
-  auto shapes = mbv2::FusedStatsShapes(w_shape[0]);
-  shapes.insert(shapes.begin(), {y[0], y[1], out(y[2], dw_shape[2], strides[0], paddings[0], paddings[1]),
-                                 out(y[3], dw_shape[3], strides[1], paddings[2], paddings[3])});
-  shapes.push_back({w_shape[0] < 0 ? -1 : 3 * w_shape[0] + 1});
+  auto shapes = mbv2::BnDepthwiseInferShape(y, {}, {}, {}, {}, dw_shape,
+                                            paddle::optional<std::vector<int64_t>>(), strides,
+                                            paddings, 0.f, 0.f);
   shapes.push_back(y);
   return shapes;
 }
