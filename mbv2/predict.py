@@ -233,8 +233,14 @@ def load_predictor(spec: str, threads: int, ema: bool, precision: str = "fp32",
 def _exported(path: Path, threads: int, precision: str, engine: str) -> ExportedPredictor:
     predictor = ExportedPredictor(path, threads, precision, engine)
     if predictor.engine == "kernels":
-        log.info("predicting with mbv2's CPU predictor (engine=kernels, %s, %d threads)",
-                 precision, threads)
+        from mbv2.ops import inference
+
+        products = ""
+        if precision == "bf16":
+            products = (", 1x1 products on AMX tiles" if inference.amx()
+                        else ", 1x1 products in AVX512-BF16 dot products")
+        log.info("predicting with mbv2's CPU predictor (engine=kernels, %s%s, %d threads)",
+                 precision, products, threads)
     else:
         log.info("predicting with Paddle Inference (oneDNN, %s, %d threads)%s", precision, threads,
                  f"; mbv2's CPU predictor not used: {predictor.why}" if predictor.why else "")

@@ -166,3 +166,37 @@ def test_predict_runs_bf16_in_mbv2s_predictor(tmp_path):
     np.testing.assert_allclose(got.sum(1), 1, rtol=1e-5)
     assert np.abs(got - want).max() < 0.02
     assert not np.array_equal(got, ExportedPredictor(tmp_path, threads=2)(x))
+
+
+needs_amx = pytest.mark.skipif(not inference.amx(),
+                               reason="no AMX tiles here (CPU, kernel or MBV2_AMX=off)")
+
+
+@needs_amx
+@pytest.mark.parametrize("scale, size, batch", [
+    (0.25, 32, 3),   # K of 8-24 (one tile, mostly zero padding), 3 images: partial row tiles
+    (0.35, 41, 2),   # channel counts off 16 and 32: partial column tiles and masks
+    (1.0, 64, 2),    # K up to 960 (30 tiles), 1280 outputs in the last conv
+])
+def test_amx_tiles_match_the_dot_product_kernels(monkeypatch, scale, size, batch):
+    """Where the CPU has AMX the bf16 products run on its tiles; with MBV2_AMX=off on the
+    AVX512-BF16 kernels. The same bfloat16 operands summed in float32 in another order, so
+    an image's logits differ from the dot products' by float32 noise (1e-4 of what rounding
+    to bfloat16 does to them), or, where an activation sat on a rounding boundary and went
+    the other way, by up to a fifth of that (measured: 0.05-0.18 at x1.0). A wrong tile
+    (stride, offset, padding) moves them by the whole effect or more. Not the same bits:
+    the tiles really ran."""
+    net = _net(scale, 10)
+    x = _images(batch, size)
+    tiles = inference.NetworkInference(net, "bf16")(x).numpy()
+    monkeypatch.setenv("MBV2_AMX", "off")
+    assert not inference.amx()
+    dots = inference.NetworkInference(net, "bf16")(x).numpy()
+    fp32 = inference.NetworkInference(net)(x).numpy()
+    effect = np.abs(dots - fp32).max(axis=1)
+    assert (effect > 0).all()
+    off = np.abs(tiles - dots).max(axis=1) / effect
+    assert off.max() < 0.5, off
+    assert not np.array_equal(tiles, dots)
+    monkeypatch.delenv("MBV2_AMX")
+    np.testing.assert_array_equal(inference.NetworkInference(net, "bf16")(x).numpy(), tiles)

@@ -1,7 +1,7 @@
 // MobileNetV2 inference as one Paddle custom operator, mbv2_infer_net: the whole network
 // (stem, inverted residual units, last 1x1 conv, average pool, classifier), batch norms
 // folded into the convs, float32 (or, with `bf16`, bfloat16 products in the 1x1 convs on
-// CPUs with AVX512-BF16), on the MKL that Paddle ships (without it this file
+// CPUs with AVX512-BF16, on AMX tiles where the CPU has them), on the MKL that Paddle ships (without it this file
 // registers nothing and mbv2.predict keeps Paddle Inference). Built into the same library
 // as the training ops; mbv2/ops/inference.py packs the weights, from a network or from the
 // program mbv2.export writes.
@@ -43,6 +43,9 @@
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "bf16.h"
 #include "paddle/extension.h"
@@ -103,12 +106,42 @@ void GemmPacked(const float* a, const Packed& b, float* c, int64_t m) {
 using mbv2::Bf16Rne;
 using mbv2::HasAvx512Bf16;
 
+// Where the CPU has AMX (Intel's tile unit: a tdpbf16ps multiplies a 16 x 32 bfloat16 tile
+// by a 32 x 16 one into 16 x 16 float32 sums, 16 times vdpbf16ps's work an instruction) the
+// same packed pairs are its B tiles as they lie: 16 pair rows of 16 columns, K rounded up
+// to 32 so every tile is whole. Linux hands a process the tile registers only on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM); where it refuses, or MBV2_AMX=off, the vdpbf16ps
+// kernels run. Either way the sums are float32 of the same bfloat16 products (in another
+// order: the two paths agree to float32 rounding, not bit for bit).
+bool AmxUsable() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !HasAvx512Bf16())
+      return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureTileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
+  }();
+  return yes;
+}
+
+// AMX for the bfloat16 products of networks packed from now on: the CPU and the kernel
+// allow it and MBV2_AMX is not "off" (read at packing, so a network packed after a change
+// of it follows it).
+bool UseAmx() {
+  const char* env = std::getenv("MBV2_AMX");
+  return !(env != nullptr && std::strcmp(env, "off") == 0) && AmxUsable();
+}
+
 // A weight matrix [k][n] as bfloat16 channel pairs.
 struct PackedBf16 {
   std::vector<uint16_t> w;
-  int64_t k = 0, n = 0, kp = 0, np = 0;  // kp: k rounded up to 2, np: n rounded up to 16
-  void Pack(const float* src, int64_t k_, int64_t n_) {
-    k = k_, n = n_, kp = (k + 1) / 2 * 2, np = (n + 15) / 16 * 16;
+  int64_t k = 0, n = 0, kp = 0, np = 0;  // kp: k rounded up to 2 (32 for AMX), np: n to 16
+  bool amx = false;                      // multiplied on AMX tiles
+  void Pack(const float* src, int64_t k_, int64_t n_, bool amx_) {
+    amx = amx_;
+    k = k_, n = n_, kp = (k + (amx ? 31 : 1)) / (amx ? 32 : 2) * (amx ? 32 : 2);
+    np = (n + 15) / 16 * 16;
     w.assign(static_cast<size_t>(kp * np), 0);
     for (int64_t r = 0; r < k; ++r)
       for (int64_t j = 0; j < n; ++j)
@@ -144,19 +177,21 @@ struct Net {
 struct PackedNet {
   int64_t key = 0;
   const float* weights = nullptr;
-  bool bf16 = false;
+  bool bf16 = false, amx = false;
   std::vector<Packed> mats;         // FP32 runs
   std::vector<PackedBf16> mats16;   // bf16 runs, the same order
 };
 
 std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, const Net& net,
                                            bool bf16) {
+  const bool amx = bf16 && UseAmx();
   static std::mutex mu;
   static std::list<std::shared_ptr<const PackedNet>> cache;  // most recent first
   constexpr size_t kKept = 4;
   std::lock_guard<std::mutex> lock(mu);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if ((*it)->key == key && (*it)->weights == weights && (*it)->bf16 == bf16) {
+    if ((*it)->key == key && (*it)->weights == weights && (*it)->bf16 == bf16 &&
+        (*it)->amx == amx) {
       auto hit = *it;
       cache.erase(it);
       cache.push_front(hit);
@@ -164,13 +199,13 @@ std::shared_ptr<const PackedNet> PackedFor(int64_t key, const float* weights, co
     }
   }
   auto packed = std::make_shared<PackedNet>();
-  packed->key = key, packed->weights = weights, packed->bf16 = bf16;
+  packed->key = key, packed->weights = weights, packed->bf16 = bf16, packed->amx = amx;
   const size_t count = 2 * net.units.size() + 1;
   (bf16 ? packed->mats16.resize(count) : packed->mats.resize(count));
   // matrix i, [k][n], in the run's format (MKL's packing: for rows_hint rows of A)
   auto pack = [&](size_t i, const float* w, int64_t k, int64_t n, int64_t rows_hint) {
     if (bf16)
-      packed->mats16[i].Pack(w, k, n);
+      packed->mats16[i].Pack(w, k, n, amx);
     else
       packed->mats[i].Pack(w, k, n, rows_hint);
   };
@@ -464,11 +499,102 @@ MBV2_BF16_TARGET void PointwiseRowsBf16(const float* a, int64_t m, const PackedB
   }
 }
 
+// The AMX kernel (see AmxUsable). Eight tiles of 16 rows x 64 bytes: 0-3 the sums of a
+// 32 x 32 output block, 4-5 its two 16-row slices of A, 6-7 its two 16-column slices of B.
+#define MBV2_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// out[rows][cols] (row stride ldo) = epilogue(c[rows][cols] (row stride 32) + bias (+ res)).
+template <int E>
+MBV2_BF16_TARGET void AmxEpilogue(const float* c, int64_t rows, int64_t cols, const float* bias,
+                                  const float* res, float* out, int64_t ldo) {
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f);
+  for (int64_t v = 0; v < cols; v += 16) {
+    const __mmask16 m = cols - v >= 16 ? 0xffff : static_cast<__mmask16>((1u << (cols - v)) - 1);
+    const __m512 b = _mm512_maskz_loadu_ps(m, bias + v);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 y = _mm512_add_ps(_mm512_load_ps(c + r * 32 + v), b);
+      if (E == kRelu6) y = _mm512_min_ps(_mm512_max_ps(y, zero), six);
+      if (E == kLinear && res != nullptr)
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, res + r * ldo + v));
+      _mm512_mask_storeu_ps(out + r * ldo + v, m, y);
+    }
+  }
+}
+
+// PointwiseRowsBf16 on AMX tiles: a block of rows rounded to bfloat16 (rows a multiple of
+// 32 in the scratch; those past the matrix are left as they are: their sums are dropped),
+// then 32 x 32 output blocks, each summed over K in tiles, stored to a block in L1 and
+// finished (bias, ReLU6 or the shortcut) into out.
+template <int E>
+MBV2_AMX_TARGET void PointwiseRowsAmx(const float* a, int64_t m, const PackedBf16& w,
+                                      const float* bias, const float* res, float* out,
+                                      std::vector<uint16_t>& scratch) {
+  // the tile registers' shapes: set on every call (another library on this thread may have
+  // configured them otherwise)
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t kp = w.kp, lda = kp * 2, ldb = w.np * 4, ksteps = kp / 32;
+  const int64_t block = std::max<int64_t>(32, (16384 / kp) / 32 * 32);
+  if (static_cast<int64_t>(scratch.size()) < block * kp) scratch.resize(block * kp);
+  alignas(64) float c[32 * 32];
+  for (int64_t i0 = 0; i0 < m; i0 += block) {
+    const int64_t rows = std::min(block, m - i0);
+    RowsToBf16(a + i0 * w.k, rows, w.k, kp, scratch.data());
+    for (int64_t j = 0; j < w.n; j += 32) {
+      const bool two_cols = j + 16 < w.n;
+      const int64_t cols = std::min<int64_t>(32, w.n - j);
+      const uint16_t* bj = w.w.data() + j * 2;
+      for (int64_t r = 0; r < rows; r += 32) {
+        const bool two_rows = r + 16 < rows;
+        const uint16_t* ar = scratch.data() + r * kp;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t q = 0; q < ksteps; ++q) {
+          const uint16_t* aq = ar + q * 32;
+          const uint16_t* bq = bj + q * 16 * w.np * 2;
+          _tile_loadd(4, aq, lda);
+          _tile_loadd(6, bq, ldb);
+          _tile_dpbf16ps(0, 4, 6);
+          if (two_cols) {
+            _tile_loadd(7, bq + 32, ldb);
+            _tile_dpbf16ps(1, 4, 7);
+          }
+          if (two_rows) {
+            _tile_loadd(5, aq + 16 * kp, lda);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two_cols) _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c, 128);
+        if (two_cols) _tile_stored(1, c + 16, 128);
+        if (two_rows) _tile_stored(2, c + 16 * 32, 128);
+        if (two_rows && two_cols) _tile_stored(3, c + 16 * 32 + 16, 128);
+        const int64_t o = (i0 + r) * w.n + j;
+        AmxEpilogue<E>(c, std::min<int64_t>(32, rows - r), cols, bias + j,
+                       res ? res + o : nullptr, out + o, w.n);
+      }
+    }
+  }
+}
+
 // The 1x1 conv of a unit or the last conv: bfloat16 products where the op runs in bf16.
 template <int E>
 void Conv1x1(const float* a, int64_t m, const Packed* w, const PackedBf16* w16,
              const float* bias, const float* res, float* out, std::vector<uint16_t>& scratch) {
-  if (w16 != nullptr)
+  if (w16 != nullptr && w16->amx)
+    PointwiseRowsAmx<E>(a, m, *w16, bias, res, out, scratch);
+  else if (w16 != nullptr)
     PointwiseRowsBf16<E>(a, m, *w16, bias, res, out, scratch);
   else
     PointwiseRows<E>(a, m, *w, bias, res, out);
@@ -840,6 +966,9 @@ std::vector<paddle::DataType> InferNetDtype(const paddle::DataType& x, const pad
 }
 
 }  // namespace
+
+// Whether bf16 runs of the op multiply on AMX tiles in this process (for the log).
+extern "C" int mbv2_infer_net_amx() { return UseAmx() ? 1 : 0; }
 
 PD_BUILD_OP(mbv2_infer_net)
     .Inputs({"X", "Weights"})

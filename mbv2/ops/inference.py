@@ -9,8 +9,8 @@ shortcut add, average pool, matmul + add, an optional softmax) and raises `NotMo
 naming the op where it differs. `pack_layers` folds every batch norm into its conv and packs
 the weights channels-last in the op's order; `NetworkInference(layers)` runs batches
 through the op: what the program (or `net` in eval mode) computes, in FP32 or, with
-`precision="bf16"` on CPUs with AVX512-BF16, with bfloat16 products in the 1x1 convs. The op
-needs the kernels' library built with Paddle's MKL (`available()`); any input size.
+`precision="bf16"` on CPUs with AVX512-BF16, with bfloat16 products in the 1x1 convs (on
+AMX tiles where the CPU has them: `amx()`). The op needs the kernels' library built with Paddle's MKL (`available()`); any input size.
 """
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ def bf16_why_not() -> str | None:
     if not has_avx512_bf16():
         return "mbv2's predictor runs bf16 on CPUs with AVX512-BF16 only; this one has none"
     return None
+
+
+def amx() -> bool:
+    """True where the op's bf16 products run on AMX tiles in this process (the CPU has
+    AMX-BF16, Linux granted the tile registers, and MBV2_AMX is not "off"); else they run
+    on AVX512-BF16's dot products."""
+    import ctypes
+
+    from mbv2.ops.depthwise import load_kernel
+
+    if not available():
+        return False
+    lib = ctypes.CDLL(str(load_kernel().so_path))
+    probe = getattr(lib, "mbv2_infer_net_amx", None)
+    return bool(probe and probe())
 
 
 def available() -> bool:
