@@ -12,6 +12,7 @@ import pytest
 
 from mbv2.model import MobileNetV2
 from mbv2.ops import inference
+from mbv2.runtime import cpu_flags
 
 pytestmark = pytest.mark.skipif(not inference.available(),
                                 reason="the kernels' library (with Paddle's MKL) is not built here")
@@ -183,3 +184,38 @@ def test_an_unreadable_or_older_program_file_is_named(tmp_path):
     (tmp_path / "inference.pdmodel").write_bytes(b"\x08\x01")
     with pytest.raises(inference.NotMobileNetV2, match=r"inference.pdmodel is in Paddle's older"):
         inference.layers_of_program(tmp_path / "inference.pdmodel", tmp_path / "inference.pdiparams")
+
+
+_THIN_TILES_SCRIPT = """
+import sys
+import numpy as np
+from tests.test_ops_inference import _images, _net
+from mbv2.ops import inference
+assert inference.thin_lanes() == int(sys.argv[2]), inference.thin_lanes()
+outs = [inference.NetworkInference(_net(s, 10))(_images(b, px)).numpy()
+        for s, px, b in [(1.0, 48, 3), (0.35, 41, 2), (0.25, 32, 5)]]
+np.savez(sys.argv[1], *outs)
+"""
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(),
+                    reason="no AVX-512 here: the AVX2 tiles are the only ones")
+def test_avx512_thin_tiles_give_the_avx2_tiles_bits(tmp_path):
+    """The thin products (16-32 channel sides) run 16-lane tiles where the CPU has AVX-512
+    and 8-lane ones elsewhere (or with MBV2_INFER_AVX512=off, read once a process): the
+    same sums in the same order, so the logits are the same bits, in partial column blocks
+    (24, 40, 56 channels at x0.35) and partial row tiles alike."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    got = {}
+    for mode, lanes in (("on", 16), ("off", 8)):
+        env = dict(os.environ, MBV2_INFER_AVX512=mode, PYTHONPATH=str(root))
+        out = tmp_path / f"{mode}.npz"
+        subprocess.run([sys.executable, "-c", _THIN_TILES_SCRIPT, str(out), str(lanes)], env=env,
+                       cwd=root, check=True, capture_output=True)
+        got[mode] = np.load(out)
+    for name in got["on"].files:
+        np.testing.assert_array_equal(got["on"][name], got["off"][name])

@@ -45,19 +45,29 @@ def bf16_why_not() -> str | None:
     return None
 
 
-def amx() -> bool:
-    """True where the op's bf16 products run on AMX tiles in this process (the CPU has
-    AMX-BF16, Linux granted the tile registers, and MBV2_AMX is not "off"); else they run
-    on AVX512-BF16's dot products."""
+def _probe(name: str) -> int:
+    """An int the op's library reports about this process (0 where it has no such entry)."""
     import ctypes
 
     from mbv2.ops.depthwise import load_kernel
 
     if not available():
-        return False
-    lib = ctypes.CDLL(str(load_kernel().so_path))
-    probe = getattr(lib, "mbv2_infer_net_amx", None)
-    return bool(probe and probe())
+        return 0
+    probe = getattr(ctypes.CDLL(str(load_kernel().so_path)), name, None)
+    return int(probe()) if probe else 0
+
+
+def amx() -> bool:
+    """True where the op's bf16 products run on AMX tiles in this process (the CPU has
+    AMX-BF16, Linux granted the tile registers, and MBV2_AMX is not "off"); else they run
+    on AVX512-BF16's dot products."""
+    return bool(_probe("mbv2_infer_net_amx"))
+
+
+def thin_lanes() -> int:
+    """The vector width of the FP32 thin products (16-32 channel sides) in this process:
+    16 where the CPU has AVX-512 (MBV2_INFER_AVX512=off, read once a process: 8), else 8."""
+    return _probe("mbv2_infer_net_thin_lanes")
 
 
 def available() -> bool:
