@@ -191,7 +191,7 @@ import sys
 import numpy as np
 from tests.test_ops_inference import _images, _net
 from mbv2.ops import inference
-assert inference.thin_lanes() == int(sys.argv[2]), inference.thin_lanes()
+assert inference.lanes() == int(sys.argv[2]), inference.lanes()
 outs = [inference.NetworkInference(_net(s, 10))(_images(b, px)).numpy()
         for s, px, b in [(1.0, 48, 3), (0.35, 41, 2), (0.25, 32, 5)]]
 np.savez(sys.argv[1], *outs)
@@ -200,11 +200,12 @@ np.savez(sys.argv[1], *outs)
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(),
                     reason="no AVX-512 here: the AVX2 tiles are the only ones")
-def test_avx512_thin_tiles_give_the_avx2_tiles_bits(tmp_path):
-    """The thin products (16-32 channel sides) run 16-lane tiles where the CPU has AVX-512
-    and 8-lane ones elsewhere (or with MBV2_INFER_AVX512=off, read once a process): the
-    same sums in the same order, so the logits are the same bits, in partial column blocks
-    (24, 40, 56 channels at x0.35) and partial row tiles alike."""
+def test_avx512_kernels_give_the_avx2_kernels_bits(tmp_path):
+    """The thin products (16-32 channel sides) and the depthwise convs run 16-lane vectors
+    where the CPU has AVX-512 and 8-lane ones elsewhere (or with MBV2_INFER_AVX512=off,
+    read once a process): the same sums in the same order, so the logits are the same
+    bits, in partial column blocks and channel counts off 16 (24, 40, 56 at x0.35), partial
+    row tiles, both strides and every edge of the map alike."""
     import os
     import subprocess
     import sys

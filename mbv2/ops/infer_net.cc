@@ -441,7 +441,10 @@ bool HasAvx512() {
 // c[m][n] = epilogue(a[m][k] b[k][n] + bias (+ res)), n a multiple of 8; column blocks of
 // 16 (6 rows a tile) or 24 (4 rows), 8 for the rest; ThinGemm16 where the CPU has AVX-512
 // (MBV2_INFER_AVX512=off: these AVX2 tiles).
-bool ThinWide() {
+// 16-lane kernels (the thin products and the depthwise conv) where the CPU has AVX-512,
+// unless MBV2_INFER_AVX512=off (read once a process); else 8-lane AVX2 ones. Both give the
+// same bits.
+bool Wide16() {
   static const bool wide = [] {
     const char* env = std::getenv("MBV2_INFER_AVX512");
     return HasAvx512() && !(env != nullptr && std::strcmp(env, "off") == 0);
@@ -452,7 +455,7 @@ bool ThinWide() {
 template <int E>
 void ThinGemm(const float* a, int64_t m, int64_t k, const float* b, int64_t n,
               const float* bias, float* c, const float* res) {
-  if (ThinWide()) {
+  if (Wide16()) {
     ThinGemm16<E>(a, m, k, b, n, bias, c, res);
     return;
   }
@@ -700,6 +703,99 @@ void Conv1x1(const float* a, int64_t m, const Packed* w, const PackedBf16* w16,
 // [w][c]; rows and columns outside the image are the zero padding. A block of 8 channels
 // at a time keeps its 9 weights in registers and sweeps its rows (their lines stay in L1
 // from one output row to the next), four output pixels at once inside the image.
+// DepthwiseRows's 16-lane blocks where the CPU has AVX-512 (Wide16): one output pixel of
+// channels [j, j + 16), any position, the taps inside the image.
+MBV2_AVX512_TARGET inline __attribute__((always_inline)) void DepthwiseEdge16(
+    const float* e, int64_t e_first, int64_t h, int64_t w, int64_t c, int64_t s,
+    const __m512* wv, __m512 bias, int64_t ro, int64_t x, float* o) {
+  __m512 acc = bias;
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky) {
+    const int64_t iy = ro * s - 1 + ky;
+    if (iy < 0 || iy >= h) continue;
+    const float* row = e + (iy - e_first) * w * c;
+#pragma GCC unroll 3
+    for (int kx = 0; kx < 3; ++kx) {
+      const int64_t ix = x * s - 1 + kx;
+      if (ix < 0 || ix >= w) continue;
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + ix * c), wv[ky * 3 + kx], acc);
+    }
+  }
+  _mm512_storeu_ps(o, _mm512_min_ps(_mm512_max_ps(acc, _mm512_setzero_ps()), _mm512_set1_ps(6.f)));
+}
+
+// Channels [0, 16 * (c / 16)) of DepthwiseRows in 16-lane vectors, the same sums in the same
+// order (so the same bits as its 8-lane blocks); at stride 1 four neighbouring outputs
+// share the six input columns of a row, loaded once. Returns the channels done.
+MBV2_AVX512_TARGET int64_t DepthwiseRows16(const float* e, int64_t e_first, int64_t h,
+                                           int64_t w, int64_t c, int64_t s, const float* wd,
+                                           const float* bd, int64_t r0, int64_t r1,
+                                           int64_t wo, float* out) {
+  const int64_t x_lo = 1, x_hi = std::max<int64_t>(x_lo, std::min(wo, (w - 2) / s + 1));
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f);
+  int64_t j = 0;
+  for (; j + 16 <= c; j += 16) {
+    __m512 wv[9];
+    for (int t = 0; t < 9; ++t) wv[t] = _mm512_loadu_ps(wd + t * c + j);
+    const __m512 bias = _mm512_loadu_ps(bd + j);
+    const float* ej = e + j;
+    for (int64_t ro = r0; ro < r1; ++ro) {
+      float* o = out + (ro - r0) * wo * c + j;
+      if (ro * s - 1 < 0 || ro * s + 1 >= h) {
+        for (int64_t x = 0; x < wo; ++x)
+          DepthwiseEdge16(ej, e_first, h, w, c, s, wv, bias, ro, x, o + x * c);
+        continue;
+      }
+      const float* top = ej + (ro * s - 1 - e_first) * w * c;
+      const int64_t rs = w * c;
+      for (int64_t x = 0; x < std::min(x_lo, wo); ++x)
+        DepthwiseEdge16(ej, e_first, h, w, c, s, wv, bias, ro, x, o + x * c);
+      int64_t x = x_lo;
+      for (; x + 4 <= x_hi; x += 4) {
+        __m512 a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+        const float* p = top + (x * s - 1) * c;
+        if (s == 1) {
+#pragma GCC unroll 3
+          for (int ky = 0; ky < 3; ++ky) {
+            const float* q = p + ky * rs;
+            __m512 in[6];
+#pragma GCC unroll 6
+            for (int i = 0; i < 6; ++i) in[i] = _mm512_loadu_ps(q + i * c);
+#pragma GCC unroll 3
+            for (int kx = 0; kx < 3; ++kx) {
+              const __m512 wt = wv[ky * 3 + kx];
+              a0 = _mm512_fmadd_ps(in[kx], wt, a0);
+              a1 = _mm512_fmadd_ps(in[kx + 1], wt, a1);
+              a2 = _mm512_fmadd_ps(in[kx + 2], wt, a2);
+              a3 = _mm512_fmadd_ps(in[kx + 3], wt, a3);
+            }
+          }
+        } else {
+          const int64_t step = s * c;
+#pragma GCC unroll 3
+          for (int ky = 0; ky < 3; ++ky) {
+            const float* q = p + ky * rs;
+#pragma GCC unroll 3
+            for (int kx = 0; kx < 3; ++kx) {
+              const __m512 wt = wv[ky * 3 + kx];
+              a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + kx * c), wt, a0);
+              a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + kx * c + step), wt, a1);
+              a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + kx * c + 2 * step), wt, a2);
+              a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + kx * c + 3 * step), wt, a3);
+            }
+          }
+        }
+        _mm512_storeu_ps(o + x * c, _mm512_min_ps(_mm512_max_ps(a0, zero), six));
+        _mm512_storeu_ps(o + (x + 1) * c, _mm512_min_ps(_mm512_max_ps(a1, zero), six));
+        _mm512_storeu_ps(o + (x + 2) * c, _mm512_min_ps(_mm512_max_ps(a2, zero), six));
+        _mm512_storeu_ps(o + (x + 3) * c, _mm512_min_ps(_mm512_max_ps(a3, zero), six));
+      }
+      for (; x < wo; ++x) DepthwiseEdge16(ej, e_first, h, w, c, s, wv, bias, ro, x, o + x * c);
+    }
+  }
+  return j;
+}
+
 void DepthwiseRows(const float* e, int64_t e_first, int64_t h, int64_t w, int64_t c,
                    int64_t s, const float* wd, const float* bd, int64_t r0, int64_t r1,
                    int64_t wo, float* out) {
@@ -707,6 +803,7 @@ void DepthwiseRows(const float* e, int64_t e_first, int64_t h, int64_t w, int64_
   const int64_t x_lo = 1, x_hi = std::max<int64_t>(x_lo, std::min(wo, (w - 2) / s + 1));
   int64_t j = 0;
 #ifdef __AVX2__
+  if (Wide16()) j = DepthwiseRows16(e, e_first, h, w, c, s, wd, bd, r0, r1, wo, out);
   const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
   for (; j + 8 <= c; j += 8) {
     __m256 wv[9];
@@ -1064,10 +1161,11 @@ std::vector<paddle::DataType> InferNetDtype(const paddle::DataType& x, const pad
 
 // Whether bf16 runs of the op multiply on AMX tiles in this process (for the log).
 extern "C" int mbv2_infer_net_amx() { return UseAmx() ? 1 : 0; }
-// The FP32 thin products' vector width in this process: 16 (AVX-512), 8 (AVX2) or 0.
-extern "C" int mbv2_infer_net_thin_lanes() {
+// The vector width of the thin products and the depthwise conv in this process: 16
+// (AVX-512), 8 (AVX2) or 0.
+extern "C" int mbv2_infer_net_lanes() {
 #ifdef __AVX2__
-  return ThinWide() ? 16 : 8;
+  return Wide16() ? 16 : 8;
 #else
   return 0;
 #endif

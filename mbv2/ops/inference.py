@@ -64,10 +64,11 @@ def amx() -> bool:
     return bool(_probe("mbv2_infer_net_amx"))
 
 
-def thin_lanes() -> int:
-    """The vector width of the FP32 thin products (16-32 channel sides) in this process:
-    16 where the CPU has AVX-512 (MBV2_INFER_AVX512=off, read once a process: 8), else 8."""
-    return _probe("mbv2_infer_net_thin_lanes")
+def lanes() -> int:
+    """The vector width of the op's own kernels (the products with a 16-32 channel side,
+    the depthwise convs) in this process: 16 where the CPU has AVX-512 (MBV2_INFER_AVX512=off,
+    read once a process: 8), else 8; the same bits either way."""
+    return _probe("mbv2_infer_net_lanes")
 
 
 def available() -> bool:
