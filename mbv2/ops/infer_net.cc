@@ -1,8 +1,8 @@
 // MobileNetV2 inference as one Paddle custom operator, mbv2_infer_net: the whole network
 // (stem, inverted residual units, last 1x1 conv, average pool, classifier), batch norms
 // folded into the convs, float32 (or, with `bf16`, bfloat16 products in the 1x1 convs on
-// CPUs with AVX512-BF16, on AMX tiles where the CPU has them), on the MKL that Paddle ships (without it this file
-// registers nothing and mbv2.predict keeps Paddle Inference). Built into the same library
+// CPUs with AVX512-BF16, on AMX tiles where the CPU has them), on the MKL that Paddle
+// ships (without it this file registers nothing and mbv2.predict keeps Paddle Inference). Built into the same library
 // as the training ops; mbv2/ops/inference.py packs the weights, from a network or from the
 // program mbv2.export writes.
 //

@@ -10,7 +10,8 @@ naming the op where it differs. `pack_layers` folds every batch norm into its co
 the weights channels-last in the op's order; `NetworkInference(layers)` runs batches
 through the op: what the program (or `net` in eval mode) computes, in FP32 or, with
 `precision="bf16"` on CPUs with AVX512-BF16, with bfloat16 products in the 1x1 convs (on
-AMX tiles where the CPU has them: `amx()`). The op needs the kernels' library built with Paddle's MKL (`available()`); any input size.
+AMX tiles where the CPU has them: `amx()`). The op needs the kernels' library built with
+Paddle's MKL (`available()`); any input size.
 """
 from __future__ import annotations
 
