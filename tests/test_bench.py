@@ -3,6 +3,8 @@ the table and JSON come out. The real numbers need the full run (minutes)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,3 +114,47 @@ def test_bf16_columns_say_na_where_the_cpu_lacks_their_instructions(monkeypatch)
     assert "AVX512-BF16 only" in driver._not_here("paddle_predictor_kernels_bf16")
     assert driver._not_here("paddle_predictor_bf16") is None
     assert driver._not_here("paddle_kernel") is None
+
+
+def test_parts_cover_the_network_and_time_each_one():
+    """`python -m mbv2.bench.parts`: the parts, run one after another, are the network up to
+    its pool (same logits as the network's own forward); each is timed with its backward,
+    on the shape the one before it gives."""
+    import paddle
+
+    from mbv2.bench import parts as bench_parts
+    from mbv2.model import MobileNetV2
+
+    paddle.seed(0)
+    net = MobileNetV2(class_num=10, scale=0.25)
+    net.use_cpu_kernels(True)
+    net.train()
+    x = paddle.randn([2, 3, 32, 32])
+    with paddle.no_grad():
+        want = net(x).numpy()
+        y = x
+        for _, fn in bench_parts._parts(net):
+            y = fn(y)
+        got = net.out(net.pool2d_avg(y).flatten(1)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    timed = bench_parts.part_times(scale=0.25, image_size=32, batch=2, reps=1)
+    names = [p.name for p in timed]
+    assert names[0] == "stem" and names[-1] == "last conv" and len(names) == 19
+    assert len(set(names)) == len(names)
+    for before, after in zip(timed, timed[1:]):
+        assert after.in_shape == before.out_shape
+    assert timed[0].in_shape == [2, 3, 32, 32] and timed[-1].out_shape[1] == 1280
+    assert all(p.ms > 0 for p in timed)
+    # unit 1.0 expands its 4 channels (x0.25) six times on its 16x16 input plane
+    assert timed[2].in_shape == [2, 4, 16, 16]
+    assert timed[2].widest_mb == pytest.approx(2 * 24 * 16 * 16 * 4 / 1e6)
+    with pytest.raises(ValueError, match="reps"):
+        bench_parts.part_times(scale=0.25, image_size=32, batch=2, reps=0)
+
+    # the command, in a process of its own (it sets the process's threads)
+    done = subprocess.run([sys.executable, "-m", "mbv2.bench.parts", "--scale", "0.25",
+                           "--size", "32", "--batch", "2", "--reps", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unit 6.0" in done.stdout and "whole step" in done.stdout and "share" in done.stdout

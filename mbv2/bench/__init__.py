@@ -17,7 +17,8 @@ and torch.set_num_threads). Classes: 10 at 32 px, 1000 at 224 px.
 Modules: cases (Case, Result, the table); peak (FP32 peak, GFLOP/s); paddle_side (the Paddle backends, the exported
 predictor); torch_side (the PyTorch reference, timed twice); workers (timing in fresh
 processes, the default experiment, the data loader); driver (run_case, the command line,
-the JSON report).
+the JSON report); parts (`python -m mbv2.bench.parts`: a training step's forward +
+backward part by part, the stem, each inverted residual unit, the last conv).
 """
 from mbv2.bench.cases import (BF16_BACKENDS, PADDLE_BACKENDS, TORCH_BACKENDS, Case, Result,
                               best_torch, default_cases, format_table, table)
