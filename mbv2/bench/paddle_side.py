@@ -14,13 +14,11 @@ from typing import Any
 from mbv2.bench.cases import Case
 
 
-def paddle_fns(case: Case, fast: bool,
-               bf16: bool = False) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(train step, inference step) of MobileNetV2 in dygraph; `fast`: on mbv2's CPU
-    kernels (RuntimeError when they cannot be built here), else on Paddle's own ops;
+def dygraph_net(case: Case, fast: bool, bf16: bool = False):
+    """MobileNetV2 of the case's width and classes (seed 0) in dygraph; `fast`: on mbv2's
+    CPU kernels (RuntimeError when they cannot be built here), else on Paddle's own ops;
     `bf16`: the kernels with mixed precision, as trainer.amp on CPU runs them."""
     import paddle
-    import paddle.nn.functional as F
 
     from mbv2.model import MobileNetV2
 
@@ -35,6 +33,16 @@ def paddle_fns(case: Case, fast: bool,
         if why_not:
             raise RuntimeError(f"no mixed precision: {why_not}")
         net.use_ops(ops)
+    return net
+
+
+def paddle_fns(case: Case, fast: bool,
+               bf16: bool = False) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(train step, inference step) of MobileNetV2 in dygraph (`dygraph_net`)."""
+    import paddle
+    import paddle.nn.functional as F
+
+    net = dygraph_net(case, fast, bf16)
     opt = paddle.optimizer.Momentum(learning_rate=0.01, momentum=0.9, parameters=net.parameters())
     x = paddle.randn([case.batch, 3, case.image_size, case.image_size], dtype="float32")
     y = paddle.randint(0, case.class_num, [case.batch], dtype="int64")

@@ -45,6 +45,10 @@ class Part:
         return (count + out) * 4 / 1e6
 
 
+def _classes(image_size: int) -> int:
+    return 1000 if image_size > 64 else 10  # as `make bench`
+
+
 def _parts(net) -> list[tuple[str, Callable[[Any], Any]]]:
     return [(name, fn) for name, fn, _ in _parts_and_widths(net)]
 
@@ -70,21 +74,13 @@ def part_times(scale: float = 1.0, image_size: int = 224, batch: int = 32, bf16:
     on CPU); RuntimeError where that or the kernels are not available here."""
     import paddle
 
-    from mbv2.model import MobileNetV2
+    from mbv2.bench.cases import Case
+    from mbv2.bench.paddle_side import dygraph_net
 
     if reps < 1:
         raise ValueError(f"reps={reps}: at least one timed run a part")
-    paddle.seed(0)
-    net = MobileNetV2(class_num=1000 if image_size > 64 else 10, scale=scale)
-    if net.use_cpu_kernels(kernels) != kernels:
-        raise RuntimeError("mbv2's CPU kernels are unavailable here (no compiler?)")
-    if bf16:
-        from mbv2.ops import mixed_precision
-
-        ops, why_not = mixed_precision(net.ops)
-        if why_not:
-            raise RuntimeError(f"no mixed precision here: {why_not}")
-        net.use_ops(ops)
+    net = dygraph_net(Case(scale=scale, image_size=image_size, batch=batch,
+                           class_num=_classes(image_size), warmup=2, reps=reps), kernels, bf16)
     net.train()
     params = net.parameters()
     x = paddle.randn([batch, 3, image_size, image_size], dtype="float32")
@@ -127,7 +123,7 @@ def step_ms(scale: float = 1.0, image_size: int = 224, batch: int = 32, bf16: bo
     from mbv2.bench.paddle_side import paddle_fns
 
     case = Case(scale=scale, image_size=image_size, batch=batch,
-                class_num=1000 if image_size > 64 else 10, warmup=2, reps=reps)
+                class_num=_classes(image_size), warmup=2, reps=reps)
     train, _ = paddle_fns(case, kernels, bf16)
     for _ in range(case.warmup):
         train()
