@@ -158,3 +158,6 @@ def test_parts_cover_the_network_and_time_each_one():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "unit 6.0" in done.stdout and "whole step" in done.stdout and "share" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "mbv2.bench.parts", "--reps", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--reps must be > 0, got 0" in bad.stderr

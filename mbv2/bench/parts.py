@@ -162,11 +162,18 @@ def main(argv: list[str] | None = None) -> list[Part]:
                     help="math threads (default: all CPUs)")
     ap.add_argument("--reps", type=int, default=7, help="timed runs a part (default 7)")
     args = ap.parse_args(argv)
+    for flag, value in (("--scale", args.scale), ("--size", args.size), ("--batch", args.batch),
+                        ("--threads", args.threads), ("--reps", args.reps)):
+        if not value > 0:
+            ap.error(f"{flag} must be > 0, got {value}")
     from mbv2.bench.driver import _configure
 
     _configure(args.threads, paddle_threads=True)
-    parts = part_times(args.scale, args.size, args.batch, args.bf16, not args.no_kernels,
-                       args.reps)
+    try:
+        parts = part_times(args.scale, args.size, args.batch, args.bf16, not args.no_kernels,
+                           args.reps)
+    except (ValueError, RuntimeError) as e:  # a width or input the network cannot take
+        ap.error(str(e))
     print(f"MobileNetV2 x{args.scale} at {args.size} px, batch {args.batch}, "
           f"{'bf16 mixed precision' if args.bf16 else 'float32'}, "
           f"{'Paddle ops' if args.no_kernels else 'mbv2 kernels'}, {args.threads} threads: "
