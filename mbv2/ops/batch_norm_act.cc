@@ -311,6 +311,14 @@ inline __m256 GateLanes(uint8_t bits) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel));
 }
 
+// A statistics pass reads each plane once, from memory, one plane after another: the
+// hardware prefetcher starts over at every 4 KiB page, so the loops ask for the line
+// kPassAhead floats (one page) ahead themselves.
+constexpr int64_t kPassAhead = 1024;
+inline void Prefetch(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 inline float HorizontalSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -428,11 +436,29 @@ void GatedDx(const float* x, const float* dy, Gate gate, int64_t hw, float a, fl
 #endif
 }
 
-// s = sum(x - k), q = sum((x - k)^2) over the n values at x.
+// s = sum(x - k), q = sum((x - k)^2) over the n values at x, each lane in order; the
+// line a page ahead asked for (kPassAhead). Whole x1.0 steps at 224 px, batch 32, with
+// and without the prefetch alternated in one process: 1.010, 1.020, 1.041 (float32),
+// 1.025 (bf16), x0.5 1.023 (the Intel Xeon of round 35).
 inline void ShiftedSums(const float* x, int64_t n, float k, float& s, float& q) {
   float ss = 0.f, qq = 0.f;
-#pragma omp simd reduction(+ : ss, qq)
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vk = _mm256_set1_ps(k);
+  __m256 vs = _mm256_setzero_ps(), vq = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    Prefetch(x + i + kPassAhead);
+    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), vk);
+    vs = _mm256_add_ps(vs, v);
+    vq = _mm256_fmadd_ps(v, v, vq);
+    const __m256 w = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vk);
+    vs = _mm256_add_ps(vs, w);
+    vq = _mm256_fmadd_ps(w, w, vq);
+  }
+  ss = HorizontalSum(vs);
+  qq = HorizontalSum(vq);
+#endif
+  for (; i < n; ++i) {
     const float v = x[i] - k;
     ss += v;
     qq += v * v;
