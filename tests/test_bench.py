@@ -133,7 +133,7 @@ def test_parts_cover_the_network_and_time_each_one():
     with paddle.no_grad():
         want = net(x).numpy()
         y = x
-        for _, fn in bench_parts._parts(net):
+        for _, fn, _ in bench_parts._parts(net):
             y = fn(y)
         got = net.out(net.pool2d_avg(y).flatten(1)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

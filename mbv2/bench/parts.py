@@ -17,9 +17,9 @@ parts.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,29 +31,19 @@ class Part:
     in_shape: list[int]
     out_shape: list[int]
     ms: float
-    widest_mb: float = 0.0  # the part's widest activation (a unit's expanded map), MB
+    widest_mb: float  # the part's widest activation (a unit's expanded map), MB
 
     @property
     def mb(self) -> float:
         """The part's input and output tensors, MB (float32)."""
-        count = 1
-        for d in self.in_shape:
-            count *= d
-        out = 1
-        for d in self.out_shape:
-            out *= d
-        return (count + out) * 4 / 1e6
+        return (math.prod(self.in_shape) + math.prod(self.out_shape)) * 4 / 1e6
 
 
 def _classes(image_size: int) -> int:
     return 1000 if image_size > 64 else 10  # as `make bench`
 
 
-def _parts(net) -> list[tuple[str, Callable[[Any], Any]]]:
-    return [(name, fn) for name, fn, _ in _parts_and_widths(net)]
-
-
-def _parts_and_widths(net) -> list[tuple[str, Callable[[Any], Any], int]]:
+def _parts(net) -> list[tuple[str, Callable[[Any], Any], int]]:
     """(name, forward, channels of its widest activation) for every part, in order."""
     parts: list[tuple[str, Callable[[Any], Any], int]] = [
         ("stem", lambda x: net.conv1(x, if_act=True), net.conv1._conv._out_channels)]
@@ -76,6 +66,7 @@ def part_times(scale: float = 1.0, image_size: int = 224, batch: int = 32, bf16:
 
     from mbv2.bench.cases import Case
     from mbv2.bench.paddle_side import dygraph_net
+    from mbv2.bench.workers import time_steps
 
     if reps < 1:
         raise ValueError(f"reps={reps}: at least one timed run a part")
@@ -85,7 +76,7 @@ def part_times(scale: float = 1.0, image_size: int = 224, batch: int = 32, bf16:
     params = net.parameters()
     x = paddle.randn([batch, 3, image_size, image_size], dtype="float32")
     out: list[Part] = []
-    for name, fn, width in _parts_and_widths(net):
+    for name, fn, width in _parts(net):
         xi = x.detach()
         xi.stop_gradient = name == "stem"
         grad = paddle.randn(fn(xi).shape, dtype="float32")
@@ -99,13 +90,8 @@ def part_times(scale: float = 1.0, image_size: int = 224, batch: int = 32, bf16:
                 p.clear_gradient()
             return y
 
-        for _ in range(2):
-            y = run()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
+        y = run()
+        times = time_steps(run, 1, reps)
         # a unit's expanded map has the unit's input plane; the stem's and the last conv's
         # widest activation is their output
         h, w = (xi.shape[2:] if name.startswith("unit") else y.shape[2:])
@@ -121,18 +107,12 @@ def step_ms(scale: float = 1.0, image_size: int = 224, batch: int = 32, bf16: bo
     cross-entropy, backward, Momentum step), for the parts' sum to be read against."""
     from mbv2.bench.cases import Case
     from mbv2.bench.paddle_side import paddle_fns
+    from mbv2.bench.workers import time_steps
 
     case = Case(scale=scale, image_size=image_size, batch=batch,
                 class_num=_classes(image_size), warmup=2, reps=reps)
     train, _ = paddle_fns(case, kernels, bf16)
-    for _ in range(case.warmup):
-        train()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        train()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return statistics.median(time_steps(train, case.warmup, reps)) * 1e3
 
 
 def format_parts(parts: list[Part], step: float | None = None) -> str:

@@ -80,7 +80,7 @@ def measured_sgemm_gflops(threads: int) -> float | None:
     return 2 * SGEMM_SIZE ** 3 / min(times) / 1e9
 
 
-def _time_steps(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
+def time_steps(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
     """Seconds of each of `reps` calls of fn, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
@@ -101,7 +101,7 @@ def backend_worker(backend: str, case: Case, threads: int) -> dict[str, list[flo
     warmup = max(case.warmup, COMPILE_WARMUP) if backend == "torch_compile" else case.warmup
     with tempfile.TemporaryDirectory(prefix="mbv2_bench_") as tmp:
         fns = _step_fns(backend, case, threads, Path(tmp))
-        return {mode: _time_steps(fn, warmup, case.reps if mode == "train" else 2 * case.reps)
+        return {mode: time_steps(fn, warmup, case.reps if mode == "train" else 2 * case.reps)
                 for mode, fn in fns.items()}
 
 

@@ -2,9 +2,9 @@
 // (stem, inverted residual units, last 1x1 conv, average pool, classifier), batch norms
 // folded into the convs, float32 (or, with `bf16`, bfloat16 products in the 1x1 convs on
 // CPUs with AVX512-BF16, on AMX tiles where the CPU has them), on the MKL that Paddle
-// ships (without it this file registers nothing and mbv2.predict keeps Paddle Inference). Built into the same library
-// as the training ops; mbv2/ops/inference.py packs the weights, from a network or from the
-// program mbv2.export writes.
+// ships (without it this file registers nothing and mbv2.predict keeps Paddle Inference).
+// Built into the same library as the training ops; mbv2/ops/inference.py packs the
+// weights, from a network or from the program mbv2.export writes.
 //
 // Paddle Inference (oneDNN) runs the exported program layer by layer, each activation of
 // the batch written to memory and read back by the next layer; on the AVX2 EPYC of round
