@@ -46,9 +46,11 @@ EXPAND_NAMES = ("z", "sums", "dx", "dweight_expand", "dgamma", "dbeta", "dweight
                 "running_var")
 # (n, c_in, h, w), c_out, stride: MobileNetV2's expansion 6 on maps of 28x28 and up (strides
 # 1 and 2), odd maps (pixel tails in the blocks, the channel-lane path's rows), channel
-# groups left partial, a map over one 1,024-pixel block per image, and maps in cache
+# groups left partial, a map over one 1,024-pixel block per image (and one with 64
+# expanded channels there, whose backward copies each block of gm first), and maps in cache
 EXPAND_CASES = [((2, 8, 28, 28), 48, 1), ((2, 8, 28, 28), 48, 2), ((2, 5, 29, 31), 30, 1),
-                ((1, 4, 45, 45), 20, 2), ((2, 16, 9, 11), 20, 1), ((3, 12, 8, 8), 72, 1)]
+                ((1, 4, 45, 45), 20, 2), ((1, 8, 33, 33), 64, 2), ((2, 16, 9, 11), 20, 1),
+                ((3, 12, 8, 8), 72, 1)]
 
 
 @pytest.mark.parametrize("shape,c_exp,stride", EXPAND_CASES,

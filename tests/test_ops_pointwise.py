@@ -75,11 +75,13 @@ def op_calls(monkeypatch) -> list[str]:
 # projections on larger maps, conv2d for those elsewhere; odd plane sizes cross the op's
 # 1024-pixel blocks unevenly. With AVX-512 the weight gradient of maps from 56x56 up and
 # of projections from 28x28 up is the op's dot-product kernel: 57x57 and 29x29 here, with
-# channel counts that leave partial 4-row and 6-row tiles and pixel tails.
+# channel counts that leave partial 4-row and 6-row tiles and pixel tails. 64 and 70
+# output channels on 33x33 maps: the backward's copy of each block of dy (64 rows and up on
+# planes over one block, CopyGradientBlock in pointwise_conv.cc).
 @pytest.mark.parametrize("n,c_in,c_out,hw", [(2, 4, 24, 17), (3, 24, 8, 28), (2, 16, 40, 40),
                                               (2, 40, 16, 33), (1, 3, 5, 37), (4, 12, 8, 3),
                                               (2, 6, 10, 2), (1, 7, 13, 57), (2, 30, 7, 29),
-                                              (1, 17, 6, 56)])
+                                              (1, 17, 6, 56), (2, 8, 64, 33), (1, 16, 70, 33)])
 def test_maps_match_conv2d_and_take_the_op_where_it_wins(n, c_in, c_out, hw, op_calls):
     import mbv2.ops.pointwise as pw
 
