@@ -265,8 +265,8 @@ def _check_sums(y: np.ndarray, sums: np.ndarray):
 def test_producer_sums_feed_the_fused_ops(kernel, bf16, monkeypatch):
     """expand 1x1 (its output's sums) -> fused depthwise op (reads them instead of summing
     its input; gives its own output's sums) -> fused 1x1 op (reads those): each sum is
-    right, and the chain computes what the ops summing for themselves compute. The sums
-    are taken for outputs of MBV2_STREAM_BYTES and up (half the cache): here all."""
+    right, and the chain computes what the ops summing for themselves compute, whether the
+    outputs are streamed to memory (MBV2_STREAM_BYTES=0: all of them) or not."""
     if bf16 and not dw.load_kernel().pointwise_bf16:
         pytest.skip("no bfloat16 op here (needs Paddle's oneDNN)")
     monkeypatch.setenv("MBV2_STREAM_BYTES", "0")
@@ -298,26 +298,28 @@ def test_producer_sums_feed_the_fused_ops(kernel, bf16, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
-def test_outputs_in_cache_leave_the_sums_to_the_batch_norm(kernel, monkeypatch):
-    """Below MBV2_STREAM_BYTES the producers take no sums (their last element 0) and the
-    fused op sums its input itself: the same output as with sums taken."""
+def test_sums_not_given_or_not_taken_are_summed_by_the_fused_op(kernel):
+    """Every producer takes its output's sums (their last element 1); the fused op given
+    none, or sums whose taken flag is 0, sums its input itself: the same output and running
+    statistics as with the producer's sums."""
     rng = np.random.default_rng(7)
     x = paddle.to_tensor(rng.standard_normal((2, 16, 8, 8)).astype("float32"))
     w = paddle.to_tensor((rng.standard_normal((32, 16, 1, 1)) * 0.3).astype("float32"))
     if pw.block_op(x, w) is None:
         pytest.skip("the 1x1 op is not used here")
     bn, conv = bn_depthwise_layers(32, 1, rng)
+    y, sums = pw.pointwise_conv2d_sums(x, w)
+    assert sums.numpy()[-1] == 1.0
     out = []
-    for threshold in (str(1 << 50), "0"):
-        monkeypatch.setenv("MBV2_STREAM_BYTES", threshold)
-        y, sums = pw.pointwise_conv2d_sums(x, w)
-        assert sums.numpy()[-1] == (threshold == "0")
+    for given in (sums, None, paddle.zeros_like(sums)):
         bn._mean.set_value(np.zeros(32, "float32"))
-        z, zsums = fused.bn_relu6_depthwise(y, bn, conv, sums)
-        assert zsums.numpy()[-1] == (threshold == "0")
-        out.append((z.numpy(), bn._mean.numpy()))
-    for a, b in zip(*out):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        bn._variance.set_value(np.ones(32, "float32"))
+        z, zsums = fused.bn_relu6_depthwise(y, bn, conv, given)
+        assert zsums.numpy()[-1] == 1.0
+        out.append((z.numpy(), bn._mean.numpy(), bn._variance.numpy()))
+    for got in out[1:]:
+        for a, b in zip(got, out[0]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_pointwise_op_covers_only_what_it_takes(kernel):

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "paddle/extension.h"
-#include "stream_store.h"
 #include "work_chunks.h"
 
 namespace mbv2 {
@@ -32,7 +31,8 @@ void FinishGradChannel(int64_t c, double sum_g, double sum_gx, int64_t m, const 
 // x's batch statistics (x contiguous), the running statistics updated in place: {saved
 // mean, saved 1/sqrt(var + eps), folded [a (C), b (C)]} with relu6(bn(x)) = clamp(x * a +
 // b, 0, 6). `op` names the caller in errors. sums: x's sums as the conv that made x took
-// them (OutputSums::Finish), so no pass over x is made here; none or not taken: summed here.
+// them (OutputSums::Finish), so no pass over x is made here; none (or its taken flag 0):
+// summed here.
 std::vector<paddle::Tensor> FusedBatchNormStats(const paddle::Tensor& x,
                                                 const paddle::Tensor& scale,
                                                 const paddle::Tensor& bias,
@@ -65,31 +65,25 @@ inline FoldedNorm Folded(const paddle::Tensor& folded, int64_t c, const float* m
 // op takes its first one), float within a block or plane, double across (ChunkSums: the
 // conv's loop sizes the rows to its chunks with Chunks(count) and adds chunk k's into
 // part(k)). Finish() gives the float64 tensor [sums (C), sums of squares (C), K (C),
-// taken] FusedBatchNormStats takes.
-// Taken only for outputs of at least mbv2::StreamThresholdBytes() (half the last-level
-// cache): a smaller output is still in cache for the batch norm's own pass. Steps with
-// every output's sums taken vs only these (alternated in one process): 32 px, batch 128,
-// x1.0 1.005x and x0.5 1.008x slower; 224 px, batch 32, x1.0 0.992x, x0.5 1.002x.
-// `taken` 0 tells the batch norm to sum for itself.
+// taken = 1] FusedBatchNormStats takes.
+// Taken for every output: summing a block the conv just wrote (in L1/L2) costs less than
+// the batch norm's own pass over the output, even where that output is still in the last
+// level cache. Once taken only from half that cache up (outputs that leave it); on a VM
+// reporting a 480 MiB L3 that was none, and taking them all (alternated whole training
+// steps, 2 threads) gave x1.0 224 px b32 1.029, x0.5 1.018, 32 px b128 x1.0 1.023, x0.5
+// 1.030 (from 4 MB up: 1.028, 1.002, 1.017, 1.009).
 class OutputSums {
  public:
-  OutputSums(int64_t c, int64_t output_floats)
-      : c_(c),
-        taken_(output_floats * static_cast<int64_t>(sizeof(float)) >= StreamThresholdBytes()),
-        shift_(c, 0.f),
-        part_(2 * c, 0) {}
-  bool taken() const { return taken_; }
+  explicit OutputSums(int64_t c) : c_(c), shift_(c, 0.f), part_(2 * c, 0) {}
   float* shift() { return shift_.data(); }
   const float* shift() const { return shift_.data(); }
   // one row of partial sums for each of the loop's `count` chunks, zeroed
-  void Chunks(int64_t count) { part_ = ChunkSums(2 * c_, taken_ ? count : 0); }
+  void Chunks(int64_t count) { part_ = ChunkSums(2 * c_, count); }
   // chunk k's [sums (C), sums of squares (C)]
   double* part(int64_t k) { return part_.part(k); }
   paddle::Tensor Finish() const {
     auto out = paddle::empty({3 * c_ + 1}, paddle::DataType::FLOAT64, paddle::CPUPlace());
     double* o = out.data<double>();
-    for (int64_t i = 0; i < 3 * c_ + 1; ++i) o[i] = 0.0;
-    if (!taken_) return out;
     part_.ReduceInto(o);
     for (int64_t i = 0; i < c_; ++i) o[2 * c_ + i] = shift_[i];
     o[3 * c_] = 1.0;
@@ -98,7 +92,6 @@ class OutputSums {
 
  private:
   int64_t c_;
-  bool taken_;
   std::vector<float> shift_;
   ChunkSums part_;
 };

@@ -835,7 +835,6 @@ float FirstOutput(const Geom& g, const float* x, const float* w, const LaneNorm&
 // batch norm after it (OutputSums), taken a plane group at a time while it is in cache.
 void ForwardCL(const Geom& g, const float* x, const float* w, float* y,
                const LaneNorm& norm = {}, mbv2::OutputSums* ys = nullptr) {
-  if (ys != nullptr && !ys->taken()) ys = nullptr;
   if (ys != nullptr)
     for (int64_t c = 0; c < g.c; ++c) ys->shift()[c] = FirstOutput(g, x, w, norm, c);
   const ClGeom cg = MakeClGeom(g);
@@ -1321,7 +1320,7 @@ std::vector<paddle::Tensor> mbv2::BnDepthwiseForward(
   auto stats = mbv2::FusedBatchNormStats(xc, scale, bias, running_mean, running_var, epsilon,
                                          momentum, "bn_relu6_depthwise", sums);
   auto y = paddle::empty({g.n, g.c, g.ho, g.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  mbv2::OutputSums ys(g.c, g.n * g.c * g.ho * g.wo);
+  mbv2::OutputSums ys(g.c);
   ForwardCL(g, xc.data<float>(), wc.data<float>(), y.data<float>(),
             mbv2::Folded(stats[2], g.c), &ys);
   return {y, stats[0], stats[1], stats[2], ys.Finish()};
