@@ -249,3 +249,44 @@ def test_train_step_running_stats_match_native(kernel):
             # (means behind a linear BN are ~1e-9 on both sides: atol)
             np.testing.assert_allclose(sf[k].numpy(), sn[k].numpy(), rtol=1e-4, atol=1e-6,
                                        err_msg=k)
+
+
+def _producer_sums(xn: np.ndarray, taken: float = 1.0) -> np.ndarray:
+    """x's batch norm sums as a conv that made x hands them on (OutputSums::Finish): per
+    channel sum (x - K), sum (x - K)^2, K (the channel's first value), then the taken flag."""
+    c = xn.shape[1]
+    k = xn[0, :, 0, 0].astype("float64")
+    d = xn.transpose(1, 0, 2, 3).reshape(c, -1).astype("float64") - k[:, None]
+    return np.concatenate([d.sum(1), (d * d).sum(1), k, [taken]])
+
+
+# small planes (the per-image path), the mid-size plane order and 56x56 and up
+@pytest.mark.parametrize("shape", [(4, 6, 2, 2), (3, 5, 11, 13), (2, 9, 16, 16), (2, 3, 57, 59)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", [True, False])
+def test_given_sums_stand_for_the_statistics_pass(kernel, shape, act):
+    """With x's sums given (as the projection's fused ops give them) the op makes no
+    statistics pass of its own and computes what it computes summing x itself: output,
+    gradients and running statistics to float rounding; sums whose taken flag is 0 are
+    ignored (summed here)."""
+    rng = np.random.default_rng(11)
+    xn = (rng.standard_normal(shape) * 2 + 1).astype("float32")
+    up = rng.standard_normal(shape).astype("float32")
+    out = []
+    for sums in (None, _producer_sums(xn), _producer_sums(xn, taken=0.0)):
+        bn = _bn(shape[1], np.random.default_rng(3))
+        x = paddle.to_tensor(xn, stop_gradient=False)
+        y = fbn.batch_norm_act(x, bn, act, None if sums is None else paddle.to_tensor(sums))
+        (y * paddle.to_tensor(up)).sum().backward()
+        out.append([y.numpy(), x.grad.numpy(), bn.weight.grad.numpy(), bn.bias.grad.numpy(),
+                    bn._mean.numpy(), bn._variance.numpy()])
+    for got in out[1:]:
+        for a, b in zip(got, out[0]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(np.abs(b).max(), 1.0))
+
+
+def test_given_sums_of_the_wrong_size_are_an_error(kernel):
+    bn = _bn(4, np.random.default_rng(0))
+    x = paddle.randn([2, 4, 8, 8])
+    with pytest.raises(Exception, match="3 C \\+ 1"):
+        fbn.batch_norm_act(x, bn, True, paddle.zeros([12], dtype="float64"))

@@ -46,28 +46,34 @@ def run_pair(shape, c_hidden, c_out, stride, merged: bool, expand: bool, bf16=Fa
     if expand:
         assert fused.expand_covers(x, ex, bn, conv, bf16)
         if merged:
-            p = fused.expand_depthwise_pointwise(x, ex, bn, conv, bn2, conv2, bf16)
-            assert p is not None
+            res = fused.expand_depthwise_pointwise(x, ex, bn, conv, bn2, conv2, bf16)
+            assert res is not None
+            p, psums = res
+            psums = psums.numpy()
         else:
             z, sums = fused.expand_bn_relu6_depthwise(x, ex, bn, conv)
     else:
         assert fused.depthwise_covers(x, bn, conv)
         if merged:
-            p = fused.depthwise_pointwise(x, bn, conv, bn2, conv2, None, bf16)
-            assert p is not None
+            res = fused.depthwise_pointwise(x, bn, conv, bn2, conv2, None, bf16)
+            assert res is not None
+            p, psums = res
+            psums = psums.numpy()
         else:
             z, sums = fused.bn_relu6_depthwise(x, bn, conv)
     if not merged:
         op = fused.pointwise_op(z, bn2, conv2, bf16)
         assert op is not None
-        p = fused.bn_relu6_pointwise(z, bn2, conv2, op, sums)
+        p, psums = fused.bn_relu6_pointwise(z, bn2, conv2, op, sums)
+        psums = psums.numpy()  # the projection output's batch norm sums (batch_norm_act's)
     up = rng.standard_normal(p.shape).astype("float32")
     (p * paddle.to_tensor(up)).sum().backward()
     out = {"p": p.numpy(), "dx": x.grad.numpy(), "dgamma": bn.weight.grad.numpy(),
            "dbeta": bn.bias.grad.numpy(), "dweight": conv.weight.grad.numpy(),
            "dgamma2": bn2.weight.grad.numpy(), "dbeta2": bn2.bias.grad.numpy(),
            "dweight2": conv2.weight.grad.numpy(), "mean": bn._mean.numpy(),
-           "var": bn._variance.numpy(), "mean2": bn2._mean.numpy(), "var2": bn2._variance.numpy()}
+           "var": bn._variance.numpy(), "mean2": bn2._mean.numpy(), "var2": bn2._variance.numpy(),
+           "psums": psums}
     if expand:
         out["dweight_expand"] = ex.weight.grad.numpy()
     return out
@@ -101,7 +107,8 @@ def test_pair_op_matches_the_ops_apart(kernel, case):
     for name in ref:
         a, b = got[name], ref[name]
         assert a.shape == b.shape, name
-        if name in ("p", "mean", "var", "mean2", "var2", "dgamma2", "dbeta2", "dweight2") or _exact(case):
+        if name in ("p", "psums", "mean", "var", "mean2", "var2", "dgamma2", "dbeta2",
+                    "dweight2") or _exact(case):
             assert np.array_equal(a, b, equal_nan=True), (name, float(np.abs(a - b).max()))
         else:
             assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-3), name

@@ -84,7 +84,9 @@ class CpuKernels(Ops):
         return self.conv(conv, x), None
 
     def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
-        return batch_norm_act(self.conv(conv, x), bn, act)
+        # a 1x1 conv's output sums for its batch norm, in training (`conv_sums`)
+        y, sums = self.conv_sums(conv, x) if fused.batch_stats(bn) else (self.conv(conv, x), None)
+        return batch_norm_act(y, bn, act, sums)
 
     def inverted_residual(self, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer, x):
         """As Ops', with each ReLU6 batch norm folded into the conv after it where a fused
@@ -95,13 +97,14 @@ class CpuKernels(Ops):
         plan = fused.small_unit_plan(x, expand, depthwise, linear, self.bf16)
         if plan is not None:
             return fused.small_unit(x, plan)
-        p = self._to_projection(expand, depthwise, linear, x)
-        return batch_norm_act(p, linear._batch_norm, False)
+        p, sums = self._to_projection(expand, depthwise, linear, x)
+        return batch_norm_act(p, linear._batch_norm, False, sums)
 
     def _to_projection(self, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer, x):
-        """The unit's projection conv output, before its batch norm: the depthwise ->
-        projection pair as one op where it applies (`fused.depthwise_pointwise`,
-        `fused.expand_depthwise_pointwise`), else the ops apart."""
+        """(the unit's projection conv output before its batch norm, that output's batch
+        norm sums or None): the depthwise -> projection pair as one op where it applies
+        (`fused.depthwise_pointwise`, `fused.expand_depthwise_pointwise`), else the ops
+        apart."""
         bn, conv = expand._batch_norm, depthwise._conv
         bn2, conv2 = depthwise._batch_norm, linear._conv
         if fused.batch_stats(bn) and fused.expand_covers(x, expand._conv, bn, conv, self.bf16):
@@ -123,7 +126,7 @@ class CpuKernels(Ops):
         op = fused.pointwise_op(z, bn2, conv2, self.bf16)
         if op is not None:
             return fused.bn_relu6_pointwise(z, bn2, conv2, op, sums)
-        return self.conv(conv2, batch_norm_act(z, bn2, True))
+        return self.conv(conv2, batch_norm_act(z, bn2, True)), None
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         # A mean over the flattened plane: Paddle's CPU pool2d took 1.96 ms forward +

@@ -55,8 +55,11 @@ def _native(x: paddle.Tensor, bn: nn.BatchNorm2D, act: bool) -> paddle.Tensor:
     return F.relu6(y) if act else y
 
 
-def batch_norm_act(x: paddle.Tensor, bn: nn.BatchNorm2D, act: bool) -> paddle.Tensor:
-    """`relu6(bn(x))` if act else `bn(x)`, through the fused ops where they apply."""
+def batch_norm_act(x: paddle.Tensor, bn: nn.BatchNorm2D, act: bool,
+                   sums: paddle.Tensor | None = None) -> paddle.Tensor:
+    """`relu6(bn(x))` if act else `bn(x)`, through the fused ops where they apply. sums:
+    x's batch norm sums as the op that made x took them (a fused op's OutSums, float64 [3 C
+    + 1]), so training-mode statistics need no pass over x; None: summed here."""
     if _use_infer_op(x, bn) and _dw.load_kernel() is not None:
         outs = paddle._C_ops._run_custom_op(
             INFER_OP_NAME, x.detach(), bn.weight.detach(), bn.bias.detach(), bn._mean.detach(),
@@ -69,6 +72,6 @@ def batch_norm_act(x: paddle.Tensor, bn: nn.BatchNorm2D, act: bool) -> paddle.Te
         # As in the depthwise wrapper: Paddle 3.3 builds a grad node for custom ops even
         # under no_grad, keeping the inputs alive, unless no input needs a gradient.
         x, scale, bias = x.detach(), scale.detach(), bias.detach()
-    outs = paddle._C_ops._run_custom_op(OP_NAME, x, scale, bias, bn._mean, bn._variance,
+    outs = paddle._C_ops._run_custom_op(OP_NAME, x, scale, bias, bn._mean, bn._variance, sums,
                                         float(bn._epsilon), float(bn._momentum), bool(act))
     return outs[0]

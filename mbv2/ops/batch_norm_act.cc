@@ -552,16 +552,18 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
     mbv2::FinishStatsChannel(c, sum, sumsq, m, shift[c], gamma, beta, eps, momentum, saved_mean,
                              saved_invstd, run_mean, run_var, av, bv);
   };
-  if (given != nullptr && y == nullptr) {
+  if (given != nullptr) {
     for (int64_t c = 0; c < C; ++c) finish(c, given[c], given[C + c]);
-    return;
+    if (y == nullptr) return;
   }
   if (hw < kSmallPlane) {
-    const std::vector<double> tot = SmallChannelSums(d, [&](int64_t n0, int64_t n1, double* s,
-                                                             double* q) {
-      MBV2_DISPATCH_HW(hw, SmallStatsFwd, x, n0, n1, C, k, s, q);
-    });
-    for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
+    if (given == nullptr) {
+      const std::vector<double> tot = SmallChannelSums(d, [&](int64_t n0, int64_t n1, double* s,
+                                                               double* q) {
+        MBV2_DISPATCH_HW(hw, SmallStatsFwd, x, n0, n1, C, k, s, q);
+      });
+      for (int64_t c = 0; c < C; ++c) finish(c, tot[c], tot[C + c]);
+    }
     if (y != nullptr) ScaleShift(d, x, av, bv, act, y);
     return;
   }
@@ -585,7 +587,9 @@ void Forward(const Dims& d, const float* x, const float* gamma, const float* bet
       else
         ScalePlane(x + p * hw, hw, av[c], bv[c], lo, hi, y + p * hw);
     };
-    if (y == nullptr)
+    if (given != nullptr)
+      EveryPlane(d, scale_plane);  // the statistics are in: the normalising pass alone
+    else if (y == nullptr)
       FirstPass(d, plane, finish);
     else
       TwoPasses(d, plane, finish, scale_plane);
@@ -830,11 +834,14 @@ int64_t GateSize(const std::vector<int64_t>& shape, bool act) {
                                   : 1;
 }
 
+// sums: x's, as the conv that made x took them (OutputSums::Finish), so the statistics
+// need no pass over x; none (or not taken): summed here.
 std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
                                                 const paddle::Tensor& scale,
                                                 const paddle::Tensor& bias,
                                                 const paddle::Tensor& running_mean,
                                                 const paddle::Tensor& running_var,
+                                                const paddle::optional<paddle::Tensor>& sums,
                                                 float epsilon, float momentum, bool act) {
   PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32,
            "batch_norm_act: x must be a float32 CPU tensor");
@@ -842,6 +849,14 @@ std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
   for (auto* t : {&scale, &bias, &running_mean, &running_var})
     CheckChannelVector(*t, d.c, "scale/bias/running stats");
   PD_CHECK(d.n * d.hw > 0, "batch_norm_act: empty batch");
+  const double* given = nullptr;
+  if (sums) {
+    PD_CHECK(sums->is_cpu() && sums->dtype() == paddle::DataType::FLOAT64 &&
+                 sums->numel() == 3 * d.c + 1,
+             "batch_norm_act: the producer's sums must be a float64 CPU vector of 3 C + 1 "
+             "elements");
+    if (sums->data<double>()[3 * d.c] != 0.0) given = sums->data<double>();  // taken
+  }
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto gate = paddle::empty({GateSize(x.shape(), act)}, paddle::DataType::UINT8,
@@ -854,7 +869,7 @@ std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
   std::vector<float> av(d.c), bv(d.c);
   Forward(d, xc.data<float>(), scale.data<float>(), bias.data<float>(), epsilon, momentum, act,
           y.data<float>(), gate.data<uint8_t>(), mean.data<float>(), invstd.data<float>(), rm,
-          rv, av.data(), bv.data());
+          rv, av.data(), bv.data(), given);
   return {y, mean, invstd, gate};
 }
 
@@ -886,7 +901,8 @@ std::vector<paddle::Tensor> BatchNormActBackward(const paddle::Tensor& x,
 std::vector<std::vector<int64_t>> BatchNormActInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>& scale_shape,
     const std::vector<int64_t>& bias_shape, const std::vector<int64_t>& mean_shape,
-    const std::vector<int64_t>& var_shape, float epsilon, float momentum, bool act) {
+    const std::vector<int64_t>& var_shape, const paddle::optional<std::vector<int64_t>>&,
+    float epsilon, float momentum, bool act) {
   return {x_shape, {x_shape[1]}, {x_shape[1]}, {GateSize(x_shape, act)}};
 }
 
@@ -894,12 +910,13 @@ std::vector<paddle::DataType> BatchNormActInferDtype(const paddle::DataType& x_d
                                                      const paddle::DataType&,
                                                      const paddle::DataType&,
                                                      const paddle::DataType&,
-                                                     const paddle::DataType&) {
+                                                     const paddle::DataType&,
+                                                     const paddle::optional<paddle::DataType>&) {
   return {x_dtype, x_dtype, x_dtype, paddle::DataType::UINT8};
 }
 
 PD_BUILD_OP(mbv2_batch_norm_act)
-    .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar"})
+    .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", paddle::Optional("Sums")})
     .Outputs({"Y", "SavedMean", "SavedInvStd", "Gate"})
     .Attrs({"epsilon: float", "momentum: float", "act: bool"})
     .SetKernelFn(PD_KERNEL(BatchNormActForward))

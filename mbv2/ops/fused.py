@@ -182,12 +182,13 @@ def expand_bn_relu6_depthwise(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.BatchN
 
 
 def bn_relu6_pointwise(x: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D, op: str,
-                       sums: paddle.Tensor | None = None) -> paddle.Tensor:
-    """`conv(relu6(bn(x)))` through `op`, what `pointwise_op` gave; sums: x's, as the fused
-    depthwise op that made x took them, else summed here."""
+                       sums: paddle.Tensor | None = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """(`conv(relu6(bn(x)))` through `op`, what `pointwise_op` gave, and its output's batch
+    norm sums for `batch_norm.batch_norm_act`); sums: x's, as the fused depthwise op that
+    made x took them, else summed here."""
     outs = paddle._C_ops._run_custom_op(op, *_inputs(x, bn, conv), sums, float(bn._epsilon),
                                         float(bn._momentum))
-    return outs[0]
+    return outs[0], outs[4].detach()  # no gradient flows through the sums
 
 
 # The depthwise -> projection pair as one op (pointwise_conv.cc), by the 1x1 op it takes
@@ -227,10 +228,10 @@ def _pair_op(ops: dict, z: _Output, bn2: nn.BatchNorm2D, conv2: nn.Conv2D, bf16:
 
 def depthwise_pointwise(y: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
                         bn2: nn.BatchNorm2D, conv2: nn.Conv2D, sums: paddle.Tensor | None,
-                        bf16: bool = False) -> paddle.Tensor | None:
-    """`conv2(relu6(bn2(conv(relu6(bn(y))))))` through the pair op where
-    `depthwise_covers(y, bn, conv)` holds (the caller's check) and the projection runs a
-    fused 1x1 op (`pointwise_op`), else None (the caller runs the two ops)."""
+                        bf16: bool = False) -> tuple[paddle.Tensor, paddle.Tensor] | None:
+    """(`conv2(relu6(bn2(conv(relu6(bn(y))))))`, its batch norm sums) through the pair op
+    where `depthwise_covers(y, bn, conv)` holds (the caller's check) and the projection runs
+    a fused 1x1 op (`pointwise_op`), else None (the caller runs the two ops)."""
     if y.shape[2] * y.shape[3] < PAIR_MIN_PLANE:
         return None  # first: the cheap test (every unit at 32 px; the output is no larger)
     op = _pair_op(PAIR_OPS, _depthwise_output(y.shape, y, conv), bn2, conv2, bf16)
@@ -240,15 +241,15 @@ def depthwise_pointwise(y: paddle.Tensor, bn: nn.BatchNorm2D, conv: nn.Conv2D,
     outs = paddle._C_ops._run_custom_op(
         op, *_inputs(y, bn, conv), sums, *_inputs(y, bn2, conv2)[1:], strides, pads,
         float(bn._epsilon), float(bn._momentum), float(bn2._epsilon), float(bn2._momentum))
-    return outs[0]
+    return outs[0], outs[-1].detach()
 
 
 def expand_depthwise_pointwise(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.BatchNorm2D,
                                conv: nn.Conv2D, bn2: nn.BatchNorm2D, conv2: nn.Conv2D,
-                               bf16: bool = False) -> paddle.Tensor | None:
-    """`conv2(relu6(bn2(conv(relu6(bn(expand(x)))))))` through the expand pair op where
-    `expand_covers(x, expand, bn, conv)` holds (the caller's check) and the projection runs
-    a fused 1x1 op, else None."""
+                               bf16: bool = False) -> tuple[paddle.Tensor, paddle.Tensor] | None:
+    """(`conv2(relu6(bn2(conv(relu6(bn(expand(x)))))))`, its batch norm sums) through the
+    expand pair op where `expand_covers(x, expand, bn, conv)` holds (the caller's check) and
+    the projection runs a fused 1x1 op, else None."""
     n, _, h, w = x.shape
     y = _Output([n, expand.weight.shape[0], h, w], x.dtype, x.place)
     op = _pair_op(EXPAND_PAIR_OPS, _depthwise_output(y.shape, x, conv), bn2, conv2, bf16)
@@ -261,7 +262,7 @@ def expand_depthwise_pointwise(x: paddle.Tensor, expand: nn.Conv2D, bn: nn.Batch
         op, xin, expand_weight, scale, bias, mean, var, weight, *_inputs(x, bn2, conv2)[1:],
         strides, pads, float(bn._epsilon), float(bn._momentum), float(bn2._epsilon),
         float(bn2._momentum))
-    return outs[0]
+    return outs[0], outs[-1].detach()
 
 
 SMALL_UNIT_OP = "mbv2_small_unit"

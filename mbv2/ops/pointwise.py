@@ -130,8 +130,8 @@ def pointwise_conv2d_sums(x: paddle.Tensor, weight: paddle.Tensor,
                           bf16: bool = False) -> tuple[paddle.Tensor, paddle.Tensor | None]:
     """`pointwise_conv2d(x, weight, bf16)` and, where that runs a per-block op, its output's
     batch norm sums (float64 [3 C_out + 1], no gradient; OutputSums in batch_norm_act.h)
-    taken by the op as it writes each block when the output outgrows the cache: the fused
-    batch norm op after it then reads its input once instead of twice."""
+    taken by the op as it writes each block, in cache: the batch norm op after it (fused
+    or `batch_norm.batch_norm_act`) then makes no statistics pass over it."""
     op = block_op(x, weight, bf16)
     if op is None:
         return pointwise_conv2d(x, weight, bf16), None

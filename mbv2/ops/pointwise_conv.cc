@@ -453,10 +453,17 @@ template <bool BF16>
 void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
                    const BlockNorm& norm, mbv2::OutputSums* ys = nullptr) {
   if (ys != nullptr) {
+    // K[o]: y's first pixel, from x's (normalised as the blocks are, where `norm` says)
+    std::vector<float> x0(s.ci);
+    for (int64_t c = 0; c < s.ci; ++c) {
+      float v = xp[c * s.hw];
+      if (norm.a != nullptr) v = std::min(6.f, std::max(0.f, v * norm.a[c] + norm.b[c]));
+      x0[c] = v;
+    }
     float* k = ys->shift();
     for (int64_t o = 0; o < s.co; ++o) {
       float acc = 0.f;
-      for (int64_t c = 0; c < s.ci; ++c) acc += wp[o * s.ci + c] * xp[c * s.hw];
+      for (int64_t c = 0; c < s.ci; ++c) acc += wp[o * s.ci + c] * x0[c];
       k[o] = acc;
     }
   }
@@ -712,9 +719,10 @@ std::vector<paddle::Tensor> BnPointwiseForward(const paddle::Tensor& x, const pa
   ForwardIo io(x, w, s);
   auto stats = mbv2::FusedBatchNormStats(io.x, scale, bias, running_mean, running_var, epsilon,
                                          momentum, "bn_relu6_pointwise", sums);
+  mbv2::OutputSums ys(s.co);
   ForwardBlocks<BF16>(s, io.x.data<float>(), io.w.data<float>(), io.y.data<float>(),
-                      mbv2::Folded(stats[2], s.ci));
-  return {io.y, stats[0], stats[1], stats[2]};
+                      mbv2::Folded(stats[2], s.ci), &ys);
+  return {io.y, stats[0], stats[1], stats[2], ys.Finish()};
 }
 
 // The fused op's backward products: io.dx = g, the gradient of relu6(bn(x)) (of the
@@ -756,6 +764,7 @@ std::vector<std::vector<int64_t>> BnPointwiseInferShape(
     float) {
   auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
   shapes.insert(shapes.begin(), {x_shape[0], w_shape[0], x_shape[2], x_shape[3]});
+  shapes.push_back({w_shape[0] < 0 ? -1 : 3 * w_shape[0] + 1});  // OutSums
   return shapes;
 }
 
@@ -763,11 +772,11 @@ std::vector<std::vector<int64_t>> BnPointwiseInferShape(
   PD_BUILD_OP(name)                                                                         \
       .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "Weight",                 \
                paddle::Optional("Sums")})                                                   \
-      .Outputs({"Y", "SavedMean", "SavedInvStd", "Folded"})                                 \
+      .Outputs({"Y", "SavedMean", "SavedInvStd", "Folded", "OutSums"})                      \
       .Attrs({"epsilon: float", "momentum: float"})                                         \
       .SetKernelFn(PD_KERNEL(forward))                                                      \
       .SetInferShapeFn(PD_INFER_SHAPE(BnPointwiseInferShape))                               \
-      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype<0>));                              \
+      .SetInferDtypeFn(PD_INFER_DTYPE(mbv2::FusedInferDtype<1>));                           \
   PD_BUILD_GRAD_OP(name)                                                                    \
       .Inputs({"X", "Scale", "Weight", "SavedMean", "SavedInvStd", "Folded", paddle::Grad("Y")}) \
       .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias"),             \
@@ -1198,7 +1207,7 @@ std::vector<paddle::Tensor> DwPwForward(
                                      strides, paddings, epsilon, momentum);
   auto pw = BnPointwiseForward<BF16>(dw[0], scale2, bias2, running_mean2, running_var2, pw_weight,
                                      paddle::optional<paddle::Tensor>(dw[4]), epsilon2, momentum2);
-  return {pw[0], dw[0], dw[1], dw[2], dw[3], pw[1], pw[2], pw[3]};
+  return {pw[0], dw[0], dw[1], dw[2], dw[3], pw[1], pw[2], pw[3], pw[4]};
 }
 
 template <bool BF16>
@@ -1230,7 +1239,7 @@ std::vector<paddle::Tensor> ExpandDwPwForward(
                                    strides, paddings, epsilon, momentum);
   auto pw = BnPointwiseForward<BF16>(dw[0], scale2, bias2, running_mean2, running_var2, pw_weight,
                                      paddle::optional<paddle::Tensor>(dw[4]), epsilon2, momentum2);
-  return {pw[0], dw[0], dw[1], dw[2], dw[3], pw[1], pw[2], pw[3], dw[5]};
+  return {pw[0], dw[0], dw[1], dw[2], dw[3], pw[1], pw[2], pw[3], dw[5], pw[4]};
 }
 
 template <bool BF16>
@@ -1259,6 +1268,11 @@ std::vector<std::vector<int64_t>> PairShapes(std::vector<std::vector<int64_t>> d
   return out;
 }
 
+// the 1x1's output sums (OutSums), the pair ops' last output
+std::vector<int64_t> PairSumsShape(const std::vector<int64_t>& pw_shape) {
+  return {pw_shape[0] < 0 ? -1 : 3 * pw_shape[0] + 1};
+}
+
 std::vector<std::vector<int64_t>> DwPwInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>& s1,
     const std::vector<int64_t>& b1, const std::vector<int64_t>& m1, const std::vector<int64_t>& v1,
@@ -1267,9 +1281,11 @@ std::vector<std::vector<int64_t>> DwPwInferShape(
     const std::vector<int64_t>&, const std::vector<int64_t>& pw_shape,
     const std::vector<int>& strides, const std::vector<int>& paddings, float, float, float,
     float) {
-  return PairShapes(mbv2::BnDepthwiseInferShape(x_shape, s1, b1, m1, v1, dw_shape, sums, strides,
-                                                paddings, 0.f, 0.f),
-                    pw_shape);
+  auto out = PairShapes(mbv2::BnDepthwiseInferShape(x_shape, s1, b1, m1, v1, dw_shape, sums,
+                                                    strides, paddings, 0.f, 0.f),
+                        pw_shape);
+  out.push_back(PairSumsShape(pw_shape));
+  return out;
 }
 
 std::vector<paddle::DataType> DwPwInferDtype(
@@ -1277,7 +1293,9 @@ std::vector<paddle::DataType> DwPwInferDtype(
     const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
     const paddle::optional<paddle::DataType>&, const paddle::DataType&, const paddle::DataType&,
     const paddle::DataType&, const paddle::DataType&, const paddle::DataType&) {
-  return std::vector<paddle::DataType>(8, x_dtype);
+  std::vector<paddle::DataType> out(8, x_dtype);
+  out.push_back(paddle::DataType::FLOAT64);  // OutSums
+  return out;
 }
 
 std::vector<std::vector<int64_t>> ExpandDwPwInferShape(
@@ -1292,6 +1310,7 @@ std::vector<std::vector<int64_t>> ExpandDwPwInferShape(
                                       paddings, 0.f, 0.f);
   auto out = PairShapes(dw, pw_shape);
   out.push_back(dw[5]);  // Y
+  out.push_back(PairSumsShape(pw_shape));
   return out;
 }
 
@@ -1300,7 +1319,9 @@ std::vector<paddle::DataType> ExpandDwPwInferDtype(
     const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
     const paddle::DataType&, const paddle::DataType&, const paddle::DataType&,
     const paddle::DataType&, const paddle::DataType&, const paddle::DataType&) {
-  return std::vector<paddle::DataType>(9, x_dtype);
+  std::vector<paddle::DataType> out(9, x_dtype);
+  out.push_back(paddle::DataType::FLOAT64);  // OutSums
+  return out;
 }
 
 }  // namespace
@@ -1315,7 +1336,7 @@ std::vector<paddle::DataType> ExpandDwPwInferDtype(
       .Inputs({"X", "Scale", "Bias", "RunningMean", "RunningVar", "DwWeight",               \
                paddle::Optional("Sums"), "Scale2", "Bias2", "RunningMean2", "RunningVar2",  \
                "PwWeight"})                                                                 \
-      .Outputs({"Out", "Z", MBV2_PAIR_STATS})                                               \
+      .Outputs({"Out", "Z", MBV2_PAIR_STATS, "OutSums"})                                    \
       .Attrs(MBV2_PAIR_ATTRS)                                                               \
       .SetKernelFn(PD_KERNEL(DwPwForward<BF16>))                                            \
       .SetInferShapeFn(PD_INFER_SHAPE(DwPwInferShape))                                      \
@@ -1334,7 +1355,7 @@ std::vector<paddle::DataType> ExpandDwPwInferDtype(
   PD_BUILD_OP(name)                                                                         \
       .Inputs({"X", "Weight", "Scale", "Bias", "RunningMean", "RunningVar", "DwWeight",     \
                "Scale2", "Bias2", "RunningMean2", "RunningVar2", "PwWeight"})               \
-      .Outputs({"Out", "Z", MBV2_PAIR_STATS, "Y"})                                          \
+      .Outputs({"Out", "Z", MBV2_PAIR_STATS, "Y", "OutSums"})                               \
       .Attrs(MBV2_PAIR_ATTRS)                                                               \
       .SetKernelFn(PD_KERNEL(ExpandDwPwForward<BF16>))                                      \
       .SetInferShapeFn(PD_INFER_SHAPE(ExpandDwPwInferShape))                                \
