@@ -10,9 +10,10 @@
 //    planes of 8 consecutive channels of one image are interleaved ([pixel][lane], by 8x8
 //    register transposes under AVX2) into a zero-bordered buffer, so every tap is one
 //    full-width FMA with a per-lane weight vector, at any stride.
-//    The input gradient is a scatter-add of w * dy into a padded buffer (the transposed
-//    conv, stride handled by index arithmetic), the weight gradient is accumulated in
-//    registers in the same loop.
+//    The input gradient is a gather, each dx pixel from the dy pixels its taps reach (stride
+//    1 on planes of 7x7 and up; stride 2 with padding 1), elsewhere a scatter-add of w * dy
+//    into a padded buffer (the transposed conv, stride handled by index arithmetic); the
+//    weight gradient is accumulated in registers.
 //
 // 2. Flat correlation (other kernels; wide stride-1 planes of fewer than 8 channels):
 //    every output is sum_k w[k] * src[t + off_k] over one contiguous index t, so the
@@ -48,6 +49,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm_act.h"
@@ -990,6 +992,35 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
             use(PlainPlanes{dyn, oplane});
         };
         const int wp = cg.wp;
+        // the gathers' tail of dx row r (o: its vectors): the batch norm sums, the row out
+        auto row_done = [&](int r, v8* o) {
+          if (bn_sums) accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
+          if (row_out)
+            InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes,
+                          dxn + static_cast<int64_t>(r) * g.w, plane, stream);
+        };
+        auto plane_done = [&]() {
+          if (!row_out) InterleaveOut(gbuf.data(), g.h, g.w, g.w, 0, lanes, dxn, plane, stream);
+          add_sums();
+        };
+        // dw from the gathers' bordered dy (row i's first pixel at dy_row(i)) against the
+        // input's views at stride S
+        auto dw_from = [&](auto stride, auto dy_row) {
+          constexpr int S = decltype(stride)::value;
+          for (int i = 0; i < g.ho; ++i) {
+            const v8* r0 = in + static_cast<int64_t>(i) * S * wp;
+            const v8* r1 = r0 + wp;
+            const v8* r2 = r1 + wp;
+            const v8* gr = dy_row(i);
+            for (int j = 0; j < g.wo; ++j) {
+              const int q = j * S;
+              const v8 gv = gr[j];
+              acc[0] += gv * r0[q]; acc[1] += gv * r0[q + 1]; acc[2] += gv * r0[q + 2];
+              acc[3] += gv * r1[q]; acc[4] += gv * r1[q + 1]; acc[5] += gv * r1[q + 2];
+              acc[6] += gv * r2[q]; acc[7] += gv * r2[q + 1]; acc[8] += gv * r2[q + 2];
+            }
+          }
+        };
         if (gather) {
           with_dy([&](const auto& planes) { InterleaveIn(gd, cgd, planes, lanes, gpad.data()); });
           const int gw = cgd.wp;
@@ -1002,26 +1033,12 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
               o[c] = f8[0] * q0[c] + f8[1] * q0[c + 1] + f8[2] * q0[c + 2] +
                      f8[3] * q1[c] + f8[4] * q1[c + 1] + f8[5] * q1[c + 2] +
                      f8[6] * q2[c] + f8[7] * q2[c + 1] + f8[8] * q2[c + 2];
-            if (bn_sums)
-              accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
-            if (row_out)
-              InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes,
-                            dxn + static_cast<int64_t>(r) * g.w, plane, stream);
+            row_done(r, o);
           }
-          if (!row_out) InterleaveOut(gbuf.data(), g.h, g.w, g.w, 0, lanes, dxn, plane, stream);
-          add_sums();
-          for (int i = 0; i < g.ho; ++i) {  // dw: dy against the input's shifted views
-            const v8* r0 = in + static_cast<int64_t>(i) * wp;
-            const v8* r1 = r0 + wp;
-            const v8* r2 = r1 + wp;
-            const v8* gr = gpad.data() + static_cast<int64_t>(i + gd.pt) * gw + gd.pl;
-            for (int j = 0; j < g.wo; ++j) {
-              const v8 gv = gr[j];
-              acc[0] += gv * r0[j]; acc[1] += gv * r0[j + 1]; acc[2] += gv * r0[j + 2];
-              acc[3] += gv * r1[j]; acc[4] += gv * r1[j + 1]; acc[5] += gv * r1[j + 2];
-              acc[6] += gv * r2[j]; acc[7] += gv * r2[j + 1]; acc[8] += gv * r2[j + 2];
-            }
-          }
+          plane_done();
+          dw_from(std::integral_constant<int, 1>{}, [&](int i) {
+            return gpad.data() + static_cast<int64_t>(i + gd.pt) * gw + gd.pl;
+          });
           continue;
         }
         if (gather2) {
@@ -1051,27 +1068,11 @@ void BackwardCL(const Geom& g, const float* x, const float* w, const float* dy, 
               }
               if (c < g.w) o[c] = w8[7] * qb[c / 2] + w8[1] * qa[c / 2];
             }
-            if (bn_sums)
-              accumulate(buf.data() + (r + g.pt) * wp + g.pl, o, g.w, bs, bq);
-            if (row_out)
-              InterleaveOut(gbuf.data(), 1, g.w, g.w, 0, lanes,
-                            dxn + static_cast<int64_t>(r) * g.w, plane, stream);
+            row_done(r, o);
           }
-          if (!row_out) InterleaveOut(gbuf.data(), g.h, g.w, g.w, 0, lanes, dxn, plane, stream);
-          add_sums();
-          for (int i = 0; i < g.ho; ++i) {  // dw: dy against the input's strided views
-            const v8* r0 = in + static_cast<int64_t>(i) * 2 * wp;
-            const v8* r1 = r0 + wp;
-            const v8* r2 = r1 + wp;
-            const v8* gr = gp + static_cast<int64_t>(i + 1) * gw + 1;
-            for (int j = 0; j < g.wo; ++j) {
-              const int q = 2 * j;
-              const v8 gv = gr[j];
-              acc[0] += gv * r0[q]; acc[1] += gv * r0[q + 1]; acc[2] += gv * r0[q + 2];
-              acc[3] += gv * r1[q]; acc[4] += gv * r1[q + 1]; acc[5] += gv * r1[q + 2];
-              acc[6] += gv * r2[q]; acc[7] += gv * r2[q + 1]; acc[8] += gv * r2[q + 2];
-            }
-          }
+          plane_done();
+          dw_from(std::integral_constant<int, 2>{},
+                  [&](int i) { return gp + static_cast<int64_t>(i + 1) * gw + 1; });
           continue;
         }
         // dy as [pixel][lane] (no padding).
