@@ -76,16 +76,16 @@ class CpuKernels(Ops):
             return pointwise_conv2d(x, conv.weight, bf16=self.bf16)
         return stem_conv2d(x, conv)
 
-    def conv_sums(self, conv: nn.Conv2D, x):
-        """(`self.conv(conv, x)`, its output's batch norm sums or None): a 1x1 conv's per-block
-        op takes them as it writes its output (`pointwise_conv2d_sums`)."""
-        if _is_pointwise(conv):
+    def conv_sums(self, conv: nn.Conv2D, x, bn: nn.BatchNorm2D):
+        """(`self.conv(conv, x)`, its output's sums for `bn` or None): a 1x1 conv's per-block
+        op takes them as it writes its output (`pointwise_conv2d_sums`) where `bn` normalises
+        with batch statistics (training)."""
+        if _is_pointwise(conv) and fused.batch_stats(bn):
             return pointwise_conv2d_sums(x, conv.weight, bf16=self.bf16)
         return self.conv(conv, x), None
 
     def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
-        # a 1x1 conv's output sums for its batch norm, in training (`conv_sums`)
-        y, sums = self.conv_sums(conv, x) if fused.batch_stats(bn) else (self.conv(conv, x), None)
+        y, sums = self.conv_sums(conv, x, bn)
         return batch_norm_act(y, bn, act, sums)
 
     def inverted_residual(self, expand: nn.Layer, depthwise: nn.Layer, linear: nn.Layer, x):
@@ -113,9 +113,7 @@ class CpuKernels(Ops):
                 return p
             z, sums = fused.expand_bn_relu6_depthwise(x, expand._conv, bn, conv)
         else:
-            # the expand conv's output sums for the fused op after it, in training
-            y, sums = (self.conv_sums(expand._conv, x) if fused.batch_stats(bn)
-                       else (self.conv(expand._conv, x), None))
+            y, sums = self.conv_sums(expand._conv, x, bn)
             if fused.depthwise_covers(y, bn, conv):
                 p = fused.depthwise_pointwise(y, bn, conv, bn2, conv2, sums, self.bf16)
                 if p is not None:

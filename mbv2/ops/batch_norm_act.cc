@@ -684,6 +684,18 @@ void CheckChannelVector(const paddle::Tensor& t, int64_t c, const char* name) {
            "batch_norm_act: ", name, " must be a float32 CPU vector of C elements");
 }
 
+// The producer's sums of x (OutputSums::Finish, C channels) checked, or null where there
+// are none or their taken flag is 0 (the caller then sums x itself).
+const double* GivenSums(const paddle::optional<paddle::Tensor>& sums, int64_t c,
+                        const char* op) {
+  if (!sums) return nullptr;
+  PD_CHECK(sums->is_cpu() && sums->dtype() == paddle::DataType::FLOAT64 &&
+               sums->numel() == 3 * c + 1,
+           op, ": the producer's sums must be a float64 CPU vector of 3 C + 1 elements");
+  const double* given = sums->data<double>();
+  return given[3 * c] != 0.0 ? given : nullptr;
+}
+
 }  // namespace
 
 void mbv2::FinishStatsChannel(int64_t c, double sum, double sumsq, int64_t m, float shift,
@@ -728,13 +740,7 @@ std::vector<paddle::Tensor> mbv2::FusedBatchNormStats(
     float momentum, const char* op, const paddle::optional<paddle::Tensor>& sums) {
   const Dims d = GetDims(x);
   PD_CHECK(d.hw >= kSmallPlane, op, ": planes of 8 pixels and up only");
-  const double* given = nullptr;
-  if (sums) {
-    PD_CHECK(sums->is_cpu() && sums->dtype() == paddle::DataType::FLOAT64 &&
-                 sums->numel() == 3 * d.c + 1,
-             op, ": the producer's sums must be a float64 CPU vector of 3 C + 1 elements");
-    if (sums->data<double>()[3 * d.c] != 0.0) given = sums->data<double>();  // taken
-  }
+  const double* given = GivenSums(sums, d.c, op);
   for (auto* t : {&scale, &bias, &running_mean, &running_var})
     PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32 && t->numel() == d.c, op,
              ": batch norm parameters and statistics must be float32 CPU vectors of C elements");
@@ -849,14 +855,7 @@ std::vector<paddle::Tensor> BatchNormActForward(const paddle::Tensor& x,
   for (auto* t : {&scale, &bias, &running_mean, &running_var})
     CheckChannelVector(*t, d.c, "scale/bias/running stats");
   PD_CHECK(d.n * d.hw > 0, "batch_norm_act: empty batch");
-  const double* given = nullptr;
-  if (sums) {
-    PD_CHECK(sums->is_cpu() && sums->dtype() == paddle::DataType::FLOAT64 &&
-                 sums->numel() == 3 * d.c + 1,
-             "batch_norm_act: the producer's sums must be a float64 CPU vector of 3 C + 1 "
-             "elements");
-    if (sums->data<double>()[3 * d.c] != 0.0) given = sums->data<double>();  // taken
-  }
+  const double* given = GivenSums(sums, d.c, "batch_norm_act");
   const paddle::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto gate = paddle::empty({GateSize(x.shape(), act)}, paddle::DataType::UINT8,

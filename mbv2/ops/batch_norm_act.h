@@ -6,6 +6,7 @@
 // but for sums a caller takes itself).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -50,6 +51,11 @@ struct FoldedNorm {
   const float *a = nullptr, *b = nullptr;
   const float* mean = nullptr;
   double* sums = nullptr;
+  // one value of channel c as the fused ops normalise it: relu6(v * a[c] + b[c]), or v
+  // itself with no normalisation (a null)
+  float At(int64_t c, float v) const {
+    return a == nullptr ? v : std::min(6.f, std::max(0.f, v * a[c] + b[c]));
+  }
 };
 
 // The FoldedNorm of c channels from a folded [a (C), b (C)] tensor.
@@ -183,6 +189,9 @@ struct DyFold {
 };
 
 // The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
+// The shape of a conv's OutSums (OutputSums::Finish) for c output channels.
+inline std::vector<int64_t> OutSumsShape(int64_t c) { return {c < 0 ? -1 : 3 * c + 1}; }
+
 inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {
   return {{c}, {c}, {c < 0 ? -1 : 2 * c}};
 }

@@ -827,7 +827,7 @@ float FirstOutput(const Geom& g, const float* x, const float* w, const LaneNorm&
       const int64_t r = ky - g.pt, q = kx - g.pl;
       if (r < 0 || r >= g.h || q < 0 || q >= g.w) continue;
       float v = x[c * g.h * g.w + r * g.w + q];
-      if (norm.a != nullptr) v = std::min(6.f, std::max(0.f, v * norm.a[c] + norm.b[c]));
+      v = norm.At(c, v);
       acc += w[(c * g.kh + ky) * g.kw + kx] * v;
     }
   return acc;
@@ -1447,7 +1447,7 @@ std::vector<std::vector<int64_t>> mbv2::BnDepthwiseInferShape(
     const std::vector<int>& strides, const std::vector<int>& paddings, float, float) {
   auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
   shapes.insert(shapes.begin(), DepthwiseConvInferShape(x_shape, w_shape, strides, paddings, 0)[0]);
-  shapes.push_back({x_shape[1] < 0 ? -1 : 3 * x_shape[1] + 1});
+  shapes.push_back(mbv2::OutSumsShape(x_shape[1]));
   return shapes;
 }
 

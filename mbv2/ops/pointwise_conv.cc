@@ -455,11 +455,7 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
   if (ys != nullptr) {
     // K[o]: y's first pixel, from x's (normalised as the blocks are, where `norm` says)
     std::vector<float> x0(s.ci);
-    for (int64_t c = 0; c < s.ci; ++c) {
-      float v = xp[c * s.hw];
-      if (norm.a != nullptr) v = std::min(6.f, std::max(0.f, v * norm.a[c] + norm.b[c]));
-      x0[c] = v;
-    }
+    for (int64_t c = 0; c < s.ci; ++c) x0[c] = norm.At(c, xp[c * s.hw]);
     float* k = ys->shift();
     for (int64_t o = 0; o < s.co; ++o) {
       float acc = 0.f;
@@ -653,8 +649,7 @@ MBV2_POINTWISE_OP(mbv2_pointwise_conv2d_bf16, PointwiseForward<true>, PointwiseB
 
 std::vector<std::vector<int64_t>> PointwiseSumsInferShape(const std::vector<int64_t>& x_shape,
                                                           const std::vector<int64_t>& w_shape) {
-  return {{x_shape[0], w_shape[0], x_shape[2], x_shape[3]},
-          {w_shape[0] < 0 ? -1 : 3 * w_shape[0] + 1}};
+  return {{x_shape[0], w_shape[0], x_shape[2], x_shape[3]}, mbv2::OutSumsShape(w_shape[0])};
 }
 
 std::vector<paddle::DataType> PointwiseSumsInferDtype(const paddle::DataType& x_dtype,
@@ -764,7 +759,7 @@ std::vector<std::vector<int64_t>> BnPointwiseInferShape(
     float) {
   auto shapes = mbv2::FusedStatsShapes(x_shape[1]);
   shapes.insert(shapes.begin(), {x_shape[0], w_shape[0], x_shape[2], x_shape[3]});
-  shapes.push_back({w_shape[0] < 0 ? -1 : 3 * w_shape[0] + 1});  // OutSums
+  shapes.push_back(mbv2::OutSumsShape(w_shape[0]));
   return shapes;
 }
 
@@ -1268,11 +1263,6 @@ std::vector<std::vector<int64_t>> PairShapes(std::vector<std::vector<int64_t>> d
   return out;
 }
 
-// the 1x1's output sums (OutSums), the pair ops' last output
-std::vector<int64_t> PairSumsShape(const std::vector<int64_t>& pw_shape) {
-  return {pw_shape[0] < 0 ? -1 : 3 * pw_shape[0] + 1};
-}
-
 std::vector<std::vector<int64_t>> DwPwInferShape(
     const std::vector<int64_t>& x_shape, const std::vector<int64_t>& s1,
     const std::vector<int64_t>& b1, const std::vector<int64_t>& m1, const std::vector<int64_t>& v1,
@@ -1284,7 +1274,7 @@ std::vector<std::vector<int64_t>> DwPwInferShape(
   auto out = PairShapes(mbv2::BnDepthwiseInferShape(x_shape, s1, b1, m1, v1, dw_shape, sums,
                                                     strides, paddings, 0.f, 0.f),
                         pw_shape);
-  out.push_back(PairSumsShape(pw_shape));
+  out.push_back(mbv2::OutSumsShape(pw_shape[0]));  // OutSums, the 1x1's output's
   return out;
 }
 
@@ -1310,7 +1300,7 @@ std::vector<std::vector<int64_t>> ExpandDwPwInferShape(
                                       paddings, 0.f, 0.f);
   auto out = PairShapes(dw, pw_shape);
   out.push_back(dw[5]);  // Y
-  out.push_back(PairSumsShape(pw_shape));
+  out.push_back(mbv2::OutSumsShape(pw_shape[0]));  // OutSums, the 1x1's output's
   return out;
 }
 
