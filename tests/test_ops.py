@@ -295,6 +295,52 @@ def test_train_step_gradients_match_native(kernel):
         assert fast_err <= 2 * native_err + 1e-3, (k, fast_err, native_err)
 
 
+def test_stem_folded_into_the_first_expand_conv(kernel, monkeypatch):
+    """CpuKernels.stem_block folds the stem's ReLU6 batch norm into the first unit's expand
+    conv (the fused 1x1 op normalises as it reads). Against the same kernels with the
+    stem's batch norm op apart: the logits and every running statistic bit for bit (the
+    same forward arithmetic), every gradient to float rounding (the batch norm backward
+    sums in another order), on 16x16 and 32x32 stem maps."""
+    from mbv2.ops import CpuKernels, Ops, fused
+
+    calls = []
+    real = fused.bn_relu6_pointwise
+
+    def spy(x, bn, conv, op, sums=None):
+        calls.append(bn)
+        return real(x, bn, conv, op, sums)
+
+    monkeypatch.setattr(fused, "bn_relu6_pointwise", spy)
+    for size in (32, 64):
+        folded, apart = _twin_models()
+        rng = np.random.default_rng(size)
+        x = paddle.to_tensor(rng.standard_normal((8, 3, size, size)).astype("float32"))
+        y = paddle.to_tensor(rng.integers(0, 10, (8,)))
+        runs = []
+        for net, fold in ((folded, True), (apart, False)):
+            with monkeypatch.context() as m:
+                if not fold:
+                    m.setattr(CpuKernels, "stem_block", Ops.stem_block)
+                assert net.use_cpu_kernels(True)
+                net.train()
+                calls.clear()
+                logits = net(x)
+                took = any(bn is net.conv1._batch_norm for bn in calls)
+                assert took == fold, (size, fold)
+                F.cross_entropy(logits, y).backward()
+                runs.append((logits.numpy(), {k: v.numpy() for k, v in net.state_dict().items()},
+                             {k: p.grad.numpy() for k, p in net.named_parameters()
+                              if p.grad is not None}))
+        (l0, s0, g0), (l1, s1, g1) = runs
+        assert np.array_equal(l0, l1)
+        for k in s1:
+            assert np.array_equal(s0[k], s1[k]), k
+        assert g0.keys() == g1.keys()
+        for k in g1:
+            if np.linalg.norm(g1[k]) > 1e-3:  # BN biases before another BN: noise around 0
+                assert rel_err(g0[k], g1[k]) < 1e-3, (size, k, rel_err(g0[k], g1[k]))
+
+
 def test_training_matches_native(kernel):
     """4 SGD steps from the same weights: loss curves and updated depthwise weights agree.
 

@@ -64,7 +64,10 @@ class InvresiBlocks(nn.Layer):
         ]
 
     def forward(self, x):
-        y = self._first_block(x, ifshortcut=False)
+        return self.after_first(self._first_block(x, ifshortcut=False))
+
+    def after_first(self, y):
+        """The residual units after the first, on the first unit's output y."""
         for unit in self._block_list:
             y = unit(y, ifshortcut=True)
         return y
@@ -135,8 +138,8 @@ class MobileNetV2(nn.Layer):
         self.out = nn.Linear(self.out_c, class_num)
 
     def forward(self, x):
-        y = self.conv1(x, if_act=True)
-        for block in self.block_list:
+        y = self.ops.stem_block(self.conv1, self.block_list[0], x)
+        for block in self.block_list[1:]:
             y = block(y)
         y = getattr(self, self._last_name)(y, if_act=True)
         # a 1x1 map (32 px input) is its own average: skipped in dygraph only, so an exported

@@ -8,12 +8,11 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
   fused batch norm + ReLU6 in training and eval), 1x1 convs on small maps as one matrix
   product and on large ones as per-block MKL GEMMs (`pointwise`), and the global average
   pool as a mean over the flattened plane. In training, an inverted residual unit's two
-  batch norm + ReLU6 outputs are folded into the convs that read them (`fused`: those
-  activations are never written), and on maps of 28x28 and up the expand conv joins the
-  depthwise one (`fused.expand_bn_relu6_depthwise`: its output's gradient is never
-  formed); on maps of 16 pixels and under (4x4 to 1x1) the whole unit is one op
-  (`fused.small_unit`). Each wrapper sends a shape it does not cover to
-  Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
+  batch norm + ReLU6 outputs, and the stem's, are folded into the convs that read them
+  (`fused`: those activations are never written), and on maps of 28x28 and up the expand
+  conv joins the depthwise one (`fused.expand_bn_relu6_depthwise`: its output's gradient
+  is never formed); on maps of 16 pixels and under (4x4 to 1x1) the whole unit is one op
+  (`fused.small_unit`). Each wrapper sends a shape it does not cover to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
   (`trainer.amp` on CPU, `mixed_precision`).
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
@@ -52,6 +51,11 @@ class Ops:
         """An inverted residual unit's three ConvBNLayers (ReLU6, ReLU6, linear), before
         its shortcut."""
         return linear(depthwise(expand(x, if_act=True), if_act=True), if_act=False)
+
+    def stem_block(self, stem: nn.Layer, block: nn.Layer, x):
+        """`block(stem(x))`: the network's stem ConvBNLayer (ReLU6) and its first
+        bottleneck row (InvresiBlocks)."""
+        return block(stem(x, if_act=True))
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         """`pool(x)` for the network's AdaptiveAvgPool2D(1)."""
@@ -112,19 +116,61 @@ class CpuKernels(Ops):
             if p is not None:
                 return p
             z, sums = fused.expand_bn_relu6_depthwise(x, expand._conv, bn, conv)
+            return self._projection(z, sums, depthwise, linear)
+        y, sums = self.conv_sums(expand._conv, x, bn)
+        return self._expanded_to_projection(y, sums, expand, depthwise, linear)
+
+    def _expanded_to_projection(self, y, sums, expand: nn.Layer, depthwise: nn.Layer,
+                                linear: nn.Layer):
+        """`_to_projection` from the expand conv's output y (before its batch norm) and
+        y's batch norm sums or None."""
+        bn, conv = expand._batch_norm, depthwise._conv
+        if fused.depthwise_covers(y, bn, conv):
+            p = fused.depthwise_pointwise(y, bn, conv, depthwise._batch_norm, linear._conv, sums,
+                                          self.bf16)
+            if p is not None:
+                return p
+            z, sums = fused.bn_relu6_depthwise(y, bn, conv, sums)
         else:
-            y, sums = self.conv_sums(expand._conv, x, bn)
-            if fused.depthwise_covers(y, bn, conv):
-                p = fused.depthwise_pointwise(y, bn, conv, bn2, conv2, sums, self.bf16)
-                if p is not None:
-                    return p
-                z, sums = fused.bn_relu6_depthwise(y, bn, conv, sums)
-            else:
-                z, sums = self.conv(conv, batch_norm_act(y, bn, True)), None
+            z, sums = self.conv(conv, batch_norm_act(y, bn, True)), None
+        return self._projection(z, sums, depthwise, linear)
+
+    def _projection(self, z, sums, depthwise: nn.Layer, linear: nn.Layer):
+        """The projection conv's output from the depthwise conv's output z (before its
+        batch norm, whose sums `sums` are or None) and its batch norm sums or None."""
+        bn2, conv2 = depthwise._batch_norm, linear._conv
         op = fused.pointwise_op(z, bn2, conv2, self.bf16)
         if op is not None:
             return fused.bn_relu6_pointwise(z, bn2, conv2, op, sums)
         return self.conv(conv2, batch_norm_act(z, bn2, True)), None
+
+    def stem_block(self, stem: nn.Layer, block: nn.Layer, x):
+        """As Ops', with the stem's ReLU6 batch norm folded into the first unit's expand
+        conv where the fused 1x1 op covers it (`fused.pointwise_op`; training), so the
+        stem's normalised output, as large as the unit's widest map, is neither written
+        nor read back, nor is its gradient. Not where the unit runs as one op or with the
+        expand conv joined to the depthwise one (the usual path then), nor with forward
+        hooks on the layers involved."""
+        unit = block._first_block
+        layers = (stem, block, unit, unit._expand_conv, unit._bottleneck_conv, unit._linear_conv)
+        expand = unit._expand_conv
+        if any(_hooked(layer) for layer in layers) or not fused.batch_stats(stem._batch_norm):
+            return super().stem_block(stem, block, x)
+        y = self.conv(stem._conv, x)
+        op = fused.pointwise_op(y, stem._batch_norm, expand._conv, self.bf16)
+        # y stands in for the stem's output in the checks: the same shape, dtype and place
+        if (op is None or fused.small_unit_plan(y, expand, unit._bottleneck_conv,
+                                                unit._linear_conv, self.bf16) is not None
+                or fused.expand_covers(y, expand._conv, expand._batch_norm,
+                                       unit._bottleneck_conv._conv, self.bf16)):
+            return block.after_first(
+                unit(batch_norm_act(y, stem._batch_norm, True), ifshortcut=False))
+        e, sums = fused.bn_relu6_pointwise(y, stem._batch_norm, expand._conv, op)
+        if not fused.batch_stats(expand._batch_norm):
+            sums = None
+        p, sums = self._expanded_to_projection(e, sums, expand, unit._bottleneck_conv,
+                                               unit._linear_conv)
+        return block.after_first(batch_norm_act(p, unit._linear_conv._batch_norm, False, sums))
 
     def global_avg_pool(self, pool: nn.AdaptiveAvgPool2D, x):
         # A mean over the flattened plane: Paddle's CPU pool2d took 1.96 ms forward +
