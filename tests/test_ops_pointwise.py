@@ -169,6 +169,37 @@ def test_stem_ops_match_conv2d(stride, hw, x_grad, op_calls):
                                    atol=1e-4)
 
 
+@pytest.mark.parametrize("stride,hw", [(2, 32), (1, 70), (2, 101)])
+def test_stem_sums_op_gives_its_outputs_sums(stride, hw, op_calls):
+    """`stem_conv2d_sums`: the stem op's output and weight gradient, and that output's
+    batch norm sums (about its first pixel, taken block by block) as summed from the
+    output; through the plain routes (None) where the input needs a gradient."""
+    from mbv2.ops.pointwise import STEM_SUMS_OP_NAME, stem_conv2d_sums
+
+    rng = np.random.default_rng(hw)
+    x = paddle.to_tensor(rng.standard_normal((3, 3, hw, hw)).astype("float32"))
+    conv = paddle.nn.Conv2D(3, 8, 3, stride, 1, bias_attr=False)
+    y, sums = stem_conv2d_sums(x, conv)
+    assert op_calls == [STEM_SUMS_OP_NAME]
+    ref = conv(x)
+    np.testing.assert_allclose(y.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+    g = paddle.to_tensor(rng.standard_normal(ref.shape).astype("float32"))
+    (y * g).sum().backward()
+    got_dw = conv.weight.grad.numpy()
+    conv.clear_gradients()
+    (ref * g).sum().backward()
+    np.testing.assert_allclose(got_dw, conv.weight.grad.numpy(), rtol=1e-4, atol=1e-3)
+    s, out = sums.numpy(), y.numpy()
+    assert s[-1] == 1.0  # taken
+    shift = s[16:24]
+    np.testing.assert_allclose(shift, out[0, :, 0, 0], rtol=1e-5, atol=1e-6)  # to rounding
+    d = out.transpose(1, 0, 2, 3).reshape(8, -1).astype("float64") - shift[:, None]
+    np.testing.assert_allclose(s[:8], d.sum(1), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(s[8:16], (d * d).sum(1), rtol=1e-4, atol=1e-2)
+    x.stop_gradient = False
+    assert stem_conv2d_sums(x, conv)[1] is None
+
+
 # The thin-input product (ThinBlock in pointwise_conv.cc: x with 8 or 16 channels, on
 # AVX-512 CPUs): odd maps (a masked tail in every block), maps over one 1,024-pixel block,
 # streamed stores with the batch norm sums taken from its registers, and cached stores with

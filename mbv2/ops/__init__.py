@@ -30,7 +30,8 @@ import paddle.nn.functional as F
 from mbv2.ops import fused
 from mbv2.ops.batch_norm import batch_norm_act
 from mbv2.ops.depthwise import depthwise_conv2d, load_kernel
-from mbv2.ops.pointwise import pointwise_conv2d, pointwise_conv2d_sums, stem_conv2d
+from mbv2.ops.pointwise import (pointwise_conv2d, pointwise_conv2d_sums, stem_conv2d,
+                                 stem_conv2d_sums)
 from mbv2.runtime import has_bf16
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,7 @@ class CpuKernels(Ops):
 
     def conv(self, conv: nn.Conv2D, x):
         """`conv(x)` for the network's bias-free convs, through the kernels."""
-        groups, c_in, c_out = conv._groups, conv._in_channels, conv._out_channels
-        if groups == c_in == c_out and groups > 1:
+        if _is_depthwise(conv):
             return depthwise_conv2d(x, conv.weight, conv._stride[0], conv._padding)
         if _is_pointwise(conv):
             return pointwise_conv2d(x, conv.weight, bf16=self.bf16)
@@ -82,11 +82,13 @@ class CpuKernels(Ops):
 
     def conv_sums(self, conv: nn.Conv2D, x, bn: nn.BatchNorm2D):
         """(`self.conv(conv, x)`, its output's sums for `bn` or None): a 1x1 conv's per-block
-        op takes them as it writes its output (`pointwise_conv2d_sums`) where `bn` normalises
-        with batch statistics (training)."""
-        if _is_pointwise(conv) and fused.batch_stats(bn):
+        op and the stem op take them as they write their output (`pointwise_conv2d_sums`,
+        `stem_conv2d_sums`) where `bn` normalises with batch statistics (training)."""
+        if not fused.batch_stats(bn) or _is_depthwise(conv):
+            return self.conv(conv, x), None
+        if _is_pointwise(conv):
             return pointwise_conv2d_sums(x, conv.weight, bf16=self.bf16)
-        return self.conv(conv, x), None
+        return stem_conv2d_sums(x, conv)
 
     def conv_bn(self, conv: nn.Conv2D, bn: nn.BatchNorm2D, x, act: bool):
         y, sums = self.conv_sums(conv, x, bn)
@@ -156,7 +158,7 @@ class CpuKernels(Ops):
         expand = unit._expand_conv
         if any(_hooked(layer) for layer in layers) or not fused.batch_stats(stem._batch_norm):
             return super().stem_block(stem, block, x)
-        y = self.conv(stem._conv, x)
+        y, stem_sums = self.conv_sums(stem._conv, x, stem._batch_norm)
         op = fused.pointwise_op(y, stem._batch_norm, expand._conv, self.bf16)
         # y stands in for the stem's output in the checks: the same shape, dtype and place
         if (op is None or fused.small_unit_plan(y, expand, unit._bottleneck_conv,
@@ -164,8 +166,8 @@ class CpuKernels(Ops):
                 or fused.expand_covers(y, expand._conv, expand._batch_norm,
                                        unit._bottleneck_conv._conv, self.bf16)):
             return block.after_first(
-                unit(batch_norm_act(y, stem._batch_norm, True), ifshortcut=False))
-        e, sums = fused.bn_relu6_pointwise(y, stem._batch_norm, expand._conv, op)
+                unit(batch_norm_act(y, stem._batch_norm, True, stem_sums), ifshortcut=False))
+        e, sums = fused.bn_relu6_pointwise(y, stem._batch_norm, expand._conv, op, stem_sums)
         if not fused.batch_stats(expand._batch_norm):
             sums = None
         p, sums = self._expanded_to_projection(e, sums, expand, unit._bottleneck_conv,
@@ -180,6 +182,10 @@ class CpuKernels(Ops):
             return pool(x)
         n, c, h, w = x.shape
         return x.reshape([n, c, h * w]).mean(2, keepdim=True).reshape([n, c, 1, 1])
+
+
+def _is_depthwise(conv: nn.Conv2D) -> bool:
+    return conv._groups == conv._in_channels == conv._out_channels and conv._groups > 1
 
 
 def _is_pointwise(conv: nn.Conv2D) -> bool:

@@ -174,20 +174,41 @@ def pointwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bf16: bool = False
 # 26.9 -> 22.1 ms through unfold.
 STEM_MAX_IN_CHANNELS = 4
 STEM_OP_NAME = "mbv2_stem_conv2d"
+STEM_SUMS_OP_NAME = "mbv2_stem_conv2d_sums"
+
+
+def _stem_route(x: paddle.Tensor, conv) -> str:
+    """How `stem_conv2d` runs `conv(x)`: "op" (the stem op), "unfold" (the 1x1 op over
+    the unfolded input) or "native" (`conv(x)`)."""
+    k, stride, pad = tuple(conv._kernel_size), tuple(conv._stride), conv._padding
+    if (conv.bias is not None or conv._groups != 1
+            or conv.weight.shape[1] > STEM_MAX_IN_CHANNELS
+            or not isinstance(pad, int) or tuple(conv._dilation) != (1, 1)
+            or getattr(conv, "_data_format", "NCHW") != "NCHW"
+            or not _use_op(x, conv.weight)):
+        return "native"
+    return "op" if x.stop_gradient and k[0] == k[1] and stride[0] == stride[1] else "unfold"
+
+
+def stem_conv2d_sums(x: paddle.Tensor, conv) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """`stem_conv2d(x, conv)` and, where the stem op runs it, its output's batch norm sums
+    (as `pointwise_conv2d_sums`), taken as the op writes each block."""
+    if _stem_route(x, conv) != "op":
+        return stem_conv2d(x, conv), None
+    y, sums = _outs(x, conv.weight, STEM_SUMS_OP_NAME, int(conv._stride[0]), int(conv._padding))
+    return y, sums.detach()
 
 
 def stem_conv2d(x: paddle.Tensor, conv) -> paddle.Tensor:
     """`conv(x)` for a bias-free, ungrouped `nn.Conv2D` with few input channels (the
     stem): through the stem op or the 1x1 op over the unfolded input where they apply,
     else `conv(x)`."""
+    route = _stem_route(x, conv)
+    if route == "native":
+        return conv(x)
     k, stride, pad = tuple(conv._kernel_size), tuple(conv._stride), conv._padding
     c_out, c_in = conv.weight.shape[0], conv.weight.shape[1]
-    if (conv.bias is not None or conv._groups != 1 or c_in > STEM_MAX_IN_CHANNELS
-            or not isinstance(pad, int) or tuple(conv._dilation) != (1, 1)
-            or getattr(conv, "_data_format", "NCHW") != "NCHW"
-            or not _use_op(x, conv.weight)):
-        return conv(x)
-    if x.stop_gradient and k[0] == k[1] and stride[0] == stride[1]:
+    if route == "op":
         return _op(x, conv.weight, STEM_OP_NAME, int(stride[0]), int(pad))
     n, _, h, w = x.shape
     ho = (h + 2 * pad - k[0]) // stride[0] + 1

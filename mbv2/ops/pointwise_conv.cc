@@ -959,8 +959,10 @@ void GatherColumns(const float* x, const StemShape& s, int64_t p0, int64_t len, 
 
 }  // namespace
 
-std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                        int stride, int pad) {
+// The stem's output y, and where ys is set its batch norm sums, taken from each block's
+// rows just written (in cache) about y's first pixel, as the 1x1 op's are.
+paddle::Tensor StemOutput(const paddle::Tensor& x, const paddle::Tensor& w, int stride, int pad,
+                          mbv2::OutputSums* ys) {
   CheckFloat32(x, w, "stem_conv2d");
   const StemShape s = GetStemShape(x, w, stride, pad);
   const paddle::Tensor xc = Contiguous(x);
@@ -970,14 +972,45 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::T
   float* yp = y.data<float>();
   const int64_t kk = s.kk(), hwo = s.ho * s.wo;
   std::vector<float> cols(static_cast<size_t>(omp_get_max_threads() * kk * kBlock));
-  ForBlocks(s.Blocks(), BlockChunks(s.Blocks(), 0),
-            [&](int t, int64_t, int64_t n, int64_t p0, int64_t len) {
+  if (ys != nullptr && s.n > 0) {  // K[o]: y's first pixel
+    GatherColumns(xp, s, 0, 1, cols.data());
+    for (int64_t o = 0; o < s.co; ++o) {
+      float acc = 0.f;
+      for (int64_t r = 0; r < kk; ++r) acc += wp[o * kk + r] * cols[r];
+      ys->shift()[o] = acc;
+    }
+  }
+  const int64_t chunks = BlockChunks(s.Blocks(), ys != nullptr ? 2 * s.co * sizeof(double) : 0);
+  if (ys != nullptr) ys->Chunks(chunks);
+  ForBlocks(s.Blocks(), chunks, [&](int t, int64_t k, int64_t n, int64_t p0, int64_t len) {
     float* buf = cols.data() + t * kk * kBlock;
     GatherColumns(xp + n * s.c * s.h * s.w, s, p0, len, buf);
-    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, kk, 1.f, wp, kk, buf, len, 0.f,
-                yp + n * s.co * hwo + p0, hwo);
+    float* yb = yp + n * s.co * hwo + p0;
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, kk, 1.f, wp, kk, buf, len, 0.f, yb,
+                hwo);
+    if (ys != nullptr) {
+      double* part = ys->part(k);
+      for (int64_t o = 0; o < s.co; ++o) {
+        float sum, sumsq;
+        mbv2::ShiftedRowSums(yb + o * hwo, len, ys->shift()[o], sum, sumsq);
+        part[o] += sum;
+        part[s.co + o] += sumsq;
+      }
+    }
   });
-  return {y};
+  return y;
+}
+
+std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                        int stride, int pad) {
+  return {StemOutput(x, w, stride, pad, nullptr)};
+}
+
+std::vector<paddle::Tensor> StemSumsForward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                            int stride, int pad) {
+  mbv2::OutputSums ys(w.shape()[0]);
+  auto y = StemOutput(x, w, stride, pad, &ys);
+  return {y, ys.Finish()};
 }
 
 std::vector<paddle::Tensor> StemBackward(const paddle::Tensor& x, const paddle::Tensor& w,
@@ -1026,6 +1059,30 @@ PD_BUILD_OP(mbv2_stem_conv2d)
 
 // No gradient for X: Python sends only inputs that need none here.
 PD_BUILD_GRAD_OP(mbv2_stem_conv2d)
+    .Inputs({"X", "Weight", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("Weight")})
+    .Attrs({"stride: int", "pad: int"})
+    .SetKernelFn(PD_KERNEL(StemBackward));
+
+std::vector<std::vector<int64_t>> StemSumsInferShape(const std::vector<int64_t>& x_shape,
+                                                     const std::vector<int64_t>& w_shape,
+                                                     int stride, int pad) {
+  auto shapes = StemInferShape(x_shape, w_shape, stride, pad);
+  shapes.push_back(mbv2::OutSumsShape(w_shape[0]));
+  return shapes;
+}
+
+// The stem op with its output's batch norm sums (training: the batch norm after it then
+// makes no statistics pass over the output).
+PD_BUILD_OP(mbv2_stem_conv2d_sums)
+    .Inputs({"X", "Weight"})
+    .Outputs({"Y", "Sums"})
+    .Attrs({"stride: int", "pad: int"})
+    .SetKernelFn(PD_KERNEL(StemSumsForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(StemSumsInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseSumsInferDtype));
+
+PD_BUILD_GRAD_OP(mbv2_stem_conv2d_sums)
     .Inputs({"X", "Weight", paddle::Grad("Y")})
     .Outputs({paddle::Grad("Weight")})
     .Attrs({"stride: int", "pad: int"})
