@@ -12,8 +12,9 @@ A `ConvBNLayer` runs conv -> batch norm -> ReLU6 through an `Ops` object:
   (`fused`: those activations are never written), and on maps of 28x28 and up the expand
   conv joins the depthwise one (`fused.expand_bn_relu6_depthwise`: its output's gradient
   is never formed); on maps of 16 pixels and under (4x4 to 1x1) the whole unit is one op
-  (`fused.small_unit`). Each wrapper sends a shape it does not cover to Paddle's op. `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16
-  (`trainer.amp` on CPU, `mixed_precision`).
+  (`fused.small_unit`). Each wrapper sends a shape it does not cover to Paddle's op.
+  `CPU_KERNELS_BF16`: the same with the 1x1 products in bfloat16 (`trainer.amp` on CPU,
+  `mixed_precision`).
 
 The network holds the switch (`MobileNetV2.use_cpu_kernels(on)`, `reference_ops()`);
 `select_ops(mode, device)` turns the `model.cpu_kernels` setting into an `Ops`.
