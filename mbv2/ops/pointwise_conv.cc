@@ -1049,21 +1049,6 @@ std::vector<std::vector<int64_t>> StemInferShape(const std::vector<int64_t>& x_s
            OutSize(x_shape[3], w_shape[3], stride, pad)}};
 }
 
-PD_BUILD_OP(mbv2_stem_conv2d)
-    .Inputs({"X", "Weight"})
-    .Outputs({"Y"})
-    .Attrs({"stride: int", "pad: int"})
-    .SetKernelFn(PD_KERNEL(StemForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(StemInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseInferDtype));
-
-// No gradient for X: Python sends only inputs that need none here.
-PD_BUILD_GRAD_OP(mbv2_stem_conv2d)
-    .Inputs({"X", "Weight", paddle::Grad("Y")})
-    .Outputs({paddle::Grad("Weight")})
-    .Attrs({"stride: int", "pad: int"})
-    .SetKernelFn(PD_KERNEL(StemBackward));
-
 std::vector<std::vector<int64_t>> StemSumsInferShape(const std::vector<int64_t>& x_shape,
                                                      const std::vector<int64_t>& w_shape,
                                                      int stride, int pad) {
@@ -1072,21 +1057,27 @@ std::vector<std::vector<int64_t>> StemSumsInferShape(const std::vector<int64_t>&
   return shapes;
 }
 
-// The stem op with its output's batch norm sums (training: the batch norm after it then
-// makes no statistics pass over the output).
-PD_BUILD_OP(mbv2_stem_conv2d_sums)
-    .Inputs({"X", "Weight"})
-    .Outputs({"Y", "Sums"})
-    .Attrs({"stride: int", "pad: int"})
-    .SetKernelFn(PD_KERNEL(StemSumsForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(StemSumsInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseSumsInferDtype));
+// A stem op: its outputs (__VA_ARGS__) from X and Weight; the gradient of Weight only (no
+// gradient for X: Python sends only inputs that need none here).
+#define MBV2_STEM_OP(name, forward, infer_shape, infer_dtype, ...) \
+  PD_BUILD_OP(name)                                                \
+      .Inputs({"X", "Weight"})                                     \
+      .Outputs({__VA_ARGS__})                                      \
+      .Attrs({"stride: int", "pad: int"})                          \
+      .SetKernelFn(PD_KERNEL(forward))                             \
+      .SetInferShapeFn(PD_INFER_SHAPE(infer_shape))                \
+      .SetInferDtypeFn(PD_INFER_DTYPE(infer_dtype));               \
+  PD_BUILD_GRAD_OP(name)                                           \
+      .Inputs({"X", "Weight", paddle::Grad("Y")})                  \
+      .Outputs({paddle::Grad("Weight")})                           \
+      .Attrs({"stride: int", "pad: int"})                          \
+      .SetKernelFn(PD_KERNEL(StemBackward))
 
-PD_BUILD_GRAD_OP(mbv2_stem_conv2d_sums)
-    .Inputs({"X", "Weight", paddle::Grad("Y")})
-    .Outputs({paddle::Grad("Weight")})
-    .Attrs({"stride: int", "pad: int"})
-    .SetKernelFn(PD_KERNEL(StemBackward));
+MBV2_STEM_OP(mbv2_stem_conv2d, StemForward, StemInferShape, PointwiseInferDtype, "Y");
+// with its output's batch norm sums (training: the batch norm after it then makes no
+// statistics pass over the output)
+MBV2_STEM_OP(mbv2_stem_conv2d_sums, StemSumsForward, StemSumsInferShape, PointwiseSumsInferDtype,
+             "Y", "Sums");
 
 // ---------------------------------------------------------------------------------------
 // The expand 1x1 conv -> relu6(batch_norm) -> depthwise conv of an inverted residual unit
