@@ -12,7 +12,8 @@ ones. The table gives each part's ms, its share of the parts' sum, its input and
 tensors' MB and its widest activation's (a unit's expanded map, 6x its input channels on
 its input plane): a part whose ms is far above what its bytes and multiply-adds need is
 where a step waits. The pool, classifier, loss and optimizer step (a few ms) are not
-parts.
+parts. Run apart, the stem keeps its batch norm's own passes, which a whole step with the
+kernels folds into the first unit's expand conv (`CpuKernels.stem_block`).
 """
 from __future__ import annotations
 
