@@ -78,15 +78,39 @@ inline FoldedNorm Folded(const paddle::Tensor& folded, int64_t c, const float* m
 // reporting a 480 MiB L3 that was none, and taking them all (alternated whole training
 // steps, 2 threads) gave x1.0 224 px b32 1.029, x0.5 1.018, 32 px b128 x1.0 1.023, x0.5
 // 1.030 (from 4 MB up: 1.028, 1.002, 1.017, 1.009).
+// s = sum (y[i] - k), q = sum (y[i] - k)^2 over n floats (float sums; the producers' half
+// of OutputSums).
+void ShiftedRowSums(const float* y, int64_t n, float k, float& s, float& q);
+
 class OutputSums {
  public:
   explicit OutputSums(int64_t c) : c_(c), shift_(c, 0.f), part_(2 * c, 0) {}
   float* shift() { return shift_.data(); }
   const float* shift() const { return shift_.data(); }
+  // K[o] = sum_i w[o][i] x0[i]: the first pixel of y = W x (w row-major, C x n) from that
+  // pixel's n input values x0, in the products' order
+  void ShiftFromInput(const float* w, const float* x0, int64_t n) {
+    for (int64_t o = 0; o < c_; ++o) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < n; ++i) acc += w[o * n + i] * x0[i];
+      shift_[o] = acc;
+    }
+  }
   // one row of partial sums for each of the loop's `count` chunks, zeroed
   void Chunks(int64_t count) { part_ = ChunkSums(2 * c_, count); }
   // chunk k's [sums (C), sums of squares (C)]
   double* part(int64_t k) { return part_.part(k); }
+  // into chunk k's sums: the C rows of a block of y just written (row stride ld, len
+  // values each), while they are in cache
+  void AddRows(int64_t k, const float* y, int64_t ld, int64_t len) {
+    double* p = part(k);
+    for (int64_t o = 0; o < c_; ++o) {
+      float sum, sumsq;
+      ShiftedRowSums(y + o * ld, len, shift_[o], sum, sumsq);
+      p[o] += sum;
+      p[c_ + o] += sumsq;
+    }
+  }
   paddle::Tensor Finish() const {
     auto out = paddle::empty({3 * c_ + 1}, paddle::DataType::FLOAT64, paddle::CPUPlace());
     double* o = out.data<double>();
@@ -101,10 +125,6 @@ class OutputSums {
   std::vector<float> shift_;
   ChunkSums part_;
 };
-
-// s = sum (y[i] - k), q = sum (y[i] - k)^2 over n floats (float sums; the producers' half
-// of OutputSums).
-void ShiftedRowSums(const float* y, int64_t n, float k, float& s, float& q);
 
 // s = sum g, q = sum g * (x[i] - mu) over n floats, g = dy[i] where 0 < x[i] * a + b < 6
 // (the ReLU6 gate recomputed as the batch norm op's backward does, its arithmetic): the
@@ -188,10 +208,10 @@ struct DyFold {
   const float *fa = nullptr, *fb = nullptr;               // C each
 };
 
-// The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
-// The shape of a conv's OutSums (OutputSums::Finish) for c output channels.
+// The shape of a conv's OutSums (OutputSums::Finish) for c output channels (-1: unknown).
 inline std::vector<int64_t> OutSumsShape(int64_t c) { return {c < 0 ? -1 : 3 * c + 1}; }
 
+// The shapes of FusedBatchNormStats' outputs for c channels (-1: unknown).
 inline std::vector<std::vector<int64_t>> FusedStatsShapes(int64_t c) {
   return {{c}, {c}, {c < 0 ? -1 : 2 * c}};
 }

@@ -456,12 +456,7 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
     // K[o]: y's first pixel, from x's (normalised as the blocks are, where `norm` says)
     std::vector<float> x0(s.ci);
     for (int64_t c = 0; c < s.ci; ++c) x0[c] = norm.At(c, xp[c * s.hw]);
-    float* k = ys->shift();
-    for (int64_t o = 0; o < s.co; ++o) {
-      float acc = 0.f;
-      for (int64_t c = 0; c < s.ci; ++c) acc += wp[o * s.ci + c] * x0[c];
-      k[o] = acc;
-    }
+    ys->ShiftFromInput(wp, x0.data(), s.ci);
   }
   const int hw = static_cast<int>(s.hw);
   const int64_t blk = std::min(kBlock, s.hw);
@@ -477,17 +472,6 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
   const bool thin = !BF16 && norm.a == nullptr && UseThin(s);
   const bool stream = thin && mbv2::StreamOutput(s.n * s.co * s.hw, yp);
   FloatScratch thin_vec(thin && stream && ys != nullptr, 2 * s.co * 16 + 2 * s.co);
-  // y's sums from the block's rows, just written (in cache)
-  auto row_sums = [&](const float* yb, int64_t k, int64_t len) {
-    double* part = ys->part(k);
-    const float* shift = ys->shift();
-    for (int64_t o = 0; o < s.co; ++o) {
-      float sum, sumsq;
-      mbv2::ShiftedRowSums(yb + o * s.hw, len, shift[o], sum, sumsq);
-      part[o] += sum;
-      part[s.co + o] += sumsq;
-    }
-  };
   ForBlocks(s, chunks, [&](int t, int64_t k, int64_t n, int64_t p0, int64_t len) {
     float* yb = yp + n * s.co * s.hw + p0;
     if (thin) {
@@ -499,7 +483,7 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
         double* part = ys->part(k);
         for (int64_t o = 0; o < 2 * s.co; ++o) part[o] += rows[o];
       } else if (ys != nullptr) {
-        row_sums(yb, k, len);
+        ys->AddRows(k, yb, s.hw, len);
       }
       return;
     }
@@ -512,7 +496,7 @@ void ForwardBlocks(const Shape& s, const float* xp, const float* wp, float* yp,
       cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, s.ci, 1.f, wp, s.ci, xb,
                   static_cast<int>(ldx), 0.f, yb, hw);
     }
-    if (ys != nullptr) row_sums(yb, k, len);
+    if (ys != nullptr) ys->AddRows(k, yb, s.hw, len);
   });
 }
 
@@ -972,13 +956,9 @@ paddle::Tensor StemOutput(const paddle::Tensor& x, const paddle::Tensor& w, int 
   float* yp = y.data<float>();
   const int64_t kk = s.kk(), hwo = s.ho * s.wo;
   std::vector<float> cols(static_cast<size_t>(omp_get_max_threads() * kk * kBlock));
-  if (ys != nullptr && s.n > 0) {  // K[o]: y's first pixel
+  if (ys != nullptr && s.n > 0) {  // K[o]: y's first pixel, from its im2col column
     GatherColumns(xp, s, 0, 1, cols.data());
-    for (int64_t o = 0; o < s.co; ++o) {
-      float acc = 0.f;
-      for (int64_t r = 0; r < kk; ++r) acc += wp[o * kk + r] * cols[r];
-      ys->shift()[o] = acc;
-    }
+    ys->ShiftFromInput(wp, cols.data(), kk);
   }
   const int64_t chunks = BlockChunks(s.Blocks(), ys != nullptr ? 2 * s.co * sizeof(double) : 0);
   if (ys != nullptr) ys->Chunks(chunks);
@@ -988,15 +968,7 @@ paddle::Tensor StemOutput(const paddle::Tensor& x, const paddle::Tensor& w, int 
     float* yb = yp + n * s.co * hwo + p0;
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, s.co, len, kk, 1.f, wp, kk, buf, len, 0.f, yb,
                 hwo);
-    if (ys != nullptr) {
-      double* part = ys->part(k);
-      for (int64_t o = 0; o < s.co; ++o) {
-        float sum, sumsq;
-        mbv2::ShiftedRowSums(yb + o * hwo, len, ys->shift()[o], sum, sumsq);
-        part[o] += sum;
-        part[s.co + o] += sumsq;
-      }
-    }
+    if (ys != nullptr) ys->AddRows(k, yb, hwo, len);
   });
   return y;
 }
