@@ -168,9 +168,8 @@ class CpuKernels(Ops):
                                        unit._bottleneck_conv._conv, self.bf16)):
             return block.after_first(
                 unit(batch_norm_act(y, stem._batch_norm, True, stem_sums), ifshortcut=False))
+        # e's sums: only the fused ops read them, and only with batch statistics
         e, sums = fused.bn_relu6_pointwise(y, stem._batch_norm, expand._conv, op, stem_sums)
-        if not fused.batch_stats(expand._batch_norm):
-            sums = None
         p, sums = self._expanded_to_projection(e, sums, expand, unit._bottleneck_conv,
                                                unit._linear_conv)
         return block.after_first(batch_norm_act(p, unit._linear_conv._batch_norm, False, sums))
